@@ -1,0 +1,190 @@
+"""σ-MoE feed-forward layer vs dense MLPs, forward+backward, per expert-matmul backend.
+
+Prints one JSON object to stdout. Run ``python benchmarks/moe_layer.py`` (default shapes, N = 4096) or
+``--quick`` for a smoke run. The σ-MoE layer is built here from the op alone (no model package):
+
+    s = σ(x W_selᵀ);  gates, ids = top-k(s);  h = ReLU(x W_up[ids]);  y = Σ_k gates_k · h_k W_down[ids_k]
+
+Baselines: a dense ReLU MLP with the same *active* FLOPs (d_ff = K·d_expert) and one with the same
+*parameter count* (d_ff = E·d_expert). Ratios are σ-MoE time / dense time (lower is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+
+def tune_glibc_malloc() -> bool:
+    """Keep big tensors on the heap instead of mmap/munmap per allocation (see shared/notes)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # mallopt(int, int): values must fit an int
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    int_max = 2**31 - 1
+    ok = libc.mallopt(m_mmap_threshold, int_max) == 1  # never mmap (and munmap) a tensor below 2 GiB
+    ok &= libc.mallopt(m_trim_threshold, int_max) == 1  # don't return freed heap to the OS eagerly
+    ok &= libc.mallopt(m_top_pad, 2**30) == 1  # grow the heap 1 GiB at a time
+    return bool(ok)
+
+
+MALLOC_TUNED = tune_glibc_malloc()  # before torch allocates anything
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from moeut.ops import available_backends, expert_matmul  # noqa: E402
+from moeut.ops import torch_backend  # noqa: E402
+from moeut.ops.plan import make_plan  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------- layers
+def sigma_moe(x, w_sel, w_up, w_down, k, backend):
+    """σ-MoE FFN (Csordás et al. 2023, Eq. 5-9 without the regulariser), built from expert_matmul."""
+    scores = torch.sigmoid(x @ w_sel.t())  # [N, E]
+    gates, ids = scores.topk(k, dim=1, sorted=False)
+    plan = make_plan(ids, w_up.shape[0]) if backend != "reference" else None  # one sort, two matmuls
+    h = torch.relu(expert_matmul(x, ids, w_up, backend=backend, plan=plan))  # [N, K, d_e]
+    return expert_matmul(h, ids, w_down, gates, backend=backend, plan=plan).squeeze(1)  # [N, d]
+
+
+def dense_mlp(x, w1, w2):
+    return torch.relu(x @ w1) @ w2
+
+
+# ------------------------------------------------------------------------------------------ timing
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fwd_bwd(fn, params, x, device, warmup, reps):
+    """Median and min wall time (ms) of forward + backward, after ``warmup`` untimed runs."""
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        fn().sum().backward()
+
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2), "reps": reps}
+
+
+def bench_shape(d, n_experts, d_expert, k, n_tokens, device, dtype, warmup, reps, backends, ref_limit):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def param(*shape, scale):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_()
+
+    x = param(n_tokens, d, scale=1.0)
+    w_sel = param(n_experts, d, scale=d**-0.5)
+    w_up = param(n_experts, d, d_expert, scale=d**-0.5)
+    w_down = param(n_experts, d_expert, d, scale=(k * d_expert) ** -0.5)
+    res = {"d_model": d, "n_experts": n_experts, "d_expert": d_expert, "k": k, "n_tokens": n_tokens,
+           "sigma_moe": {}}
+
+    for backend in backends:
+        r = reps
+        if backend == "reference":
+            work = n_tokens * k * n_experts * d * d_expert  # the oracle computes every expert for every slot
+            if work > ref_limit:
+                res["sigma_moe"][backend] = {"skipped": f"oracle too slow at this shape (work {work:.2e} > {ref_limit:.0e})"}
+                continue
+            r = 1
+        t = time_fwd_bwd(lambda: sigma_moe(x, w_sel, w_up, w_down, k, backend),
+                         [w_sel, w_up, w_down], x, device, 1 if backend == "reference" else warmup, r)
+        if backend == "reference":
+            t["note"] = "1 warm-up, 1 rep: the oracle loops over slots x experts"
+        res["sigma_moe"][backend] = t
+
+    w1 = param(d, k * d_expert, scale=d**-0.5)
+    w2 = param(k * d_expert, d, scale=(k * d_expert) ** -0.5)
+    res["dense_same_active_flops"] = {"d_ff": k * d_expert, **time_fwd_bwd(
+        lambda: dense_mlp(x, w1, w2), [w1, w2], x, device, warmup, reps)}
+    del w1, w2
+    w1 = param(d, n_experts * d_expert, scale=d**-0.5)
+    w2 = param(n_experts * d_expert, d, scale=(n_experts * d_expert) ** -0.5)
+    res["dense_same_params"] = {"d_ff": n_experts * d_expert, **time_fwd_bwd(
+        lambda: dense_mlp(x, w1, w2), [w1, w2], x, device, warmup, reps)}
+    del w1, w2
+
+    active = res["dense_same_active_flops"]["median_ms"]
+    params = res["dense_same_params"]["median_ms"]
+    res["ratios"] = {
+        f"{b}_vs_dense_same_active_flops": round(v["median_ms"] / active, 3)
+        for b, v in res["sigma_moe"].items() if "median_ms" in v
+    }
+    res["ratios"].update({
+        f"{b}_vs_dense_same_params": round(v["median_ms"] / params, 3)
+        for b, v in res["sigma_moe"].items() if "median_ms" in v
+    })
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, few reps")
+    ap.add_argument("--tokens", type=int, default=4096, help="N, tokens per batch (default 4096)")
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions per measurement")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--backends", default=",".join(available_backends()),
+                    help="comma-separated expert_matmul backends to time")
+    ap.add_argument("--gemm", default=None, choices=["auto", "grouped_mm", "loop"],
+                    help="force the torch backend's GEMM implementation")
+    ap.add_argument("--ref-limit", type=float, default=4e11,
+                    help="skip the reference oracle above this N·K·E·d·d_e work")
+    args = ap.parse_args(argv)
+
+    if args.gemm:
+        torch_backend.GEMM_IMPL = args.gemm
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    backends = [b for b in args.backends.split(",") if b]
+    if args.quick:
+        shapes = [(64, 8, 32, 2)]
+        n_tokens, reps, warmup = min(args.tokens, 256), 2, 1
+    else:
+        #         d_model, experts, d_expert, K
+        shapes = [(256, 64, 128, 8), (256, 128, 128, 4), (256, 64, 128, 16), (512, 128, 128, 8),
+                  (512, 64, 128, 16)]
+        n_tokens, reps, warmup = args.tokens, args.reps, args.warmup
+
+    out = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "malloc_tuned": MALLOC_TUNED,
+        "gemm_impl": torch_backend.GEMM_IMPL,
+        "grouped_mm_available": torch_backend._grouped_mm is not None,
+        "timing": "forward+backward wall time; median (and min) over reps after warm-up",
+        "results": [],
+    }
+    for d, e, de, k in shapes:
+        out["results"].append(bench_shape(d, e, de, k, n_tokens, device, dtype, warmup, reps, backends,
+                                          args.ref_limit))
+    out["grouped_mm_used"] = {f"{t}/{str(dt).replace('torch.', '')}": v
+                              for (t, dt), v in torch_backend._GROUPED_MM_OK.items()}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

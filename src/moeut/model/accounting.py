@@ -1,0 +1,80 @@
+"""Parameter and compute accounting (``moeut info``), following the authors' MAC accounting.
+
+Forward multiply-accumulates per token at context length T (attention scores counted over the whole
+context, as the authors do):
+
+* SwitchHead: ``2·d·H·d_h`` (q, k) + ``2·K_A·d·H·d_h`` (selected V and O experts; = ``4·d·H·d_h`` for
+  K_A = 2) + ``2·H·d_h·T`` (scores and mixing of values) + ``2·d·H·N_A`` (routers) + ``K_A·H·(d_h + d)``
+  (gate mixing of V and O).
+* σ-MoE: ``2·d·d_e·K + d·N_E`` (selected experts + router).
+* Dense: attention ``4·d·H·d_h + 2·H·d_h·T``; MLP ``2·d·d_ff``.
+* Output head: ``d·vocab``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moeut.model.config import ModelConfig
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Exact parameter counts of the model built from ``cfg`` (instantiated on the meta device)."""
+    from moeut.model.lm import MoEUTLM
+
+    with torch.device("meta"):
+        model = MoEUTLM(cfg)
+    total = model.num_params()
+    return {"params_total": total, "params_non_embedding": model.num_params(non_embedding=True),
+            "params_embedding": model.embedding.weight.numel(),
+            "params_head": model.lm_head.weight.numel() + model.lm_head.bias.numel()}
+
+
+def layer_macs(cfg: ModelConfig, context: int) -> dict[str, int]:
+    """Forward MACs per token of one layer application, split into attention and MLP."""
+    d, H, dh, T = cfg.d_model, cfg.n_heads, cfg.d_head, context
+    if cfg.is_moe:
+        att = (2 * d * H * dh + 2 * cfg.att_k * d * H * dh + 2 * H * dh * T
+               + 2 * d * H * cfg.att_n_experts + cfg.att_k * H * (dh + d))
+        mlp = 2 * d * cfg.ff_expert_size * cfg.ff_k + d * cfg.ff_n_experts
+    else:
+        att = 4 * d * H * dh + 2 * H * dh * T
+        mlp = 2 * d * cfg.d_ff
+    return {"attention": att, "mlp": mlp}
+
+
+def active_params_per_token(cfg: ModelConfig) -> int:
+    """Parameters one token's forward pass multiplies through, counting every layer *application* (a
+    shared layer applied R times counts R times), plus the whole embedding, final LayerNorm and head.
+    For the dense baseline this equals the total parameter count."""
+    d, H, dh = cfg.d_model, cfg.n_heads, cfg.d_head
+    if cfg.is_moe:
+        att = 2 * d * H * dh + 2 * cfg.att_k * H * d * dh + 2 * H * cfg.att_n_experts * d
+        mlp = 2 * cfg.ff_k * d * cfg.ff_expert_size + cfg.ff_n_experts * d
+    else:
+        att = 4 * d * H * dh
+        mlp = 2 * d * cfg.d_ff + cfg.d_ff + d
+    per_layer = att + mlp + 4 * d  # two LayerNorms
+    return cfg.n_layers * per_layer + cfg.vocab_size * d + (d * cfg.vocab_size + cfg.vocab_size) + 2 * d
+
+
+def model_stats(cfg: ModelConfig, context: int | None = None) -> dict[str, Any]:
+    """Everything ``moeut info`` prints: parameter counts, active parameters and forward MACs per token."""
+    T = context or cfg.context_length
+    per_layer = layer_macs(cfg, T)
+    layers = cfg.n_layers * (per_layer["attention"] + per_layer["mlp"])
+    head = cfg.d_model * cfg.vocab_size
+    return {
+        "arch": cfg.arch,
+        **count_params(cfg),
+        "active_params_per_token": active_params_per_token(cfg),
+        "macs_context": T,
+        "macs_per_token": layers + head,
+        "macs_per_token_layers": layers,
+        "macs_per_token_head": head,
+        "macs_attention_per_layer": per_layer["attention"],
+        "macs_mlp_per_layer": per_layer["mlp"],
+        "config": cfg.to_dict(),
+    }

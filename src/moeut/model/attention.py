@@ -1,0 +1,130 @@
+"""Attention: SwitchHead (Csordás et al., 2024; MoEUT Sec. 2.2) and the dense baseline's attention.
+
+SwitchHead, per head h (H heads of width d_h, N_A experts per head, top-K_A):
+
+    q = LN(x)·W_Q,  k = LN(x)·W_K                      dense, each scaled by d_h^{-1/4} (net 1/√d_h)
+    g^V = σ(LN(x)·W_SVᵀ),  g^O = σ(LN(x)·W_SOᵀ)        per-head routers, top-K_A of N_A
+    V_h = Σ_{e ∈ top} g^V_{h,e} · x·W_V^{h,e}            values from the *raw* residual x
+    A_h = softmax(q_h k_hᵀ + causal mask) V_h            RoPE on the first half of q_h and k_h
+    y   = Σ_h Σ_{e ∈ top} g^O_{h,e} · A_h·W_O^{h,e}
+
+Expert ``h·N_A + e`` belongs to head h in every expert tensor and router.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeut.model.cache import LayerKV
+from moeut.model.rope import apply_rope
+from moeut.model.routing import Routing, sigmoid_topk
+from moeut.ops import expert_matmul
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention over ``[B, H, T, d_h]``; q and k are pre-scaled. ``mask``: True = may attend,
+    or None for plain causal attention without a cache."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
+class SwitchHead(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, d_head: int, n_experts: int, k: int,
+                 backend: str | None = None):
+        super().__init__()
+        self.d_model, self.n_heads, self.d_head, self.n_experts, self.top_k = d_model, n_heads, d_head, n_experts, k
+        self.backend = backend
+        self.q = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.k = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.v = nn.Parameter(torch.empty(n_heads * n_experts, d_model, d_head))
+        self.o = nn.Parameter(torch.empty(n_heads * n_experts, d_head, d_model))
+        self.sel_v = nn.Parameter(torch.empty(n_heads * n_experts, d_model))
+        self.sel_o = nn.Parameter(torch.empty(n_heads * n_experts, d_model))
+
+    @torch.no_grad()
+    def reset_parameters(self, std_scale: float) -> None:
+        d = self.d_model
+        for router in (self.sel_v, self.sel_o):
+            nn.init.normal_(router, 0, std_scale / math.sqrt(d))
+            renorm_rows_keep_row_std(router)
+        nn.init.normal_(self.k.weight, 0, std_scale / math.sqrt(d))
+        nn.init.normal_(self.q.weight, 0, std_scale / math.sqrt(d))
+        nn.init.normal_(self.v, 0, std_scale / math.sqrt(d))
+        nn.init.normal_(self.o, 0, std_scale / math.sqrt(self.n_heads * self.d_head))
+
+    def _route(self, xn: torch.Tensor, router: torch.Tensor) -> tuple[Routing, torch.Tensor]:
+        """Per-head top-K_A; returns the routing and global expert ids ``h·N_A + e`` as ``[N, H·K_A]``."""
+        r = sigmoid_topk(xn, router, self.top_k, n_heads=self.n_heads)  # indices [B, T, H, K_A]
+        head_offset = torch.arange(self.n_heads, device=xn.device).unsqueeze(-1) * self.n_experts
+        return r, (r.indices + head_offset).flatten(-2).reshape(-1, self.n_heads * self.top_k)
+
+    def forward(self, x: torch.Tensor, xn: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None, past: LayerKV | None = None,
+                ) -> tuple[torch.Tensor, LayerKV, Routing, Routing]:
+        """``x``: raw residual, ``xn = LN(x)``, both ``[B, T, d]``. Returns output, new (k, v), routings."""
+        B, T, _ = x.shape
+        H, dh = self.n_heads, self.d_head
+        scale = dh ** -0.25
+        q = (self.q(xn) * scale).view(B, T, H, dh).transpose(1, 2)
+        k = (self.k(xn) * scale).view(B, T, H, dh).transpose(1, 2)
+
+        route_v, ids_v = self._route(xn, self.sel_v)
+        route_o, ids_o = self._route(xn, self.sel_o)
+        v = expert_matmul(x.reshape(B * T, 1, -1), ids_v, self.v, route_v.gates.reshape(B * T, -1),
+                          out_groups=H, backend=self.backend)  # [B·T, H, d_h]
+        v = v.view(B, T, H, dh).transpose(1, 2)
+
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+
+        a = attend(q, k, v, mask).transpose(1, 2).reshape(B * T, H, dh)
+        y = expert_matmul(a, ids_o, self.o, route_o.gates.reshape(B * T, -1), backend=self.backend)
+        return y.view(B, T, -1), (k, v), route_v, route_o
+
+
+class DenseAttention(nn.Module):
+    """Multi-head attention of the dense baseline: no biases, RoPE on the first half of each head."""
+
+    def __init__(self, d_model: int, n_heads: int, d_head: int):
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_head
+        self.q = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.k = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.v = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.o = nn.Linear(n_heads * d_head, d_model, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, std_scale: float) -> None:
+        for lin in (self.q, self.k, self.v):
+            nn.init.normal_(lin.weight, 0, std_scale / math.sqrt(lin.in_features))
+        nn.init.normal_(self.o.weight, 0, std_scale / math.sqrt(self.o.in_features))
+
+    def forward(self, xn: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                past: LayerKV | None = None) -> tuple[torch.Tensor, LayerKV]:
+        B, T, _ = xn.shape
+        scale = self.d_head ** -0.25
+        q, k, v = (t.view(B, T, self.n_heads, self.d_head).transpose(1, 2)
+                   for t in (self.q(xn) * scale, self.k(xn) * scale, self.v(xn)))
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        a = attend(q, k, v, mask).transpose(1, 2).reshape(B, T, -1)
+        return self.o(a), (k, v)
+
+
+@torch.no_grad()
+def renorm_rows_keep_row_std(w: torch.Tensor) -> None:
+    """Reference init of SwitchHead routers: unit-norm rows, rescaled by each row's original std over
+    the std of the normalised matrix."""
+    row_std = w.std(dim=-1, keepdim=True)
+    w.div_(w.norm(dim=-1, keepdim=True))
+    w.mul_(row_std / w.std())
+

@@ -1,0 +1,173 @@
+"""The MoEUT language model (Sec. 2): a universal transformer whose G distinct layers are applied in
+order A B … A B … (n_layers/G repeats), and the dense baseline (G = n_layers).
+
+    h = Embedding(tokens)                          no scaling
+    for r in 0 … n_layers/G − 1:
+        for g in 0 … G − 1:
+            h = layer_g(h)                         layer application r·G + g
+    logits = W_out · LN(h) + b_out                 head not tied to the embedding
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeut.model.cache import KVCache
+from moeut.model.config import ModelConfig
+from moeut.model.layer import DenseLayer, LayerRouting, MoEUTLayer
+from moeut.model.regularizer import entropy_of_mean_softmax
+from moeut.model.routing import expert_counts
+from moeut.model.rope import rope_tables
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # [B, T, vocab]
+    reg_loss: torch.Tensor  # scalar fp32: γ·Σ_MLP + δ·Σ_attention entropy regularisers (0 for dense)
+    cache: KVCache | None = None  # updated cache when one was passed in
+    # Routing statistics for logging, per layer application (no gradient): "ffn" [n_layers, N_E],
+    # "att_v" and "att_o" [n_layers, H·N_A]. None for the dense baseline.
+    expert_counts: dict[str, torch.Tensor] | None = None
+
+    def loss(self, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy (fp32) plus the regulariser."""
+        ce = F.cross_entropy(self.logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
+        return ce + self.reg_loss
+
+
+class MoEUTLM(nn.Module):
+    """MoEUT (``cfg.arch == "moeut"``) or the dense pre-LN baseline (``"dense"``) language model.
+
+    ``backend`` picks the expert-matmul implementation (see :mod:`moeut.ops`); None = automatic.
+    """
+
+    def __init__(self, cfg: ModelConfig, backend: str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        layer_cls = MoEUTLayer if cfg.is_moe else DenseLayer
+        self.layers = nn.ModuleList(layer_cls(cfg, backend) for _ in range(cfg.group_size))
+        self.out_norm = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Init of the paper / reference: embedding N(0, 1/d); layer weights with s = √(2/n_layers)."""
+        nn.init.normal_(self.embedding.weight, 0, 1 / math.sqrt(self.cfg.d_model))
+        std_scale = math.sqrt(2 / self.cfg.n_layers)
+        for layer in self.layers:
+            layer.reset_parameters(std_scale)
+        self.out_norm.reset_parameters()
+        self.lm_head.reset_parameters()
+
+    def set_backend(self, backend: str | None) -> None:
+        """Switch the expert-matmul backend of every expert layer (None = automatic by device)."""
+        for m in self.modules():
+            if hasattr(m, "backend"):
+                m.backend = backend
+
+    # --------------------------------------------------------------- forward
+    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> LMOutput:
+        """Run the model on ``tokens`` ``[B, T]``.
+
+        * ``cache``: pass a :class:`KVCache` (empty to start) to decode incrementally; the output carries
+          the extended cache. New queries and keys are rotated at their absolute positions.
+        * ``attention_mask``: ``[B, T_past + T]``, 1/True = real token, 0 = padding (left padding for
+          batched generation). None = every position is real. Attention is always causal.
+        * ``position_ids``: ``[B, T]`` or ``[T]`` absolute RoPE positions. Default: ``T_past + arange(T)``,
+          or, with an ``attention_mask``, the number of real tokens before each position.
+        """
+        cfg = self.cfg
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        past = cache.length if cache is not None else 0
+        positions = _positions(B, T, past, attention_mask, position_ids, tokens.device)
+        rope = rope_tables(positions, cfg.n_rotate, cfg.rope_base)
+        mask = _attention_mask(B, T, past, attention_mask, tokens.device)
+
+        h = self.embedding(tokens)
+        new_cache = KVCache() if cache is not None else None
+        routings: list[list[LayerRouting]] = [[] for _ in range(cfg.group_size)]
+        for r in range(cfg.n_repeats):
+            for g, layer in enumerate(self.layers):
+                idx = r * cfg.group_size + g  # absolute layer application
+                h, kv, routing = layer(h, rope, mask, cache.get(idx) if cache is not None else None)
+                if new_cache is not None:
+                    new_cache.layers[idx] = kv
+                if routing is not None:
+                    routings[g].append(routing)
+
+        logits = self.lm_head(self.out_norm(h))
+        if not cfg.is_moe:
+            return LMOutput(logits, torch.zeros((), device=h.device), new_cache, None)
+        return LMOutput(logits, self._reg_loss(routings), new_cache, self._expert_counts(routings))
+
+    def _reg_loss(self, routings: list[list[LayerRouting]]) -> torch.Tensor:
+        """γ·Σ_g −H(p_ffn,g) + δ·Σ_g (−H(p_V,g) − H(p_O,g)); p pooled over time and over the repeats of g."""
+        cfg = self.cfg
+        ffn = sum(entropy_of_mean_softmax([r.ffn.logits for r in rs]) for rs in routings)
+        att = sum(entropy_of_mean_softmax([r.att_v.logits for r in rs]) +
+                  entropy_of_mean_softmax([r.att_o.logits for r in rs]) for rs in routings)
+        return cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
+
+    def _expert_counts(self, routings: list[list[LayerRouting]]) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        # reorder from [g][r] to absolute application order r·G + g
+        flat = [routings[g][r] for r in range(cfg.n_repeats) for g in range(cfg.group_size)]
+        head_offset = torch.arange(cfg.n_heads, device=flat[0].ffn.indices.device).unsqueeze(-1) * cfg.att_n_experts
+        n_att = cfg.n_heads * cfg.att_n_experts
+        return {
+            "ffn": torch.stack([expert_counts(r.ffn.indices, cfg.ff_n_experts) for r in flat]),
+            "att_v": torch.stack([expert_counts(r.att_v.indices + head_offset, n_att) for r in flat]),
+            "att_o": torch.stack([expert_counts(r.att_o.indices + head_offset, n_att) for r in flat]),
+        }
+
+    # ------------------------------------------------------------ accounting
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embedding.weight.numel() + self.lm_head.weight.numel() + self.lm_head.bias.numel()
+        return n
+
+
+def _positions(B: int, T: int, past: int, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    if position_ids is not None:
+        if position_ids.shape[-1] != T or position_ids.dim() not in (1, 2):
+            raise ValueError(f"position_ids must be [T] or [B, T] with T={T}, got {tuple(position_ids.shape)}")
+        return position_ids.to(device)
+    if attention_mask is not None:
+        # number of real tokens before each position: correct RoPE positions under left padding
+        pos = attention_mask.long().cumsum(-1) - 1
+        return pos.clamp_min(0)[:, -T:]
+    return torch.arange(past, past + T, device=device)
+
+
+def _attention_mask(B: int, T: int, past: int, attention_mask: torch.Tensor | None,
+                    device: torch.device) -> torch.Tensor | None:
+    """Boolean ``[T, S]`` or ``[B, 1, T, S]`` mask (True = may attend), or None for plain causal."""
+    if attention_mask is None and past == 0:
+        return None
+    S = past + T
+    q_pos = torch.arange(past, S, device=device).unsqueeze(-1)
+    k_pos = torch.arange(S, device=device)
+    allowed = k_pos <= q_pos  # causal over absolute positions, [T, S]
+    if attention_mask is None:
+        return allowed
+    if tuple(attention_mask.shape) != (B, S):
+        raise ValueError(f"attention_mask must be [batch, cached + new tokens] = {(B, S)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
+    # a padding query would attend to nothing (NaN); let every query see itself
+    allowed = allowed | (k_pos == q_pos)
+    return allowed.unsqueeze(1)

@@ -1,0 +1,54 @@
+"""σ-MoE feed-forward block (Csordás et al., 2023), as used by MoEUT (Sec. 2.1).
+
+    s = LN(x) · W_Sᵀ                         router logits, W_S ∈ R^{N_E × d}
+    E = top-K(σ(s))                          K of N_E experts, gates not renormalised
+    y = Σ_{e ∈ E} σ(s_e) · ReLU(x · W₁ᵉ) · W₂ᵉ     W₁ᵉ ∈ R^{d × d_e} ("keys"), W₂ᵉ ∈ R^{d_e × d} ("values")
+
+The experts read the *raw* residual x; only the router sees the LayerNorm (peri-LayerNorm, Sec. 2.4).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeut.model.routing import Routing, sigmoid_topk
+from moeut.ops import expert_matmul
+
+
+class SigmaMoE(nn.Module):
+    def __init__(self, d_model: int, n_experts: int, expert_size: int, k: int, backend: str | None = None):
+        super().__init__()
+        self.d_model, self.n_experts, self.expert_size, self.top_k = d_model, n_experts, expert_size, k
+        self.backend = backend
+        self.keys = nn.Parameter(torch.empty(n_experts, d_model, expert_size))  # W₁, up-projections
+        self.values = nn.Parameter(torch.empty(n_experts, expert_size, d_model))  # W₂, down-projections
+        self.expert_sel = nn.Parameter(torch.empty(n_experts, d_model))  # W_S, router
+
+    @torch.no_grad()
+    def reset_parameters(self, std_scale: float) -> None:
+        """Sec. 2.5 / reference init: N(0, s/√d) for keys and router, N(0, s/√(N_E·d_e)) for values."""
+        nn.init.normal_(self.expert_sel, 0, std_scale / math.sqrt(self.d_model))
+        nn.init.normal_(self.keys, 0, std_scale / math.sqrt(self.d_model))
+        nn.init.normal_(self.values, 0, std_scale / math.sqrt(self.n_experts * self.expert_size))
+        renorm_rows_keep_std(self.expert_sel)
+
+    def forward(self, x: torch.Tensor, router_input: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """``x``: raw residual ``[B, T, d]``; ``router_input``: ``LN(x)``. Returns ``(y, routing)``."""
+        routing = sigmoid_topk(router_input, self.expert_sel, self.top_k)
+        rows = x.reshape(-1, 1, self.d_model)
+        ids = routing.indices.reshape(-1, self.top_k)
+        h = F.relu(expert_matmul(rows, ids, self.keys, backend=self.backend))  # [N, K, d_e]
+        y = expert_matmul(h, ids, self.values, routing.gates.reshape(-1, self.top_k), backend=self.backend)
+        return y.view_as(x), routing
+
+
+@torch.no_grad()
+def renorm_rows_keep_std(w: torch.Tensor) -> None:
+    """Scale each router row to unit norm, then rescale the whole matrix back to its original std."""
+    std = w.std()
+    w.div_(w.norm(dim=1, keepdim=True))
+    w.mul_(std / w.std())

@@ -1,0 +1,34 @@
+"""Expert matmul (CVMM): the one operation every MoEUT expert layer is built on.
+
+Contract
+--------
+``expert_matmul(x, expert_ids, weight, gates=None, *, out_groups=None, backend=None)``
+
+* ``x``: ``[N, G_in, d_in]`` (or ``[N, d_in]``, read as ``G_in = 1``) — N token rows, each holding
+  ``G_in`` input vectors.
+* ``expert_ids``: ``[N, S]`` integer expert index per row and *slot*; ``G_in`` divides ``S``.
+  Slot ``s`` reads input vector ``x[n, s // (S // G_in)]``.
+* ``weight``: ``[E, d_in, d_out]``, one matrix per expert.
+* ``gates``: optional ``[N, S]`` per-slot scale (the σ-MoE / SwitchHead gate values). Gradients flow
+  to ``x``, ``weight`` and ``gates``; never to ``expert_ids``.
+* ``out_groups`` (``G_out``): divides ``S``; slot ``s`` is *summed* into output group
+  ``s // (S // G_out)``. Defaults to ``S`` (no reduction) without gates and to ``1`` (sum over all
+  slots) with gates.
+
+Returns ``[N, G_out, d_out]`` with
+``out[n, s // (S/G_out)] += gates[n, s] · (x[n, s // (S/G_in)] @ weight[expert_ids[n, s]])``.
+
+How MoEUT uses it (N tokens, d model width):
+
+* σ-MoE up-projection:   ``x [N,1,d]``,  ids ``[N,K]``,  keys ``[N_E,d,d_e]``, no gates  → ``[N,K,d_e]``
+* σ-MoE down-projection: ``x [N,K,d_e]``, ids ``[N,K]``, values, gates, ``G_out=1``        → ``[N,1,d]``
+* SwitchHead values:     ``x [N,1,d]``,  ids ``[N,H·K_A]``, v, gates, ``G_out=H``         → ``[N,H,d_h]``
+* SwitchHead output:     ``x [N,H,d_h]``, ids ``[N,H·K_A]``, o, gates, ``G_out=1``         → ``[N,1,d]``
+
+Backends are chosen by name (``"reference"``, ``"torch"``; ``"triton"`` later) or automatically by
+device through :func:`default_backend`; see :mod:`moeut.ops.backends`.
+"""
+
+from moeut.ops.expert_matmul import available_backends, default_backend, expert_matmul
+
+__all__ = ["expert_matmul", "available_backends", "default_backend"]

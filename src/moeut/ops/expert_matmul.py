@@ -1,0 +1,134 @@
+"""The public expert matmul: validation, autocast, and the one place that picks a backend."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from moeut.ops.plan import ExpertPlan, make_plan
+from moeut.ops.reference import expert_matmul_reference
+from moeut.ops.torch_backend import expert_matmul_torch
+
+# name -> fn(x [N, G_in, d_in], expert_ids [N, S], weight, gates | None, out_groups, plan | None)
+_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
+    "reference": lambda x, ids, w, gates, g_out, plan: expert_matmul_reference(x, ids, w, gates, g_out),
+    "torch": lambda x, ids, w, gates, g_out, plan: expert_matmul_torch(
+        x, w, gates, plan if plan is not None else make_plan(ids, w.shape[0]), g_out),
+}
+_PLANNED = {"triton"}  # names that will exist; asking for them now is a clear error, not "unknown"
+
+
+def available_backends() -> list[str]:
+    """Names accepted by ``expert_matmul(..., backend=name)`` in this installation."""
+    return list(_BACKENDS)
+
+
+def default_backend(device: torch.device | str) -> str:
+    """The backend used when ``backend=None``: the fastest one available for ``device``.
+
+    This is the single place that chooses; the Triton backend will be returned here for CUDA once it
+    exists (``if torch.device(device).type == "cuda" and "triton" in _BACKENDS: return "triton"``).
+    """
+    torch.device(device)  # validates the argument
+    return "torch"
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype if autocast is on for ``device_type``, else None (torch >= 2.4 API)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, RuntimeError):  # device type without autocast support
+        return None
+    return None
+
+
+def expert_matmul(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weight: torch.Tensor,
+    gates: torch.Tensor | None = None,
+    *,
+    out_groups: int | None = None,
+    backend: str | None = None,
+    plan: ExpertPlan | None = None,
+) -> torch.Tensor:
+    """Apply per-slot experts and sum slots into output groups; see :mod:`moeut.ops` for the contract.
+
+    ``x [N, G_in, d_in]`` (or ``[N, d_in]``), ``expert_ids [N, S]``, ``weight [E, d_in, d_out]``,
+    ``gates [N, S]`` or None → ``[N, G_out, d_out]``. ``plan`` (from :func:`make_plan` on the same
+    ``expert_ids`` and ``E``) lets two calls share one sort; ``backend`` defaults to
+    :func:`default_backend` of ``x.device``.
+    """
+    # ---- shapes
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+        raise ValueError(f"x must be [N, G_in, d_in] or [N, d_in], got shape {_shape(x)}")
+    if x.dim() == 2:
+        x = x.unsqueeze(1)
+    n, g_in, d_in = x.shape
+    if not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 2 or expert_ids.shape[0] != n:
+        raise ValueError(f"expert_ids must be [N, S] = [{n}, S] (N from x), got shape {_shape(expert_ids)}")
+    s = expert_ids.shape[1]
+    if s < 1 or s % g_in:
+        raise ValueError(
+            f"expert_ids has S = {s} slots, but S must be a positive multiple of x's G_in = {g_in} "
+            f"(x shape {tuple(x.shape)})")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or weight.shape[1] != d_in:
+        raise ValueError(f"weight must be [E, d_in, d_out] with d_in = {d_in} (from x), got shape {_shape(weight)}")
+    n_experts, _, d_out = weight.shape
+    if n_experts < 1:
+        raise ValueError("weight must hold at least one expert (E >= 1)")
+    if gates is not None and (not isinstance(gates, torch.Tensor) or tuple(gates.shape) != (n, s)):
+        raise ValueError(f"gates must be [N, S] = [{n}, {s}] like expert_ids, got shape {_shape(gates)}")
+    if out_groups is None:
+        out_groups = s if gates is None else 1
+    if not isinstance(out_groups, int) or isinstance(out_groups, bool) or out_groups < 1 or s % out_groups:
+        raise ValueError(f"out_groups must be a positive divisor of S = {s}, got {out_groups!r}")
+
+    # ---- dtypes and devices
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if expert_ids.dtype.is_floating_point or expert_ids.dtype.is_complex or expert_ids.dtype == torch.bool:
+        raise TypeError(f"expert_ids must be an integer tensor, got dtype {expert_ids.dtype}")
+    if gates is not None and not gates.dtype.is_floating_point:
+        raise TypeError(f"gates must be a floating-point tensor, got dtype {gates.dtype}")
+    for name, t in (("expert_ids", expert_ids), ("weight", weight), ("gates", gates)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    compute_dtype = _autocast_dtype(x.device.type)
+    if compute_dtype is None:
+        if weight.dtype != x.dtype:
+            raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype} (outside autocast)")
+        compute_dtype = x.dtype
+    # under autocast everything is cast to the autocast dtype (like F.linear); gates (fp32 from the
+    # router) always follow the compute dtype. Casts happen here, so autograd casts gradients back.
+    x, weight = x.to(compute_dtype), weight.to(compute_dtype)
+    if gates is not None:
+        gates = gates.to(compute_dtype)
+
+    # ---- plan and backend
+    if plan is not None:
+        if not isinstance(plan, ExpertPlan):
+            raise TypeError(f"plan must be an ExpertPlan from make_plan(), got {type(plan).__name__}")
+        if plan.shape != (n, s) or plan.n_experts != n_experts or plan.device != x.device:
+            raise ValueError(
+                f"plan was made for expert_ids {plan.shape} with {plan.n_experts} experts on {plan.device}, "
+                f"but this call has expert_ids ({n}, {s}) and weight with {n_experts} experts on {x.device}")
+    if backend is None:
+        backend = default_backend(x.device)
+    fn = _BACKENDS.get(backend)
+    if fn is None:
+        if backend in _PLANNED:
+            raise NotImplementedError(
+                f"expert_matmul backend {backend!r} is not yet available; available: {available_backends()}")
+        raise ValueError(f"unknown expert_matmul backend {backend!r}; available: {available_backends()}")
+    if backend == "reference" and x.device.type == "cpu" and expert_ids.numel():
+        lo, hi = int(expert_ids.min()), int(expert_ids.max())
+        if lo < 0 or hi >= n_experts:
+            raise ValueError(f"expert_ids must lie in [0, {n_experts}), found values in [{lo}, {hi}]")
+    return fn(x, expert_ids, weight, gates, out_groups, plan)

@@ -1,0 +1,93 @@
+"""The sort of (row, slot) pairs by expert that every fast backend starts from.
+
+A σ-MoE layer calls the expert matmul twice with the same ``expert_ids`` (up- and down-projection), and
+SwitchHead twice too (values, output). :func:`make_plan` sorts once; pass the result as ``plan=`` to
+both calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ExpertPlan:
+    """``expert_ids [N, S]`` flattened to ``M = N·S`` *slots* and sorted (stably) by expert.
+
+    Flat slot ``f = n·S + s``. Sorted position ``m`` holds flat slot ``perm[m]``; flat slot ``f`` sits at
+    sorted position ``inv_perm[f]``. Expert ``e`` owns sorted positions ``[offsets[e-1], offsets[e])``.
+
+    Attributes (all on the device of ``expert_ids``, none requires grad):
+
+    * ``perm``: ``[M]`` int64.
+    * ``inv_perm``: ``[M]`` int64, the inverse permutation.
+    * ``offsets``: ``[E]`` int32 cumulative *end* offsets (the ``offs`` of ``F.grouped_mm``).
+    * ``sorted_ids``: ``[M]`` int64 expert id of each sorted position.
+    """
+
+    __slots__ = ("shape", "n_experts", "perm", "inv_perm", "offsets", "sorted_ids", "_rows", "_counts")
+
+    def __init__(self, shape, n_experts, perm, inv_perm, offsets, sorted_ids):
+        self.shape = tuple(shape)  # (N, S) of the expert_ids it was made from
+        self.n_experts = int(n_experts)
+        self.perm = perm
+        self.inv_perm = inv_perm
+        self.offsets = offsets
+        self.sorted_ids = sorted_ids
+        self._rows: dict[int, torch.Tensor] = {}
+        self._counts: list[int] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.perm.device
+
+    def rows(self, ratio: int) -> torch.Tensor:
+        """``perm // ratio``: for each sorted position, the row of a ``[N·G, …]`` tensor with
+        ``G = S // ratio`` groups that the slot reads from (or is summed into). Cached."""
+        if ratio == 1:
+            return self.perm
+        r = self._rows.get(ratio)
+        if r is None:
+            r = self._rows[ratio] = torch.div(self.perm, ratio, rounding_mode="floor")
+        return r
+
+    def counts_list(self) -> list[int]:
+        """Rows per expert as Python ints (a host sync on GPU; only the loop fallback needs it)."""
+        if self._counts is None:
+            ends = self.offsets.tolist()
+            self._counts = [b - a for a, b in zip([0] + ends[:-1], ends)]
+        return self._counts
+
+    def __repr__(self) -> str:
+        return f"ExpertPlan(shape={self.shape}, n_experts={self.n_experts}, device={self.device})"
+
+
+def make_plan(expert_ids: torch.Tensor, n_experts: int) -> ExpertPlan:
+    """Sort ``expert_ids [N, S]`` by expert once, for reuse by several :func:`expert_matmul` calls.
+
+    On CPU the ids are checked to lie in ``[0, n_experts)`` (free: they are sorted); on GPU that check
+    would cost a host sync and is skipped — out-of-range ids there give wrong results or a device assert.
+    """
+    if not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 2:
+        raise ValueError(
+            f"expert_ids must be a [N, S] tensor, got "
+            f"{tuple(expert_ids.shape) if isinstance(expert_ids, torch.Tensor) else type(expert_ids)}")
+    if expert_ids.dtype.is_floating_point or expert_ids.dtype.is_complex or expert_ids.dtype == torch.bool:
+        raise TypeError(f"expert_ids must be an integer tensor, got dtype {expert_ids.dtype}")
+    n_experts = int(n_experts)
+    if n_experts < 1:
+        raise ValueError(f"n_experts must be >= 1, got {n_experts}")
+    with torch.no_grad():
+        flat = expert_ids.reshape(-1).long()
+        sorted_ids, perm = torch.sort(flat, stable=True)
+        m = flat.numel()
+        if m and flat.device.type == "cpu":
+            lo, hi = int(sorted_ids[0]), int(sorted_ids[-1])
+            if lo < 0 or hi >= n_experts:
+                raise ValueError(f"expert_ids must lie in [0, {n_experts}), found values in [{lo}, {hi}]")
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(m, device=perm.device)
+        # offsets[e] = number of slots whose expert id <= e (no host sync, unlike bincount on CUDA)
+        offsets = torch.searchsorted(
+            sorted_ids, torch.arange(n_experts, device=perm.device, dtype=sorted_ids.dtype), right=True
+        ).to(torch.int32)
+    return ExpertPlan(expert_ids.shape, n_experts, perm, inv_perm, offsets, sorted_ids)

@@ -1,0 +1,38 @@
+"""Shared test helpers: locating ../shared data (skip locally when absent, fail under CI)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MOEUT_SHARED", REPO.parent / "shared"))
+
+
+def shared_file(rel: str) -> Path:
+    """Path of a file under ../shared; skips the test when absent, fails when CI=true (it must be there)."""
+    path = SHARED / rel
+    if not path.exists():
+        msg = f"shared data file {path} is missing (set MOEUT_SHARED to the folder holding shared/ data)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,247 @@
+"""The expert matmul: the oracle against brute force, every backend against the oracle, the errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moeut.ops import available_backends, default_backend, expert_matmul
+from moeut.ops import torch_backend
+from moeut.ops.plan import ExpertPlan, make_plan
+
+FAST_BACKENDS = [b for b in available_backends() if b != "reference"]
+
+
+def brute_force(x, ids, weight, gates, out_groups):
+    """The contract's formula written as one einsum over a per-slot gathered weight (tiny shapes only)."""
+    n, g_in, _ = x.shape
+    s = ids.shape[1]
+    x_slot = x.repeat_interleave(s // g_in, dim=1)  # [N, S, d_in]: slot s reads x[n, s // (S/G_in)]
+    y = torch.einsum("nsi,nsio->nso", x_slot, weight[ids])  # [N, S, d_out]
+    if gates is not None:
+        y = y * gates.unsqueeze(-1)
+    return y.unflatten(1, (out_groups, s // out_groups)).sum(2)  # slot s → group s // (S/G_out)
+
+
+def make_case(n, g_in, s, g_out, d_in, d_out, n_experts, gated, *, seed=0, dtype=torch.float64,
+              device="cpu", ids=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, g_in, d_in, generator=g, dtype=torch.float64)
+    w = torch.randn(n_experts, d_in, d_out, generator=g, dtype=torch.float64) / d_in**0.5
+    if ids is None:
+        ids = torch.randint(0, n_experts, (n, s), generator=g)
+    gates = torch.rand(n, s, generator=g, dtype=torch.float64) if gated else None
+    grad = torch.randn(n, g_out, d_out, generator=g, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
+    return cast(x), ids.to(device), cast(w), cast(gates), cast(grad)
+
+
+def run(x, ids, w, gates, grad, g_out, backend, **kw):
+    """Forward and the gradients of x, weight and gates for the output cotangent ``grad``."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+    if gates is not None:
+        leaves.append(gates.detach().clone().requires_grad_())
+    y = expert_matmul(leaves[0], ids, leaves[1], leaves[2] if gates is not None else None,
+                      out_groups=g_out, backend=backend, **kw)
+    y.backward(grad)
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def assert_close_all(got, want, **tol):
+    for name, a, b in zip(["out", "grad_x", "grad_weight", "grad_gates"], got, want):
+        torch.testing.assert_close(a.double(), b.double(), msg=lambda m, name=name: f"{name}: {m}", **tol)
+
+
+# ------------------------------------------------------------------------------- the oracle itself
+@pytest.mark.parametrize("g_in,s,g_out,gated", [(1, 4, 4, False), (4, 4, 1, True), (2, 6, 3, True), (3, 6, 2, False)])
+def test_reference_matches_brute_force_einsum(g_in, s, g_out, gated):
+    x, ids, w, gates, grad = make_case(5, g_in, s, g_out, 3, 4, 3, gated, seed=s + g_in)
+    got = run(x, ids, w, gates, grad, g_out, "reference")
+    leaves = [t.clone().requires_grad_() for t in (x, w) + ((gates,) if gated else ())]
+    want_y = brute_force(leaves[0], ids, leaves[1], leaves[2] if gated else None, g_out)
+    want_y.backward(grad)
+    assert_close_all(got, [want_y.detach()] + [t.grad for t in leaves])
+
+
+def test_reference_by_hand_on_one_row():
+    # one row, two slots, expert 1 then expert 0, gates 2 and 3, summed into one group
+    x = torch.tensor([[[1.0, 2.0]]])
+    w = torch.tensor([[[1.0], [0.0]], [[0.0], [1.0]]])  # expert 0 picks x[0], expert 1 picks x[1]
+    y = expert_matmul(x, torch.tensor([[1, 0]]), w, torch.tensor([[2.0, 3.0]]), backend="reference")
+    assert y.tolist() == [[[2.0 * 2.0 + 3.0 * 1.0]]]
+
+
+# --------------------------------------------------------------------------- backends vs the oracle
+@st.composite
+def cases(draw):
+    g_in = draw(st.sampled_from([1, 2, 3]))
+    g_out = draw(st.sampled_from([1, 2, 3]))
+    s = math.lcm(g_in, g_out) * draw(st.integers(1, 2))  # both G_in and G_out divide S
+    return dict(
+        n=draw(st.integers(0, 9)), g_in=g_in, s=s, g_out=g_out,
+        d_in=draw(st.sampled_from([1, 3, 8, 16])), d_out=draw(st.sampled_from([1, 5, 8, 16])),
+        n_experts=draw(st.integers(1, 6)), gated=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@settings(max_examples=40, deadline=None)
+@given(case=cases())
+def test_backend_matches_reference_forward_and_gradients(backend, case):
+    x, ids, w, gates, grad = make_case(**case)
+    got = run(x, ids, w, gates, grad, case["g_out"], backend)
+    want = run(x, ids, w, gates, grad, case["g_out"], "reference")
+    assert got[0].shape == (case["n"], case["g_out"], w.shape[2])
+    assert_close_all(got, want)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("gemm", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("g_in,s,g_out,gated", [(1, 4, 4, False), (4, 4, 1, True), (1, 4, 2, True)])
+def test_backend_gemm_paths_in_fp32_and_bf16(backend, gemm, dtype, g_in, s, g_out, gated, monkeypatch):
+    # widths that are multiples of 16 bytes, so grouped_mm really runs where it is available
+    if gemm == "grouped_mm" and not torch_backend._reference_check(torch.device("cpu"), dtype):
+        pytest.skip(f"grouped_mm unavailable for cpu/{dtype}")
+    monkeypatch.setattr(torch_backend, "GEMM_IMPL", gemm)
+    case = dict(n=37, g_in=g_in, s=s, g_out=g_out, d_in=16, d_out=32, n_experts=7, gated=gated, seed=s)
+    got = run(*make_case(**case, dtype=dtype), g_out, backend)
+    want = run(*make_case(**case, dtype=torch.float64), g_out, "reference")
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    assert_close_all(got, want, **tol)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_experts_with_no_rows_get_zero_weight_gradient(backend):
+    # only experts 1 and 4 of 6 are used
+    ids = torch.tensor([[1, 4], [4, 1], [1, 1]])
+    x, ids, w, gates, grad = make_case(3, 1, 2, 1, 4, 5, 6, True, ids=ids)
+    got = run(x, ids, w, gates, grad, 1, backend)
+    assert_close_all(got, run(x, ids, w, gates, grad, 1, "reference"))
+    assert torch.all(got[2][[0, 2, 3, 5]] == 0)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("gated", [False, True])
+def test_every_expert_chosen_once_per_row_when_k_equals_e(backend, gated):
+    n, e = 6, 5
+    ids = torch.stack([torch.randperm(e, generator=torch.Generator().manual_seed(i)) for i in range(n)])
+    g_out = 1 if gated else e
+    x, ids, w, gates, grad = make_case(n, 1, e, g_out, 4, 3, e, gated, ids=ids)
+    assert_close_all(run(x, ids, w, gates, grad, g_out, backend),
+                     run(x, ids, w, gates, grad, g_out, "reference"))
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_zero_rows_return_empty(backend):
+    x, ids, w, gates, _ = make_case(0, 1, 3, 1, 4, 5, 2, True)
+    y = expert_matmul(x, ids, w, gates, backend=backend)
+    assert y.shape == (0, 1, 5)
+
+
+def test_2d_input_is_read_as_one_group():
+    x, ids, w, gates, _ = make_case(4, 1, 3, 1, 4, 5, 3, True)
+    torch.testing.assert_close(expert_matmul(x.squeeze(1), ids, w, gates), expert_matmul(x, ids, w, gates))
+
+
+def test_default_out_groups_is_s_without_gates_and_1_with_gates():
+    x, ids, w, gates, _ = make_case(4, 1, 3, 1, 4, 5, 3, True)
+    assert expert_matmul(x, ids, w).shape == (4, 3, 5)
+    assert expert_matmul(x, ids, w, gates).shape == (4, 1, 5)
+
+
+def test_shared_plan_gives_the_same_result_and_is_checked_against_the_call():
+    x, ids, w, gates, grad = make_case(8, 1, 3, 1, 4, 5, 4, True)
+    plan = make_plan(ids, 4)
+    assert isinstance(plan, ExpertPlan)
+    assert_close_all(run(x, ids, w, gates, grad, 1, "torch", plan=plan), run(x, ids, w, gates, grad, 1, "torch"))
+    with pytest.raises(ValueError, match="plan was made for"):
+        expert_matmul(x[:4], ids[:4], w, gates[:4], plan=plan)
+
+
+def test_bf16_gates_or_fp32_gates_follow_the_compute_dtype():
+    x, ids, w, gates, _ = make_case(4, 1, 3, 1, 8, 8, 3, True, dtype=torch.bfloat16)
+    y = expert_matmul(x, ids, w, gates.float())
+    assert y.dtype == torch.bfloat16
+
+
+def test_cpu_autocast_bf16_casts_inputs_and_returns_fp32_gradients():
+    x, ids, w, gates, grad = make_case(6, 1, 2, 1, 16, 16, 3, True, dtype=torch.float32)
+    w.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = expert_matmul(x, ids, w, gates)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(x=torch.zeros(4)), r"x must be \[N, G_in, d_in\]"),
+    (dict(expert_ids=torch.zeros(3, 2, dtype=torch.long)), r"expert_ids must be \[N, S\] = \[4, S\]"),
+    (dict(expert_ids=torch.zeros(4, 3, dtype=torch.long), x=torch.zeros(4, 2, 8)), r"multiple of x's G_in = 2"),
+    (dict(weight=torch.zeros(3, 7, 5)), r"weight must be \[E, d_in, d_out\] with d_in = 8"),
+    (dict(gates=torch.zeros(4, 3)), r"gates must be \[N, S\] = \[4, 2\]"),
+    (dict(out_groups=3), r"out_groups must be a positive divisor of S = 2"),
+    (dict(expert_ids=torch.zeros(4, 2)), r"expert_ids must be an integer tensor"),
+    (dict(weight=torch.zeros(3, 8, 5, dtype=torch.float64)), r"weight dtype torch.float64 must match x"),
+    (dict(expert_ids=torch.full((4, 2), 3)), r"expert_ids must lie in \[0, 3\)"),
+])
+@pytest.mark.parametrize("backend", available_backends())
+def test_bad_arguments_raise_errors_naming_the_argument(kwargs, match, backend):
+    args = dict(x=torch.zeros(4, 8), expert_ids=torch.zeros(4, 2, dtype=torch.long), weight=torch.zeros(3, 8, 5),
+                gates=None, out_groups=None)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        expert_matmul(args.pop("x"), args.pop("expert_ids"), args.pop("weight"), args.pop("gates"),
+                      backend=backend, **args)
+
+
+def test_unknown_backend_lists_the_available_ones():
+    with pytest.raises(ValueError, match=r"unknown expert_matmul backend 'cuda-magic'.*'reference'.*'torch'"):
+        expert_matmul(torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.long), torch.zeros(1, 4, 4),
+                      backend="cuda-magic")
+
+
+def test_triton_backend_is_not_yet_available():
+    with pytest.raises(NotImplementedError, match="not yet available"):
+        expert_matmul(torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.long), torch.zeros(1, 4, 4),
+                      backend="triton")
+
+
+def test_default_backend_is_torch_on_cpu_and_listed():
+    assert default_backend("cpu") == "torch"
+    assert {"reference", "torch"} <= set(available_backends())
+
+
+# ------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("g_in,s,g_out,gated", [(1, 8, 8, False), (8, 8, 1, True), (1, 8, 4, True), (4, 8, 1, True)])
+def test_backend_matches_reference_on_cuda(backend, dtype, g_in, s, g_out, gated):
+    case = dict(n=300, g_in=g_in, s=s, g_out=g_out, d_in=64, d_out=128, n_experts=16, gated=gated, seed=1)
+    got = run(*make_case(**case, dtype=dtype, device="cuda"), g_out, backend)
+    want = run(*make_case(**case, dtype=torch.float64), g_out, "reference")
+    # fp32 on CUDA may use TF32 matmuls
+    tol = dict(atol=2e-2, rtol=1e-2) if dtype == torch.float32 else dict(atol=0.15, rtol=0.05)
+    assert_close_all([t.cpu() for t in got], want, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_autocast_bf16():
+    x, ids, w, gates, grad = make_case(64, 1, 4, 1, 32, 64, 8, True, dtype=torch.float32, device="cuda")
+    w.requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = expert_matmul(x, ids, w, gates)
+    assert y.dtype == torch.bfloat16
+    y.float().backward(grad.float())
+    assert w.grad.dtype == torch.float32
+    want = expert_matmul(x.double().cpu(), ids.cpu(), w.detach().double().cpu(), gates.double().cpu(),
+                         backend="reference")
+    torch.testing.assert_close(y.double().cpu(), want, atol=0.15, rtol=0.05)
