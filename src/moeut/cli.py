@@ -1,6 +1,8 @@
 """``moeut`` command line: one verb per thing a user does.
 
     moeut info   [--preset NAME] [--context T] [--json]     parameters and compute of a preset
+    moeut prepare --input PATH... --out DIR [...]           tokenizer + token shards
+    moeut train  --preset NAME --data DIR --out RUN [...]   train (or --resume) a model
     moeut demo   [--preset NAME] [--steps N] [--backend B]  build a model and train it briefly
 """
 
@@ -79,6 +81,57 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# flag → TrainConfig field, for the flags that map one to one
+_TRAIN_FLAGS = {"preset": "preset", "data": "data", "out": "out", "steps": "steps", "batch_size": "batch_size",
+                "seq_len": "seq_len", "grad_accum": "grad_accum", "lr": "lr", "weight_decay": "weight_decay",
+                "warmup": "warmup_steps", "clip": "grad_clip", "eval_every": "eval_every",
+                "eval_batches": "eval_batches", "save_every": "save_every", "keep": "keep_checkpoints",
+                "log_every": "log_every", "routing_every": "routing_every", "seed": "seed", "device": "device",
+                "precision": "precision", "backend": "backend"}
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--model expects FIELD=VALUE (e.g. --model d_model=256), got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from moeut.train import TrainConfig, TrainingError, train
+
+    given = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    if args.fsdp:
+        given["fsdp"] = True
+    if args.model:
+        given["model_overrides"] = _parse_overrides(args.model)
+    cfg = TrainConfig.from_file(args.config, **given) if args.config else TrainConfig.from_dict(given)
+    for name in ("data", "out"):
+        if not getattr(cfg, name):
+            raise ValueError(f"--{name} is required (on the command line or in the --config file)")
+    try:
+        train(cfg, resume=args.resume, show_progress=not args.no_progress)
+    except TrainingError as e:
+        print(f"moeut train: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _lazy_arguments(parser: argparse.ArgumentParser, module: str, add: str, run: str) -> None:
+    """Let a stage module register its own flags; its heavy imports happen only when the verb runs."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    getattr(mod, add)(parser)
+    parser.set_defaults(func=getattr(mod, run))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeut", description="MoEUT: Mixture-of-Experts Universal Transformers")
     sub = p.add_subparsers(dest="command", required=True)
@@ -89,6 +142,40 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: the preset's, 1024 for the paper presets)")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=_cmd_info)
+
+    prep = sub.add_parser("prepare", help="train a tokenizer and write token shards (train/val split)")
+    _lazy_arguments(prep, "moeut.data.prepare", "add_prepare_arguments", "run_prepare")
+
+    tr = sub.add_parser("train", help="train a model on data written by `moeut prepare` (the paper's recipe)")
+    tr.add_argument("--config", help="JSON file with TrainConfig fields; command-line flags override it")
+    tr.add_argument("--preset", help="model preset (default moeut-tiny); see `moeut info`")
+    tr.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a ModelConfig field, e.g. --model d_model=256 (repeatable)")
+    tr.add_argument("--data", help="directory written by `moeut prepare`")
+    tr.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, summary.json, tensorboard/)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    for flag, typ, hlp in [("steps", int, "optimizer steps (default 1000)"),
+                           ("batch_size", int, "global batch in sequences (default 16)"),
+                           ("seq_len", int, "context length (default: the preset's)"),
+                           ("grad_accum", int, "micro-batches per step (default 1)"),
+                           ("lr", float, "peak learning rate (default 2.5e-4)"),
+                           ("weight_decay", float, "AdamW weight decay (default 0.01)"),
+                           ("warmup", int, "warmup steps (default per preset)"),
+                           ("clip", float, "gradient clipping norm κ (default per preset; 0 = off)"),
+                           ("eval_every", int, "validate every N steps (default 200)"),
+                           ("eval_batches", int, "validation batches (default 0 = all)"),
+                           ("save_every", int, "checkpoint every N steps (default 500)"),
+                           ("keep", int, "checkpoints to keep (default 3)"),
+                           ("log_every", int, "metrics line every N steps (default 10)"),
+                           ("routing_every", int, "routing statistics every N steps (default 100)"),
+                           ("seed", int, "seed (default 0)"),
+                           ("device", str, "auto, cpu, cuda, cuda:N (default auto)"),
+                           ("precision", str, "auto, bf16, fp32 (default auto: bf16 on CUDA)"),
+                           ("backend", str, "expert-matmul backend (default automatic)")]:
+        tr.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None, help=hlp)
+    tr.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_cmd_train)
 
     demo = sub.add_parser("demo", help="build a small model and train it briefly on a synthetic copy task")
     demo.add_argument("--preset", default="moeut-tiny")
@@ -107,9 +194,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError: show the message, no traceback
+    except Exception as e:  # errors about the user's input: the message, no traceback
+        if not _is_user_error(e):
+            raise
         print(f"moeut {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _is_user_error(e: Exception) -> bool:
+    """Errors whose message already names the bad input and the fix (config, data, checkpoints)."""
+    if isinstance(e, (ValueError, FileNotFoundError)):
+        return True
+    names = {cls.__name__ for cls in type(e).__mro__}
+    return bool(names & {"DataError", "CheckpointError", "TrainingError"})
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def test_backend_matches_reference_forward_and_gradients(backend, case):
 @pytest.mark.parametrize("g_in,s,g_out,gated", [(1, 4, 4, False), (4, 4, 1, True), (1, 4, 2, True)])
 def test_backend_gemm_paths_in_fp32_and_bf16(backend, gemm, dtype, g_in, s, g_out, gated, monkeypatch):
     # widths that are multiples of 16 bytes, so grouped_mm really runs where it is available
-    if gemm == "grouped_mm" and not torch_backend._reference_check(torch.device("cpu"), dtype):
+    if gemm == "grouped_mm" and not torch_backend._grouped_mm_works(torch.device("cpu"), dtype):
         pytest.skip(f"grouped_mm unavailable for cpu/{dtype}")
     monkeypatch.setattr(torch_backend, "GEMM_IMPL", gemm)
     case = dict(n=37, g_in=g_in, s=s, g_out=g_out, d_in=16, d_out=32, n_experts=7, gated=gated, seed=s)
@@ -112,6 +112,25 @@ def test_backend_gemm_paths_in_fp32_and_bf16(backend, gemm, dtype, g_in, s, g_ou
     want = run(*make_case(**case, dtype=torch.float64), g_out, "reference")
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     assert_close_all(got, want, **tol)
+
+
+@pytest.mark.parametrize("save", ["always", "never"])
+@pytest.mark.parametrize("gemm", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("g_in,s,g_out,d_in,d_out", [(1, 4, 4, 16, 8), (4, 4, 1, 8, 16), (2, 4, 2, 8, 8)])
+@pytest.mark.parametrize("grads", ["all", "no_gates", "only_weight"])
+def test_torch_backend_options_and_partial_gradients(save, gemm, g_in, s, g_out, d_in, d_out, grads, monkeypatch):
+    # gathered rows saved or gathered again; gate on the input or output side; some inputs without grad
+    monkeypatch.setattr(torch_backend, "SAVE_GATHERED", save)
+    monkeypatch.setattr(torch_backend, "GEMM_IMPL", gemm)
+    x, ids, w, gates, grad = make_case(11, g_in, s, g_out, d_in, d_out, 5, True, seed=g_in, dtype=torch.float32)
+    outs = {}
+    for backend in ("torch", "reference"):
+        xx, ww, cc = (t.clone().requires_grad_(grads == "all" or (grads == "no_gates" and t is not gates)
+                                               or t is w) for t in (x, w, gates))
+        y = expert_matmul(xx, ids, ww, cc, out_groups=g_out, backend=backend)
+        y.backward(grad)
+        outs[backend] = [y.detach()] + [t.grad if t.grad is not None else torch.zeros(0) for t in (xx, ww, cc)]
+    assert_close_all(outs["torch"], outs["reference"], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -245,3 +264,16 @@ def test_cuda_autocast_bf16():
     want = expert_matmul(x.double().cpu(), ids.cpu(), w.detach().double().cpu(), gates.double().cpu(),
                          backend="reference")
     torch.testing.assert_close(y.double().cpu(), want, atol=0.15, rtol=0.05)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("gated", [False, True])
+def test_output_can_be_modified_in_place(backend, gated):
+    # e.g. torch.relu_ on the up-projection: the output must not be a view made inside the autograd.Function
+    x, ids, w, gates, _ = make_case(6, 1, 2, 2 if not gated else 1, 8, 8, 3, gated, dtype=torch.float32)
+    w.requires_grad_()
+    y = torch.relu_(expert_matmul(x, ids, w, gates, backend=backend))
+    y.sum().backward()
+    want_w = w.detach().clone().requires_grad_()
+    torch.relu(expert_matmul(x, ids, want_w, gates, backend="reference")).sum().backward()
+    torch.testing.assert_close(w.grad, want_w.grad)

@@ -1,0 +1,360 @@
+"""``moeut prepare``: documents -> tokenizer -> train/validation token shards.
+
+Steps:
+
+1. **scan** the inputs once: count documents, hash each one (for the split), and keep a bounded,
+   deterministic sample for tokenizer training;
+2. **split by document**: the ``n_val = max(ceil(val_fraction * N), min_val_docs)`` documents with the
+   smallest keyed hash ``blake2b(content, key=seed)`` (ties by position) go to validation. The split
+   depends on document contents and the seed, not on input order: adding documents moves few others;
+3. **tokenizer**: load ``tokenizer`` if given, else train one on the sampled *training* documents
+   (see :mod:`moeut.data.tokenizer`);
+4. **tokenize** (second pass over the inputs), append EOS after every document, and write
+   ``train/`` and ``val/`` shards (see :mod:`moeut.data.shards`).
+
+Output directory::
+
+    out/
+      prepare.json               what was prepared from what (written last: marks a complete output)
+      tokenizer.model            the SentencePiece model used
+      tokenizer.json             its metadata (sha256, vocab size, special ids, sentencepiece version)
+      train/meta.json            split metadata
+      train/train-00000.bin ...  uint16 (uint32 for vocab > 65536) token ids
+      val/meta.json
+      val/val-00000.bin ...
+
+Everything is built in ``out/.prepare-tmp-<pid>/`` and renamed into place at the end. A non-empty
+``out`` is replaced only when it is a previous output of the same inputs, or with
+``overwrite=True`` (which replaces only the entries above and leaves other files alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeut.data._io import atomic_write_json, read_json
+from moeut.data.errors import DataError, EmptyCorpusError, OutputDirError
+from moeut.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter, SplitMeta
+from moeut.data.sources import DocumentSource, SourceOptions, iter_documents, resolve_inputs
+from moeut.data.tokenizer import TOKENIZER_JSON, TOKENIZER_MODEL, Tokenizer, TokenizerConfig, TrainingSample, train_tokenizer
+
+PREPARE_FILE = "prepare.json"
+PREPARE_FORMAT = "moeut-prepared"
+PREPARE_FORMAT_VERSION = 1
+_OUTPUT_ENTRIES = ("train", "val", TOKENIZER_MODEL, TOKENIZER_JSON)
+_STAGING_PREFIX = ".prepare-tmp-"
+
+
+@dataclass
+class PrepareResult:
+    """What :func:`prepare` wrote, with timings (seconds) per phase."""
+
+    out_dir: Path
+    tokenizer: Tokenizer
+    train: SplitMeta
+    val: SplitMeta
+    num_documents: int
+    num_bytes: int
+    tokenizer_trained: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _doc_hash(text: str, key: bytes) -> int:
+    data = text.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=key).digest(), "little")
+
+
+def _split_key(seed: int) -> bytes:
+    return b"moeut-split" + int(seed).to_bytes(16, "little", signed=True)
+
+
+def split_documents(hashes: np.ndarray, val_fraction: float, min_val_docs: int) -> np.ndarray:
+    """Boolean mask of validation documents: the ``n_val`` smallest hashes (ties by position).
+
+    ``n_val = max(ceil(val_fraction * N), min_val_docs)``, at most ``N - 1`` (training keeps one document).
+    """
+    n = len(hashes)
+    n_val = max(math.ceil(val_fraction * n - 1e-9), min_val_docs) if n else 0
+    n_val = max(0, min(n_val, n - 1))
+    order = np.lexsort((np.arange(n), hashes))
+    mask = np.zeros(n, dtype=bool)
+    mask[order[:n_val]] = True
+    return mask
+
+
+def _progress(enabled: bool, **kwargs: Any) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not enabled, dynamic_ncols=True, **kwargs)
+
+
+def _check_out_dir(out_dir: Path, inputs: list[str], overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputDirError(f"--out {out_dir} is a file; choose a directory")
+    if not out_dir.exists() or overwrite:
+        return
+    contents = [p for p in out_dir.iterdir() if not p.name.startswith(_STAGING_PREFIX)]
+    if not contents:
+        return
+    manifest = out_dir / PREPARE_FILE
+    if not manifest.is_file():
+        names = ", ".join(sorted(p.name for p in contents)[:5])
+        raise OutputDirError(f"output directory {out_dir} is not empty ({names}{', ...' if len(contents) > 5 else ''}) "
+                             f"and holds no {PREPARE_FILE}, so it is not a moeut prepare output; choose another --out, "
+                             "or pass --overwrite (overwrite=True) to write train/, val/ and tokenizer files into it")
+    try:
+        previous = read_json(manifest, "prepare manifest", "", DataError).get("inputs")
+    except DataError:
+        previous = None
+    if previous != inputs:
+        raise OutputDirError(f"output directory {out_dir} holds the prepare output of other inputs ({previous}), not "
+                             f"of {inputs}; choose another --out, or pass --overwrite (overwrite=True) to replace it")
+
+
+def _install(stage: Path, out_dir: Path) -> None:
+    """Move the staged entries into ``out_dir``, replacing previous ones (``prepare.json`` removed first)."""
+    (out_dir / PREPARE_FILE).unlink(missing_ok=True)
+    trash = stage / ".old"
+    trash.mkdir()
+    for name in _OUTPUT_ENTRIES:
+        target = out_dir / name
+        if target.is_dir() and not target.is_symlink():
+            os.replace(target, trash / name)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(stage / name, target)
+
+
+def prepare(inputs: Sequence[str | os.PathLike[str] | DocumentSource] | None, out_dir: str | os.PathLike[str], *,
+            tokenizer: str | os.PathLike[str] | None = None, vocab_size: int = 8000,
+            tokenizer_config: TokenizerConfig | None = None, val_fraction: float = 0.01, min_val_docs: int = 1,
+            seed: int = 0, text_field: str = "text", doc_separator: str | None = None, errors: str = "strict",
+            shard_tokens: int = DEFAULT_SHARD_TOKENS, max_tokenizer_bytes: int | None = None,
+            num_threads: int | None = None, overwrite: bool = False, progress: bool = True) -> PrepareResult:
+    """Tokenize ``inputs`` into ``out_dir/train`` and ``out_dir/val`` shards (see the module docstring).
+
+    ``inputs``: paths, Hugging Face dataset specs, or :class:`~moeut.data.sources.DocumentSource`
+    objects; ``None`` means the default corpus (:mod:`moeut.data.corpus`). ``tokenizer``: an existing
+    ``tokenizer.model`` (or its directory) to use instead of training one with ``vocab_size``
+    (``tokenizer_config`` overrides all training options). ``errors``: ``"strict"`` or ``"replace"``
+    for undecodable input bytes.
+    """
+    t_start = time.perf_counter()
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if min_val_docs < 0:
+        raise ValueError(f"min_val_docs must be >= 0, got {min_val_docs}")
+    out_dir = Path(out_dir).expanduser()
+    if inputs is None:
+        from moeut.data.corpus import default_corpus_sources
+
+        sources = default_corpus_sources(errors)  # type: ignore[arg-type]
+    else:
+        sources = resolve_inputs(inputs, SourceOptions(text_field, doc_separator, errors))  # type: ignore[arg-type]
+    described = [s.describe() for s in sources]
+    _check_out_dir(out_dir, described, overwrite)
+    given = Tokenizer.load(tokenizer) if tokenizer is not None else None  # fail before the long passes
+    sample_bytes = {"max_sample_bytes": max_tokenizer_bytes} if max_tokenizer_bytes else {}
+    tok_cfg = tokenizer_config or TokenizerConfig(vocab_size=vocab_size, seed=seed, **sample_bytes)
+    seconds: dict[str, float] = {}
+
+    # 1. scan: hashes for the split, a sample for the tokenizer
+    t0 = time.perf_counter()
+    key = _split_key(seed)
+    hashes = array("Q")
+    sample = TrainingSample(tok_cfg.max_sample_bytes, tok_cfg.seed) if tokenizer is None else None
+    n_bytes = 0
+    with _progress(progress, desc="scan", unit=" doc") as bar:
+        for i, doc in enumerate(iter_documents(sources)):
+            hashes.append(_doc_hash(doc, key))
+            n_bytes += len(doc.encode("utf-8", "surrogatepass"))
+            if sample is not None:
+                sample.add(i, doc)
+            bar.update()
+    n_docs = len(hashes)
+    if n_docs == 0:
+        raise EmptyCorpusError(f"the inputs hold no text (every document is empty or whitespace): {described}; "
+                               "check the paths, --text-field and --doc-separator")
+    hash_arr = np.frombuffer(hashes, dtype=np.uint64)
+    is_val = split_documents(hash_arr, val_fraction, min_val_docs)
+    if not is_val.any() and (val_fraction > 0 or min_val_docs > 0):
+        warnings.warn(f"only {n_docs} document(s): the validation split is empty", stacklevel=2)
+    seconds["scan"] = time.perf_counter() - t0
+
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = out_dir / f"{_STAGING_PREFIX}{os.getpid()}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir()
+    try:
+        # 2. tokenizer
+        t0 = time.perf_counter()
+        if sample is not None:
+            val_idx = set(np.flatnonzero(is_val).tolist())
+            tok = train_tokenizer(sample, stage, tok_cfg, exclude=val_idx)
+        else:
+            assert given is not None
+            given.save(stage)
+            tok = Tokenizer.load(stage)
+        seconds["tokenizer"] = time.perf_counter() - t0
+
+        # 3. tokenize into shards
+        t0 = time.perf_counter()
+        common = dict(vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer_sha256=tok.sha256, shard_tokens=shard_tokens)
+        train_w = ShardWriter(stage / "train", "train", **common)
+        val_w = ShardWriter(stage / "val", "val", **common)
+        batch: list[tuple[int, str]] = []
+        batch_chars = n_tokens = 0
+
+        def flush() -> None:
+            nonlocal batch, batch_chars, n_tokens
+            ids = tok.encode_batch([d for _, d in batch], num_threads)
+            for (i, _), doc_ids in zip(batch, ids, strict=True):
+                (val_w if is_val[i] else train_w).add_document(doc_ids)
+                n_tokens += len(doc_ids) + 1
+            bar.update(len(batch))
+            bar.set_postfix(tokens=f"{n_tokens:,}", refresh=False)
+            batch, batch_chars = [], 0
+
+        with _progress(progress, desc="tokenize", unit=" doc", total=n_docs) as bar:
+            for i, doc in enumerate(iter_documents(sources)):
+                if i >= n_docs or _doc_hash(doc, key) != hash_arr[i]:
+                    raise DataError(f"the inputs changed between two reads (document {i} differs): {described}; "
+                                    "make sure nothing writes to them while prepare runs, and that dataset "
+                                    "iteration is deterministic")
+                batch.append((i, doc))
+                batch_chars += len(doc)
+                if len(batch) >= 512 or batch_chars >= 8 << 20:
+                    flush()
+            if batch:
+                flush()
+        if train_w.num_documents + val_w.num_documents != n_docs:
+            raise DataError(f"the inputs changed between two reads ({n_docs} documents, then "
+                            f"{train_w.num_documents + val_w.num_documents}): {described}")
+        extra = {"seed": seed, "split_method": "smallest blake2b(document, key=seed) hashes go to val"}
+        train_w.extra.update(extra)
+        val_w.extra.update(extra)
+        train_meta, val_meta = train_w.close(), val_w.close()
+        seconds["tokenize"] = time.perf_counter() - t0
+
+        # 4. install
+        _install(stage, out_dir)
+        manifest = {
+            "format": PREPARE_FORMAT, "format_version": PREPARE_FORMAT_VERSION,
+            "inputs": described,
+            "documents": n_docs, "bytes": n_bytes,
+            "tokenizer": {"file": TOKENIZER_MODEL, "metadata": TOKENIZER_JSON, "sha256": tok.sha256,
+                          "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "trained": sample is not None,
+                          "source": None if tokenizer is None else str(Path(tokenizer).resolve())},
+            "split": {"seed": seed, "val_fraction": val_fraction, "min_val_docs": min_val_docs,
+                      "method": "the n_val documents with the smallest blake2b(document, key=seed) go to val, "
+                                "n_val = max(ceil(val_fraction * documents), min_val_docs)"},
+            "splits": {m.split: {"dir": m.split, "tokens": m.num_tokens, "documents": m.num_documents,
+                                 "shards": len(m.shards)} for m in (train_meta, val_meta)},
+            "options": {"text_field": text_field, "doc_separator": doc_separator, "errors": errors,
+                        "shard_tokens": shard_tokens},
+        }
+        atomic_write_json(out_dir / PREPARE_FILE, manifest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    seconds["total"] = time.perf_counter() - t_start
+    return PrepareResult(out_dir=out_dir, tokenizer=Tokenizer.load(out_dir), train=train_meta, val=val_meta,
+                         num_documents=n_docs, num_bytes=n_bytes, tokenizer_trained=sample is not None, seconds=seconds)
+
+
+# --------------------------------------------------------------------------- command line
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def _non_negative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def _fraction(s: str) -> float:
+    v = float(s)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
+    return v
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``moeut prepare`` options on ``parser``."""
+    parser.add_argument("--input", nargs="+", action="extend", metavar="PATH", default=None,
+                        help="text/.jsonl/.parquet files (optionally .gz), directories, or Hugging Face dataset names "
+                             "(NAME[?name=CONFIG&split=S&data_files=F,...], hf: forces it). Default: the built-in "
+                             "corpus (pip install --no-deps exllamav2==0.3.2)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--vocab-size", type=_positive_int, default=8000, metavar="N",
+                        help="vocabulary of the tokenizer to train (default 8000)")
+    parser.add_argument("--tokenizer", metavar="FILE", default=None,
+                        help="use this tokenizer.model (or its directory) instead of training one")
+    parser.add_argument("--text-field", default="text", metavar="F",
+                        help="JSON field / column with the text (default text)")
+    parser.add_argument("--doc-separator", default=None, metavar="SEP",
+                        help="split text files into documents: 'blank' (blank lines), 'blank:N', 'line', or a "
+                             "separator line such as '<|endoftext|>' (default: one document per file)")
+    parser.add_argument("--val-fraction", type=_fraction, default=0.01, metavar="X",
+                        help="fraction of documents for validation (default 0.01)")
+    parser.add_argument("--min-val-docs", type=_non_negative_int, default=1, metavar="N",
+                        help="at least this many validation documents (default 1)")
+    parser.add_argument("--errors", choices=("strict", "replace"), default="strict",
+                        help="undecodable bytes: fail (strict, default) or substitute U+FFFD (replace)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="seed of the split and tokenizer sample (default 0)")
+    parser.add_argument("--shard-tokens", type=_positive_int, default=DEFAULT_SHARD_TOKENS, metavar="N",
+                        help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS})")
+    parser.add_argument("--max-tokenizer-bytes", type=_positive_int, default=None, metavar="N",
+                        help="text sampled for tokenizer training (default 64 MiB)")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="tokenizer threads (default: all cores)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out that holds other things")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Run ``moeut prepare`` from parsed arguments; prints a summary. Returns 0, or 1 after printing an error."""
+    try:
+        res = prepare(args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                      val_fraction=args.val_fraction, min_val_docs=args.min_val_docs, seed=args.seed,
+                      text_field=args.text_field, doc_separator=args.doc_separator, errors=args.errors,
+                      shard_tokens=args.shard_tokens, max_tokenizer_bytes=args.max_tokenizer_bytes,
+                      num_threads=args.threads, overwrite=args.overwrite, progress=not args.quiet)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    tok = res.tokenizer
+    how = "trained" if res.tokenizer_trained else "given"
+    print(f"{res.num_documents:,} documents, {res.num_bytes:,} bytes -> {res.out_dir}")
+    print(f"tokenizer ({how}): vocab {tok.vocab_size}, eos {tok.eos_id}, sha256 {tok.sha256[:16]}...")
+    for m in (res.train, res.val):
+        print(f"{m.split:>5}: {m.num_documents:,} documents, {m.num_tokens:,} tokens ({m.dtype}) "
+              f"in {len(m.shards)} shard(s)")
+    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items()))
+    return 0

@@ -1,0 +1,113 @@
+"""Training configuration: the paper's recipe as defaults (Sec. 3 and App. A.3 of MoEUT)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moeut.model.config import ConfigError, ModelConfig
+
+# Per-preset recipe details from the paper: no warmup and κ = 0.1 for the 44M models, 4000 warmup steps
+# and κ = 0.25 otherwise. The CPU presets train for minutes, so they warm up briefly.
+_PRESET_RECIPE: dict[str, dict[str, Any]] = {
+    "moeut-44m": dict(warmup_steps=0, grad_clip=0.1),
+    "dense-44m": dict(warmup_steps=0, grad_clip=0.1),
+    "moeut-tiny": dict(warmup_steps=50, grad_clip=0.25),
+    "dense-tiny": dict(warmup_steps=50, grad_clip=0.25),
+    "moeut-small": dict(warmup_steps=100, grad_clip=0.25),
+    "dense-small": dict(warmup_steps=100, grad_clip=0.25),
+}
+_DEFAULT_RECIPE = dict(warmup_steps=4000, grad_clip=0.25)
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "moeut-tiny"  # model preset (see `moeut info`)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields to change
+    data: str = ""  # directory written by `moeut prepare`
+    out: str = ""  # run directory
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # global batch in sequences (split over ranks and accumulation steps)
+    seq_len: int | None = None  # context T; default: the preset's context_length
+    grad_accum: int = 1  # micro-batches per optimizer step (per rank)
+    lr: float = 2.5e-4  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # on all parameters, as the paper
+    warmup_steps: int | None = None  # linear warmup; default per preset (0 for 44M, 4000 for larger)
+    final_lr_ratio: float = 0.1  # cosine decay to this fraction of the peak
+    grad_clip: float | None = None  # κ; default per preset (0.1 for 44M, 0.25 otherwise); 0 disables
+    eval_every: int = 200  # validation perplexity every N steps (and at the end); 0 = only at the end
+    eval_batches: int = 0  # validation batches per evaluation; 0 = the whole validation set
+    save_every: int = 500  # checkpoint every N steps (and at the end); 0 = only at the end
+    keep_checkpoints: int = 3  # keep the newest K checkpoints
+    log_every: int = 10  # metrics line every N steps
+    routing_every: int = 100  # routing statistics every N steps; 0 disables
+    seed: int = 0
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16", "fp32"
+    backend: str | None = None  # expert-matmul backend (None = automatic)
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard each shared layer, then the root) instead of DDP
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        recipe = _PRESET_RECIPE.get(self.preset, _DEFAULT_RECIPE)
+        if self.warmup_steps is None:
+            self.warmup_steps = recipe["warmup_steps"]
+        if self.grad_clip is None:
+            self.grad_clip = recipe["grad_clip"]
+        if self.seq_len is None:
+            self.seq_len = self.model_config().context_length
+        self.validate()
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_name(self.preset, **self.model_overrides)
+
+    def validate(self) -> None:
+        def need(cond: bool, name: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r}: {msg}")
+
+        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
+        need(self.batch_size % self.grad_accum == 0, "grad_accum",
+             f"must divide batch_size={self.batch_size} (each micro-batch has batch_size/grad_accum rows)")
+        need(self.lr > 0, "lr", "must be positive")
+        need(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", "must be in [0, 1]")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+        for name in ("eval_every", "eval_batches", "save_every", "log_every", "routing_every", "keep_checkpoints"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(self.precision in ("auto", "bf16", "fp32"), "precision", 'must be "auto", "bf16" or "fp32"')
+        self.model_config()  # validates preset and overrides
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+        return cls.from_dict({**d, **overrides})

@@ -1,0 +1,68 @@
+"""Training metrics: a JSONL file, TensorBoard event files (when installed), routing statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def routing_stats(counts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per layer application and expert kind: normalised entropy of expert usage (1 = uniform), fraction
+    of experts that received no tokens, and the share of the most used expert."""
+    stats: dict[str, float] = {}
+    for kind, c in counts.items():
+        c = c.double()
+        n_experts = c.shape[-1]
+        p = c / c.sum(-1, keepdim=True).clamp_min(1)
+        entropy = -(p * p.clamp_min(1e-30).log()).sum(-1) / math.log(n_experts)
+        dead = (c == 0).double().mean(-1)
+        top = p.max(-1).values
+        for layer in range(c.shape[0]):
+            stats[f"routing/{kind}/L{layer}/entropy"] = entropy[layer].item()
+            stats[f"routing/{kind}/L{layer}/dead_frac"] = dead[layer].item()
+            stats[f"routing/{kind}/L{layer}/top_share"] = top[layer].item()
+        stats[f"routing/{kind}/entropy_mean"] = entropy.mean().item()
+        stats[f"routing/{kind}/dead_frac_mean"] = dead.mean().item()
+    return stats
+
+
+class MetricsLogger:
+    """Appends one JSON line per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            except ImportError:
+                print("note: TensorBoard logging is off (pip install tensorboard, or the [dev] extra)")
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines logged after the checkpoint's step (they will be logged again)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,310 @@
+"""The training loop of the paper's recipe: AdamW, warmup + cosine, clipping, CE + regulariser.
+
+Resumable bit for bit on CPU: the data order is a pure function of (seed, step), and a checkpoint holds
+the model, the optimizer, the step and the RNG states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moeut.model import MoEUTLM
+from moeut.model.accounting import model_stats
+from moeut.train.checkpoint import latest_checkpoint, save_checkpoint
+from moeut.train.config import TrainConfig
+from moeut.train.distributed import DistInfo, barrier, init_distributed, shutdown, wrap_model
+from moeut.train.metrics import MetricsLogger, routing_stats
+from moeut.train.schedule import lr_at
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or continue; the message says why and what to do."""
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) the run described by ``cfg``; returns the final summary (also in summary.json)."""
+    from moeut.data import BatchSampler, TokenDataset, validation_batches
+
+    info = init_distributed(cfg.device)
+    try:
+        run_dir = Path(cfg.out)
+        train_ds = TokenDataset.open(Path(cfg.data) / "train")
+        val_ds = TokenDataset.open(Path(cfg.data) / "val", expected_tokenizer_sha256=train_ds.tokenizer_sha256)
+        model_cfg = cfg.model_config()
+        if model_cfg.vocab_size != train_ds.vocab_size:
+            model_cfg = model_cfg.replace(vocab_size=train_ds.vocab_size)
+        run_state = _prepare_run_dir(run_dir, cfg, train_ds.tokenizer_sha256, resume, info)
+
+        torch.manual_seed(cfg.seed)
+        model = MoEUTLM(model_cfg, backend=cfg.backend).to(info.device)
+        start_step, wall_before, tokens_seen = 0, 0.0, 0
+        if run_state is not None:
+            start_step, wall_before = run_state["step"], run_state.get("wall_time_s", 0.0)
+            tokens_seen = run_state.get("tokens_seen", 0)
+            model.load_state_dict(run_state["model"])
+        wrapped = wrap_model(model, info, cfg.fsdp)  # FSDP2 replaces parameters: build the optimizer after
+        optimizer = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                      weight_decay=cfg.weight_decay)
+        if run_state is not None:
+            _load_optimizer(model, optimizer, run_state["optimizer"], sharded=cfg.fsdp and info.distributed)
+            torch.set_rng_state(run_state["rng_cpu"])
+            if info.device.type == "cuda" and "rng_cuda" in run_state:
+                torch.cuda.set_rng_state(run_state["rng_cuda"], info.device)
+        autocast = _autocast(cfg.precision, info.device)
+
+        if cfg.batch_size % (info.world_size * cfg.grad_accum):
+            raise TrainingError(f"batch_size={cfg.batch_size} must be divisible by world_size×grad_accum="
+                                f"{info.world_size}×{cfg.grad_accum}")
+        sampler = BatchSampler(train_ds, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
+                               rank=info.rank, world_size=info.world_size)
+        logger = MetricsLogger(run_dir, enabled=info.is_main)
+        if run_state is not None:
+            logger.truncate_after(start_step)
+        stats = model_stats(model_cfg, context=cfg.seq_len)
+        if info.is_main:
+            _print_header(cfg, model_cfg, stats, info, train_ds, val_ds, autocast, start_step)
+
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        progress = _progress(start_step, cfg.steps, enabled=show_progress and info.is_main)
+        t0, last = time.perf_counter(), {}
+        val_ppl = run_state.get("val_ppl") if run_state else None
+        step = start_step
+        for step in range(start_step, cfg.steps):
+            lr = lr_at(step, peak=cfg.lr, total_steps=cfg.steps, warmup=cfg.warmup_steps,
+                       final_ratio=cfg.final_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            want_routing = cfg.routing_every > 0 and (step + 1) % cfg.routing_every == 0
+            ce, reg, counts = _train_step(wrapped, optimizer, sampler.batch(step), cfg, autocast, info)
+            if not (math.isfinite(ce) and math.isfinite(reg)):
+                raise TrainingError(f"loss became {ce + reg} at step {step + 1}; training stopped. The last "
+                                    f"good checkpoint is kept in {run_dir / 'checkpoints'}: lower --lr or "
+                                    f"check the data, then --resume")
+            tokens_seen += tokens_per_step
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            tok_s = (done - start_step) * tokens_per_step / max(elapsed, 1e-9)
+            last = {"train_loss": ce, "reg_loss": reg, "lr": lr, "tokens_seen": tokens_seen, "tok_per_s": tok_s}
+            if want_routing and counts is not None:
+                last.update(routing_stats(counts))
+            if info.is_main and (done % max(cfg.log_every, 1) == 0 or want_routing or done == cfg.steps):
+                logger.log(done, last)
+            progress.update(1)
+            progress.set_postfix(loss=f"{ce:.3f}", reg=f"{reg:+.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+
+            is_last = done == cfg.steps
+            if (cfg.eval_every and done % cfg.eval_every == 0) or is_last:
+                val_ppl = evaluate_ppl(wrapped, validation_batches(val_ds, cfg.seq_len, cfg.batch_size,
+                                                                   max_batches=cfg.eval_batches or None),
+                                       info.device)
+                if info.is_main:
+                    logger.log(done, {"val_ppl": val_ppl, "val_loss": math.log(val_ppl)})
+                    progress.write(f"step {done}: validation perplexity {val_ppl:.2f}")
+            wall = wall_before + time.perf_counter() - t0
+            if (cfg.save_every and done % cfg.save_every == 0) or is_last:
+                state = _checkpoint_state(model, optimizer, cfg, model_cfg, train_ds.tokenizer_sha256, info)
+                if info.is_main:
+                    save_checkpoint(run_dir, done, {**state, "wall_time_s": wall, "tokens_seen": tokens_seen,
+                                                    "val_ppl": val_ppl}, keep=cfg.keep_checkpoints)
+                barrier(info)
+            if info.is_main and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last):
+                _write_summary(run_dir, done, last, val_ppl, wall, stats)
+        progress.close()
+        logger.close()
+        summary = _read_summary(run_dir) if info.is_main else {}
+        if info.is_main and summary:
+            print(f"done: {summary['step']} steps, {summary['tokens_seen']:,} tokens, "
+                  f"validation perplexity {summary['val_ppl']:.2f}, {summary['wall_time_s']:.0f} s")
+        return summary
+    finally:
+        shutdown(info)
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
+                cfg: TrainConfig, autocast: contextlib.AbstractContextManager | None, info: DistInfo,
+                ) -> tuple[float, float, dict[str, torch.Tensor] | None]:
+    """One optimizer step over this rank's rows, in ``grad_accum`` micro-batches. Returns mean CE, reg."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    batch = batch.to(info.device, non_blocking=True)
+    micro = batch.chunk(cfg.grad_accum)
+    ce_sum, reg_sum, counts = torch.zeros((), device=info.device), torch.zeros((), device=info.device), None
+    for i, mb in enumerate(micro):
+        sync = i == len(micro) - 1
+        ctx = model.no_sync() if (info.distributed and not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with ctx:
+            with autocast or contextlib.nullcontext():
+                out = model(mb[:, :-1])
+            ce = F.cross_entropy(out.logits.float().flatten(0, 1), mb[:, 1:].flatten())
+            loss = (ce + out.reg_loss) / len(micro)
+            loss.backward()
+        ce_sum += ce.detach() / len(micro)
+        reg_sum += out.reg_loss.detach() / len(micro)
+        if out.expert_counts is not None:
+            counts = out.expert_counts if counts is None else {k: counts[k] + v for k, v in out.expert_counts.items()}
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    if info.distributed:  # report the global mean (every rank has the same number of rows)
+        import torch.distributed as dist
+
+        both = torch.stack([ce_sum, reg_sum])
+        dist.all_reduce(both)
+        ce_sum, reg_sum = both / info.world_size
+        if counts is not None:
+            for v in counts.values():
+                dist.all_reduce(v)
+    return ce_sum.item(), reg_sum.item(), counts
+
+
+@torch.no_grad()
+def evaluate_ppl(model: torch.nn.Module, batches, device: torch.device) -> float:
+    """Perplexity in fp32 over non-overlapping windows: exp(total NLL / number of targets)."""
+    model.eval()
+    nll, n = torch.zeros((), dtype=torch.float64, device=device), 0
+    for batch in batches:
+        batch = batch.to(device)
+        logits = model(batch[:, :-1]).logits.float()
+        nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").double()
+        n += batch[:, 1:].numel()
+    model.train()
+    if n == 0:
+        raise TrainingError("the validation set holds no complete window of seq_len+1 tokens: use a smaller "
+                            "--seq-len or re-run `moeut prepare` with a larger --val-fraction")
+    return math.exp(nll.item() / n)
+
+
+def _autocast(precision: str, device: torch.device):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return None
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _checkpoint_state(model: MoEUTLM, optimizer: torch.optim.Optimizer, cfg: TrainConfig, model_cfg,
+                      tokenizer_sha256: str, info: DistInfo) -> dict[str, Any]:
+    if cfg.fsdp and info.distributed:  # gather full (unsharded) tensors; rank 0 writes them
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        model_sd, optim_sd = model.state_dict(), optimizer.state_dict()
+    state = {"model": model_sd, "optimizer": optim_sd, "train_config": cfg.to_json(),
+             "model_config": model_cfg.to_json(), "tokenizer_sha256": tokenizer_sha256,
+             "rng_cpu": torch.get_rng_state()}
+    if info.device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(info.device)
+    return state
+
+
+def _load_optimizer(model: MoEUTLM, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                    sharded: bool) -> None:
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, tokenizer_sha256: str, resume: bool,
+                     info: DistInfo) -> dict[str, Any] | None:
+    """Check the run directory; on resume, return the newest loadable checkpoint's state."""
+    config_path = run_dir / "train_config.json"
+    if config_path.exists():
+        try:
+            old = json.loads(config_path.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if not resume:
+            raise TrainingError(f"{run_dir} already holds a run ({config_path}); pass --resume to continue "
+                                f"it or choose another --out")
+        comparable = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "steps", "eval_every", "save_every",
+                                                                       "keep_checkpoints", "log_every", "device")}
+        if old is not None and any(old.get(k) != v for k, v in comparable.items()):
+            diff = sorted(k for k, v in comparable.items() if old.get(k) != v)
+            raise TrainingError(f"{run_dir} holds a run with a different configuration (fields {diff}); "
+                                f"--resume needs the same settings, or choose another --out")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise TrainingError(f"{run_dir} exists and is not a moeut run directory; choose another --out")
+    state = None
+    if resume:
+        found = latest_checkpoint(run_dir)
+        if found is not None:
+            path, state = found
+            if state.get("tokenizer_sha256") != tokenizer_sha256:
+                raise TrainingError(f"checkpoint {path} was trained with tokenizer {state.get('tokenizer_sha256')}, "
+                                    f"but the data in {cfg.data} uses {tokenizer_sha256}: resume with the same data")
+            if info.is_main:
+                print(f"resuming from {path} (step {state['step']})")
+        elif info.is_main:
+            print(f"--resume: no checkpoint in {run_dir}, starting from step 0")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = config_path.with_suffix(".json.tmp")
+        tmp.write_text(cfg.to_json())
+        tmp.replace(config_path)
+    barrier(info)
+    return state
+
+
+def _write_summary(run_dir: Path, step: int, last: dict[str, Any], val_ppl: float | None, wall: float,
+                   stats: dict[str, Any]) -> None:
+    summary = {"step": step, "train_loss": last.get("train_loss"), "reg_loss": last.get("reg_loss"),
+               "val_ppl": val_ppl, "tokens_seen": last.get("tokens_seen"), "wall_time_s": wall,
+               "tok_per_s": last.get("tok_per_s"), "params_total": stats["params_total"],
+               "active_params_per_token": stats["active_params_per_token"]}
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(run_dir / "summary.json")
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    p = run_dir / "summary.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _print_header(cfg: TrainConfig, model_cfg, stats: dict[str, Any], info: DistInfo, train_ds, val_ds,
+                  autocast, start_step: int) -> None:
+    prec = "bf16 autocast (fp32 master weights)" if autocast is not None else "fp32"
+    per_step = cfg.batch_size * cfg.seq_len
+    lines = [
+        f"model      {cfg.preset}: {stats['params_total'] / 1e6:.2f}M params "
+        f"({stats['active_params_per_token'] / 1e6:.2f}M active per token), {model_cfg.n_layers} layer "
+        f"applications of {model_cfg.group_size} distinct layers, vocab {model_cfg.vocab_size}",
+        f"data       {cfg.data}: {train_ds.num_tokens:,} train / {val_ds.num_tokens:,} validation tokens",
+        f"batch      {cfg.batch_size} × {cfg.seq_len} = {per_step:,} tokens per step "
+        f"({info.world_size} rank(s) × {cfg.grad_accum} micro-batch(es)); {cfg.steps} steps = "
+        f"{per_step * cfg.steps / max(train_ds.num_tokens, 1):.2f} epochs",
+        f"optimizer  AdamW lr {cfg.lr:g} wd {cfg.weight_decay:g}, warmup {cfg.warmup_steps}, cosine to "
+        f"{cfg.final_lr_ratio:g}×, clip {cfg.grad_clip:g}",
+        f"device     {info.device} ({prec}), expert backend {cfg.backend or 'auto'}"
+        + (f", {'FSDP2' if cfg.fsdp else 'DDP'}" if info.distributed else ""),
+        f"run        {cfg.out}" + (f" (resuming at step {start_step})" if start_step else ""),
+    ]
+    print("\n".join(lines), flush=True)
+
+
+class _NoProgress:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def write(self, s: str) -> None:
+        print(s, flush=True)
+    def close(self) -> None: ...
+
+
+def _progress(start: int, total: int, enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)

@@ -1,0 +1,167 @@
+"""`moeut train` end to end: learning, exact resume after SIGKILL, several ranks, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeut.cli import main
+from moeut.data import prepare
+from moeut.train import latest_checkpoint
+from tests.data.helpers import make_documents
+from tests.train.conftest import train_args
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_writes_run_directory_and_learns(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    assert main(train_args(tiny_data, run, steps=40, save_every=20)) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("step", "train_loss", "val_ppl", "tokens_seen", "wall_time_s"):
+        assert key in summary
+    assert summary["step"] == 40 and summary["tokens_seen"] == 40 * 4 * 32
+    losses = [m["train_loss"] for m in _metrics(run) if "train_loss" in m]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # it learns
+    assert summary["val_ppl"] < 400  # below a uniform guess over the 400-piece vocabulary
+    assert any(k.startswith("routing/ffn/") for m in _metrics(run) for k in m)
+    assert json.loads((run / "train_config.json").read_text())["steps"] == 40
+    path, state = latest_checkpoint(run)
+    assert state["step"] == 40 and json.loads(state["model_config"])["d_model"] == 32
+    assert list((run / "tensorboard").iterdir())
+
+
+def test_sigkill_then_resume_is_bit_identical_to_uninterrupted_run(tiny_data, tmp_path):
+    steps = "60"
+    ref = tmp_path / "ref"
+    assert main(train_args(tiny_data, ref, steps=steps, save_every=3, eval_every=20)) == 0
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "moeut.cli", *train_args(tiny_data, run, steps=steps, save_every=3, eval_every=20)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run / "checkpoints"
+    deadline = time.time() + 120
+    while not (ckpts.exists() and any(p.name.startswith("ckpt_") for p in ckpts.iterdir())):
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = latest_checkpoint(run)[1]["step"]
+    assert killed_at < 60, "the process was not interrupted mid-run"
+
+    assert main([*train_args(tiny_data, run, steps=steps, save_every=3, eval_every=20), "--resume"]) == 0
+    a, b = latest_checkpoint(ref)[1], latest_checkpoint(run)[1]
+    assert a["step"] == b["step"] == 60
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (ref, run))
+    assert sa["train_loss"] == sb["train_loss"] and sa["val_ppl"] == sb["val_ppl"]
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "tok_per_s"} for m in ms]  # noqa: E731
+    assert strip(_metrics(ref)) == strip(_metrics(run))
+
+
+def test_two_gloo_ranks_match_one_process(tiny_data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = lambda out: train_args(tiny_data, out, steps=4, eval_every=0, save_every=0)  # noqa: E731
+    assert main(args(one)) == 0
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "moeut.cli", *args(two)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    la = [m["train_loss"] for m in _metrics(one) if "train_loss" in m]
+    lb = [m["train_loss"] for m in _metrics(two) if "train_loss" in m]
+    assert len(la) == len(lb) == 4
+    for x, y in zip(la, lb):
+        assert abs(x - y) <= 1e-5 * abs(x)
+    wa, wb = latest_checkpoint(one)[1]["model"], latest_checkpoint(two)[1]["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_out_dir_holding_a_run_is_not_overwritten(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(tiny_data, run, steps=2)) == 0
+    before = (run / "summary.json").read_text()
+    assert main(train_args(tiny_data, run, steps=2)) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "summary.json").read_text() == before
+
+
+def test_out_dir_with_foreign_files_is_refused(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    assert main(train_args(tiny_data, run, steps=2)) == 1
+    assert "not a moeut run directory" in capsys.readouterr().err
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_resume_with_other_settings_is_refused(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(tiny_data, run, steps=2)) == 0
+    assert main([*train_args(tiny_data, run, steps=4, lr=1e-3), "--resume"]) == 1
+    assert "different configuration" in capsys.readouterr().err
+
+
+def test_resume_with_data_of_another_tokenizer_is_refused(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(tiny_data, run, steps=2)) == 0
+    other = tmp_path / "other"
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(300, seed=5)))
+    prepare([str(corpus)], other, vocab_size=400, val_fraction=0.05, progress=False)
+    assert main([*train_args(other, run, steps=4), "--resume"]) == 1
+    assert "tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "moeut-9b"], "available presets"),
+    (["--model", "ff_k=100"], "ModelConfig.ff_k=100"),
+    (["--batch-size", "0"], "TrainConfig.batch_size=0"),
+    (["--grad-accum", "3"], "TrainConfig.grad_accum=3"),
+])
+def test_bad_settings_name_the_field(tiny_data, tmp_path, capsys, args, message):
+    assert main([*train_args(tiny_data, tmp_path / "run"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_dir_is_explained(tmp_path, capsys):
+    assert main(train_args(tmp_path / "nope", tmp_path / "run")) != 0
+    assert "moeut prepare" in capsys.readouterr().err
+
+
+def test_truncated_shard_is_reported(tiny_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shard = next((data / "train").glob("*.bin"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert main(train_args(data, tmp_path / "run")) != 0
+    assert shard.name in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(tiny_data, run, steps=6, lr=1e30, save_every=1, warmup=0, clip=0)) == 1
+    err = capsys.readouterr().err
+    assert "training stopped" in err
+    path, state = latest_checkpoint(run)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
