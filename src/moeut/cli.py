@@ -3,7 +3,7 @@
     moeut info   [--preset NAME] [--context T] [--json]     parameters and compute of a preset
     moeut prepare --input PATH... --out DIR [...]           tokenizer + token shards
     moeut train  --preset NAME --data DIR --out RUN [...]   train (or --resume) a model
-    moeut demo   [--preset NAME] [--steps N] [--backend B]  build a model and train it briefly
+    moeut demo   [--out RUN] [--compare-dense]             the main job: prepare, train, evaluate, sample
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 
 
@@ -42,42 +41,11 @@ def _m(n: int) -> str:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Until the data pipeline lands: build the model, train it on a synthetic copy task, show it learns."""
-    import torch
+    from moeut.demo import run_demo
 
-    from moeut.model import ModelConfig, MoEUTLM
-    from moeut.model.accounting import model_stats
-    from moeut.ops import default_backend
-    from moeut.runtime import tune_malloc
-
-    tune_malloc()
-    torch.manual_seed(args.seed)
-    cfg = ModelConfig.from_name(args.preset, vocab_size=args.vocab, context_length=args.context)
-    model = MoEUTLM(cfg, backend=args.backend)
-    s = model_stats(cfg)
-    backend = args.backend or default_backend(torch.device("cpu"))
-    print(f"{args.preset}: {_m(s['params_total'])} parameters ({_m(s['params_non_embedding'])} non-embedding), "
-          f"{cfg.n_layers} layer applications of {cfg.group_size} distinct layers, expert backend {backend!r}")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    # synthetic task: the second half of each sequence repeats the first half
-    half = args.context // 2
-    t0, first = time.perf_counter(), None
-    for step in range(1, args.steps + 1):
-        x = torch.randint(0, cfg.vocab_size, (args.batch, half))
-        seq = torch.cat([x, x], dim=1)
-        out = model(seq[:, :-1])
-        ce = torch.nn.functional.cross_entropy(out.logits[:, half - 1:].flatten(0, 1), seq[:, half:].flatten())
-        loss = ce + out.reg_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
-        opt.step()
-        first = first if first is not None else ce.item()
-        if step % max(1, args.steps // 10) == 0 or step == args.steps:
-            tok_s = step * args.batch * (args.context - 1) / (time.perf_counter() - t0)
-            print(f"step {step:4d}  copy-task loss {ce.item():.3f}  reg {out.reg_loss.item():+.4f}  {tok_s:,.0f} tok/s")
-    final = ce.item()
-    print(f"loss on the copied half: {first:.3f} -> {final:.3f} (chance: {torch.log(torch.tensor(float(cfg.vocab_size))):.3f})")
+    run_demo(args.out, inputs=args.input, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+             lr=args.lr, seed=args.seed, compare_dense=args.compare_dense, prompt=args.prompt,
+             max_new_tokens=args.max_new_tokens, backend=args.backend)
     return 0
 
 
@@ -177,14 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
 
-    demo = sub.add_parser("demo", help="build a small model and train it briefly on a synthetic copy task")
-    demo.add_argument("--preset", default="moeut-tiny")
-    demo.add_argument("--steps", type=int, default=100)
-    demo.add_argument("--batch", type=int, default=16)
-    demo.add_argument("--context", type=int, default=64)
-    demo.add_argument("--vocab", type=int, default=64, help="vocabulary of the synthetic task")
+    demo = sub.add_parser("demo", help="the main job: tokenizer + shards, train moeut-tiny, validation "
+                          "perplexity, a sample (about 5 minutes on 2 CPU cores)")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    demo.add_argument("--input", nargs="+", default=None, metavar="PATH",
+                      help="text to train on (default: the built-in corpus; see `moeut prepare --help`)")
+    demo.add_argument("--steps", type=int, default=500)
+    demo.add_argument("--batch-size", type=int, default=16)
+    demo.add_argument("--seq-len", type=int, default=256)
     demo.add_argument("--lr", type=float, default=2e-3)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--compare-dense", action="store_true", help="also train dense-tiny on the same tokens")
+    demo.add_argument("--prompt", default="Once upon a time, there was a little")
+    demo.add_argument("--max-new-tokens", type=int, default=60)
     demo.add_argument("--backend", default=None, help="expert-matmul backend (default: automatic)")
     demo.set_defaults(func=_cmd_demo)
     return p

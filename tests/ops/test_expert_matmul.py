@@ -241,8 +241,10 @@ def test_default_backend_is_torch_on_cpu_and_listed():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gemm", ["auto", "loop"])
 @pytest.mark.parametrize("g_in,s,g_out,gated", [(1, 8, 8, False), (8, 8, 1, True), (1, 8, 4, True), (4, 8, 1, True)])
-def test_backend_matches_reference_on_cuda(backend, dtype, g_in, s, g_out, gated):
+def test_backend_matches_reference_on_cuda(backend, dtype, gemm, g_in, s, g_out, gated, monkeypatch):
+    monkeypatch.setattr(torch_backend, "GEMM_IMPL", gemm)
     case = dict(n=300, g_in=g_in, s=s, g_out=g_out, d_in=64, d_out=128, n_experts=16, gated=gated, seed=1)
     got = run(*make_case(**case, dtype=dtype, device="cuda"), g_out, backend)
     want = run(*make_case(**case, dtype=torch.float64), g_out, "reference")

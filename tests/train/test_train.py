@@ -75,23 +75,34 @@ def test_sigkill_then_resume_is_bit_identical_to_uninterrupted_run(tiny_data, tm
     assert strip(_metrics(ref)) == strip(_metrics(run))
 
 
-def test_two_gloo_ranks_match_one_process(tiny_data, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_ranks_match_one_process(tiny_data, tmp_path, mode):
     one, two = tmp_path / "one", tmp_path / "two"
-    args = lambda out: train_args(tiny_data, out, steps=4, eval_every=0, save_every=0)  # noqa: E731
+    args = lambda out, steps=4: train_args(tiny_data, out, steps=steps, eval_every=0, save_every=2)  # noqa: E731
     assert main(args(one)) == 0
+    extra = ["--fsdp"] if mode == "fsdp" else []
     env = {**ENV, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           "-m", "moeut.cli", *args(two)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    port = "29531" if mode == "ddp" else "29532"
+
+    def torchrun(*more):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+               "-m", "moeut.cli", *more]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+
+    torchrun(*args(two), *extra)
     la = [m["train_loss"] for m in _metrics(one) if "train_loss" in m]
     lb = [m["train_loss"] for m in _metrics(two) if "train_loss" in m]
     assert len(la) == len(lb) == 4
     for x, y in zip(la, lb):
         assert abs(x - y) <= 1e-5 * abs(x)
     wa, wb = latest_checkpoint(one)[1]["model"], latest_checkpoint(two)[1]["model"]
+    assert set(wa) == set(wb)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+    # the multi-rank checkpoint resumes (here: two more steps)
+    torchrun(*args(two, steps=6), *extra, "--resume")
+    assert latest_checkpoint(two)[1]["step"] == 6
 
 
 # ------------------------------------------------------------------ bad input

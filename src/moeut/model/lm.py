@@ -132,6 +132,12 @@ class MoEUTLM(nn.Module):
             "att_o": torch.stack([expert_counts(r.att_o.indices + head_offset, n_att) for r in flat]),
         }
 
+    def generate(self, prompts, max_new_tokens: int, **kw) -> list[list[int]]:
+        """Sample continuations of token-id prompts with the KV cache; see :func:`moeut.model.generate.generate`."""
+        from moeut.model.generate import generate
+
+        return generate(self, prompts, max_new_tokens, **kw)
+
     # ------------------------------------------------------------ accounting
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

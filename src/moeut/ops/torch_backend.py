@@ -122,6 +122,11 @@ def _use_grouped_mm(t: torch.Tensor) -> bool:
     return _GROUPED_MM_OK[key]
 
 
+def gemm_impl(device: torch.device | str, dtype: torch.dtype) -> str:
+    """Which GEMM implementation the torch backend uses for ``device``/``dtype``: "grouped_mm" or "loop"."""
+    return "grouped_mm" if _use_grouped_mm(torch.empty(0, device=device, dtype=dtype)) else "loop"
+
+
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
     """``[M, K] x [E, K, N] -> [M, N]`` over the expert blocks of ``plan`` (``b`` may be a transposed view)."""
     if a.shape[0] and _use_grouped_mm(a):

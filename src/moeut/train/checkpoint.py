@@ -94,3 +94,23 @@ def _fsync_dir(d: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", backend: str | None = None):
+    """The model of a run directory (its newest loadable checkpoint) or of one checkpoint file."""
+    import json
+
+    from moeut.model import ModelConfig, MoEUTLM
+
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path, map_location)
+        if found is None:
+            raise CheckpointError(f"{path} holds no loadable checkpoint (expected {path}/checkpoints/ckpt_*.pt); "
+                                  f"train a model with `moeut train --out {path}` first")
+        path, state = found
+    else:
+        state = load_checkpoint(path, map_location)
+    model = MoEUTLM(ModelConfig.from_dict(json.loads(state["model_config"])), backend=backend)
+    model.load_state_dict(state["model"])
+    return model.eval()

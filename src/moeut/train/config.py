@@ -41,7 +41,7 @@ class TrainConfig:
     final_lr_ratio: float = 0.1  # cosine decay to this fraction of the peak
     grad_clip: float | None = None  # κ; default per preset (0.1 for 44M, 0.25 otherwise); 0 disables
     eval_every: int = 200  # validation perplexity every N steps (and at the end); 0 = only at the end
-    eval_batches: int = 0  # validation batches per evaluation; 0 = the whole validation set
+    eval_batches: int = 0  # validation batches per periodic evaluation; 0 = all (the final one is always complete)
     save_every: int = 500  # checkpoint every N steps (and at the end); 0 = only at the end
     keep_checkpoints: int = 3  # keep the newest K checkpoints
     log_every: int = 10  # metrics line every N steps

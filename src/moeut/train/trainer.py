@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
         model_cfg = cfg.model_config()
         if model_cfg.vocab_size != train_ds.vocab_size:
             model_cfg = model_cfg.replace(vocab_size=train_ds.vocab_size)
-        run_state = _prepare_run_dir(run_dir, cfg, train_ds.tokenizer_sha256, resume, info)
+        run_state = _prepare_run_dir(run_dir, cfg, model_cfg, train_ds.tokenizer_sha256, resume, info)
 
         torch.manual_seed(cfg.seed)
         model = MoEUTLM(model_cfg, backend=cfg.backend).to(info.device)
@@ -102,9 +103,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
 
             is_last = done == cfg.steps
             if (cfg.eval_every and done % cfg.eval_every == 0) or is_last:
+                limit = None if is_last else (cfg.eval_batches or None)  # the final evaluation is complete
                 val_ppl = evaluate_ppl(wrapped, validation_batches(val_ds, cfg.seq_len, cfg.batch_size,
-                                                                   max_batches=cfg.eval_batches or None),
-                                       info.device)
+                                                                   max_batches=limit), info.device)
                 if info.is_main:
                     logger.log(done, {"val_ppl": val_ppl, "val_loss": math.log(val_ppl)})
                     progress.write(f"step {done}: validation perplexity {val_ppl:.2f}")
@@ -216,7 +217,7 @@ def _load_optimizer(model: MoEUTLM, optimizer: torch.optim.Optimizer, state: dic
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, tokenizer_sha256: str, resume: bool,
+def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, tokenizer_sha256: str, resume: bool,
                      info: DistInfo) -> dict[str, Any] | None:
     """Check the run directory; on resume, return the newest loadable checkpoint's state."""
     config_path = run_dir / "train_config.json"
@@ -247,12 +248,18 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, tokenizer_sha256: str, res
             if info.is_main:
                 print(f"resuming from {path} (step {state['step']})")
         elif info.is_main:
-            print(f"--resume: no checkpoint in {run_dir}, starting from step 0")
+            print(f"no checkpoint in {run_dir} yet: starting at step 0")
+    barrier(info)  # every rank has checked the directory before rank 0 writes to it
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = config_path.with_suffix(".json.tmp")
-        tmp.write_text(cfg.to_json())
-        tmp.replace(config_path)
+        for name in ("tokenizer.model", "tokenizer.json"):  # the run is self-contained for generate/eval
+            src = Path(cfg.data) / name
+            if src.exists() and not (run_dir / name).exists():
+                shutil.copyfile(src, run_dir / name)
+        for path, text in ((config_path, cfg.to_json()), (run_dir / "model_config.json", model_cfg.to_json())):
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
     barrier(info)
     return state
 
