@@ -88,11 +88,16 @@ def cases(draw):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@settings(max_examples=40, deadline=None)
+@pytest.mark.parametrize("gemm", ["auto", "loop", "grouped_mm"])
+@settings(max_examples=30, deadline=None)
 @given(case=cases())
-def test_backend_matches_reference_forward_and_gradients(backend, case):
+def test_backend_matches_reference_forward_and_gradients(backend, gemm, case):
     x, ids, w, gates, grad = make_case(**case)
-    got = run(x, ids, w, gates, grad, case["g_out"], backend)
+    before, torch_backend.GEMM_IMPL = torch_backend.GEMM_IMPL, gemm
+    try:
+        got = run(x, ids, w, gates, grad, case["g_out"], backend)
+    finally:
+        torch_backend.GEMM_IMPL = before
     want = run(x, ids, w, gates, grad, case["g_out"], "reference")
     assert got[0].shape == (case["n"], case["g_out"], w.shape[2])
     assert_close_all(got, want)

@@ -17,6 +17,7 @@ from torch import nn
 
 from moeut.model.routing import Routing, sigmoid_topk
 from moeut.ops import expert_matmul
+from moeut.ops.plan import make_plan
 
 
 class SigmaMoE(nn.Module):
@@ -41,8 +42,10 @@ class SigmaMoE(nn.Module):
         routing = sigmoid_topk(router_input, self.expert_sel, self.top_k)
         rows = x.reshape(-1, 1, self.d_model)
         ids = routing.indices.reshape(-1, self.top_k)
-        h = F.relu(expert_matmul(rows, ids, self.keys, backend=self.backend))  # [N, K, d_e]
-        y = expert_matmul(h, ids, self.values, routing.gates.reshape(-1, self.top_k), backend=self.backend)
+        plan = make_plan(ids, self.n_experts)  # one sort by expert, shared by both projections
+        h = F.relu(expert_matmul(rows, ids, self.keys, backend=self.backend, plan=plan))  # [N, K, d_e]
+        y = expert_matmul(h, ids, self.values, routing.gates.reshape(-1, self.top_k), backend=self.backend,
+                          plan=plan)
         return y.view_as(x), routing
 
 

@@ -2,7 +2,7 @@
 
 Contract
 --------
-``expert_matmul(x, expert_ids, weight, gates=None, *, out_groups=None, backend=None)``
+``expert_matmul(x, expert_ids, weight, gates=None, *, out_groups=None, backend=None, plan=None)``
 
 * ``x``: ``[N, G_in, d_in]`` (or ``[N, d_in]``, read as ``G_in = 1``) — N token rows, each holding
   ``G_in`` input vectors.
@@ -14,6 +14,16 @@ Contract
 * ``out_groups`` (``G_out``): divides ``S``; slot ``s`` is *summed* into output group
   ``s // (S // G_out)``. Defaults to ``S`` (no reduction) without gates and to ``1`` (sum over all
   slots) with gates.
+* ``plan``: optional :class:`ExpertPlan` from ``make_plan(expert_ids, E)``: the sort of the slots by
+  expert, made once and passed to every call with the same ids (the up- and down-projection of a σ-MoE
+  layer; SwitchHead's value and output projections). Backends that do not sort ignore it.
+* dtypes: ``weight`` has ``x``'s dtype; ``gates`` (fp32 from the router) is cast to it. Under
+  ``torch.autocast`` for ``x``'s device, ``x``, ``weight`` and ``gates`` are cast to the autocast dtype
+  (like ``F.linear``), and the output has that dtype.
+* ``N = 0`` returns an empty ``[0, G_out, d_out]``; experts that get no rows get zero gradient. The
+  output is a fresh tensor (in-place ops on it, e.g. ``relu_``, are fine).
+* Bad shapes or dtypes raise ``ValueError`` / ``TypeError`` naming the argument and the expected shape.
+  On CPU, ids outside ``[0, E)`` raise ``ValueError``; on GPU they are not checked (that would sync).
 
 Returns ``[N, G_out, d_out]`` with
 ``out[n, s // (S/G_out)] += gates[n, s] · (x[n, s // (S/G_in)] @ weight[expert_ids[n, s]])``.
@@ -25,10 +35,13 @@ How MoEUT uses it (N tokens, d model width):
 * SwitchHead values:     ``x [N,1,d]``,  ids ``[N,H·K_A]``, v, gates, ``G_out=H``         → ``[N,H,d_h]``
 * SwitchHead output:     ``x [N,H,d_h]``, ids ``[N,H·K_A]``, o, gates, ``G_out=1``         → ``[N,1,d]``
 
-Backends are chosen by name (``"reference"``, ``"torch"``; ``"triton"`` later) or automatically by
-device through :func:`default_backend`; see :mod:`moeut.ops.backends`.
+Backends are chosen by name (``"reference"``: the slow masked loop, the oracle of the tests;
+``"torch"``: sort + grouped GEMM in pure PyTorch, CPU and GPU; ``"triton"`` later) or, with
+``backend=None``, by :func:`default_backend` of ``x``'s device — the one place that picks.
+:func:`available_backends` lists the names.
 """
 
 from moeut.ops.expert_matmul import available_backends, default_backend, expert_matmul
+from moeut.ops.plan import ExpertPlan, make_plan
 
-__all__ = ["expert_matmul", "available_backends", "default_backend"]
+__all__ = ["expert_matmul", "available_backends", "default_backend", "make_plan", "ExpertPlan"]

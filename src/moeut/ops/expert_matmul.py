@@ -100,7 +100,7 @@ def expert_matmul(
     for name, t in (("expert_ids", expert_ids), ("weight", weight), ("gates", gates)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    compute_dtype = _autocast_dtype(x.device.type)
+    autocast_dtype = compute_dtype = _autocast_dtype(x.device.type)
     if compute_dtype is None:
         if weight.dtype != x.dtype:
             raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype} (outside autocast)")
@@ -131,4 +131,9 @@ def expert_matmul(
         lo, hi = int(expert_ids.min()), int(expert_ids.max())
         if lo < 0 or hi >= n_experts:
             raise ValueError(f"expert_ids must lie in [0, {n_experts}), found values in [{lo}, {hi}]")
-    return fn(x, expert_ids, weight, gates, out_groups, plan)
+    if autocast_dtype is None:
+        return fn(x, expert_ids, weight, gates, out_groups, plan)
+    # inputs are cast already; with autocast left on, ops inside the backend (e.g. ``sum``, which
+    # autocast runs in fp32) would change the output dtype
+    with torch.autocast(x.device.type, enabled=False):
+        return fn(x, expert_ids, weight, gates, out_groups, plan)
