@@ -3,6 +3,8 @@
     moeut info   [--preset NAME] [--context T] [--json]     parameters and compute of a preset
     moeut prepare --input PATH... --out DIR [...]           tokenizer + token shards
     moeut train  --preset NAME --data DIR --out RUN [...]   train (or --resume) a model
+    moeut generate --checkpoint RUN --prompt TEXT [...]    sample with the KV cache (streams)
+    moeut export-hf --checkpoint RUN --out DIR              Hugging Face transformers directory
     moeut demo   [--out RUN] [--compare-dense]             the main job: prepare, train, evaluate, sample
 """
 
@@ -144,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
+
+    gen = sub.add_parser("generate", help="sample from a trained model, streaming tokens as they are produced")
+    _lazy_arguments(gen, "moeut.generate_cli", "add_generate_arguments", "run_generate")
+
+    exp = sub.add_parser("export-hf", help="write a Hugging Face transformers model directory (safetensors)")
+    _lazy_arguments(exp, "moeut.integrations.hf.cli", "add_export_arguments", "run_export")
 
     demo = sub.add_parser("demo", help="the main job: tokenizer + shards, train moeut-tiny, validation "
                           "perplexity, a sample (about 5 minutes on 2 CPU cores)")

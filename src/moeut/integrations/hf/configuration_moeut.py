@@ -1,0 +1,116 @@
+# Configuration of a MoEUT model (Csordás et al., "MoEUT: Mixture-of-Experts Universal Transformers",
+# NeurIPS 2024) for Hugging Face transformers. Written by `moeut export-hf`; self-contained: it imports only
+# transformers, so an exported directory loads where moeut is not installed.
+"""MoEUT configuration for transformers (``model_type = "moeut"``)."""
+
+try:  # transformers >= 5
+    from transformers import PreTrainedConfig
+except ImportError:  # transformers 4.x
+    from transformers import PretrainedConfig as PreTrainedConfig
+
+
+class MoEUTConfig(PreTrainedConfig):
+    r"""Hyper-parameters of a MoEUT language model or of its dense pre-LN baseline (``arch="dense"``).
+
+    The standard transformers names hold the standard quantities; the MoEUT-specific fields keep the names of
+    ``moeut.ModelConfig`` (also reachable under their moeut names through ``attribute_map``):
+
+    * ``hidden_size`` (d_model), ``num_hidden_layers`` (n_layers: layer *applications*; the ``group_size`` = G
+      distinct layers are applied ``num_hidden_layers / G`` times, so the KV cache has one entry per
+      application), ``num_attention_heads`` (n_heads), ``head_dim`` (d_head), ``max_position_embeddings``
+      (context_length: the training context; RoPE itself has no hard limit).
+    * SwitchHead attention: ``att_n_experts`` value/output experts per head, ``att_k`` active per head and token.
+    * σ-MoE feed-forward: ``ff_n_experts`` experts of width ``ff_expert_size``, ``ff_k`` active per token.
+    * dense baseline: ``d_ff``.
+    * ``entropy_reg`` / ``att_entropy_reg``: weights of the load-balancing regularisers (the model's ``aux_loss``).
+    * ``rope_fraction`` (RoPE on the first ``int(rope_fraction·head_dim)`` channels, rounded down to even) and
+      ``rope_base``.
+    * ``output_router_logits``: when True, ``loss`` includes ``aux_loss`` (moeut's training objective) and the
+      outputs carry the σ-MoE router logits of every layer application.
+    """
+
+    model_type = "moeut"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    attribute_map = {
+        "d_model": "hidden_size",
+        "n_layers": "num_hidden_layers",
+        "n_heads": "num_attention_heads",
+        "d_head": "head_dim",
+        "context_length": "max_position_embeddings",
+    }
+
+    def __init__(
+        self,
+        arch="moeut",
+        vocab_size=8000,
+        hidden_size=412,
+        num_hidden_layers=16,
+        group_size=2,
+        num_attention_heads=4,
+        head_dim=82,
+        att_n_experts=8,
+        att_k=2,
+        ff_n_experts=155,
+        ff_expert_size=128,
+        ff_k=12,
+        d_ff=2053,
+        entropy_reg=0.01,
+        att_entropy_reg=0.001,
+        rope_fraction=0.5,
+        rope_base=10000.0,
+        max_position_embeddings=1024,
+        layer_norm_eps=1e-5,
+        use_cache=True,
+        output_router_logits=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+        **kwargs,
+    ):
+        if arch not in ("moeut", "dense"):
+            raise ValueError(f'MoEUTConfig.arch={arch!r}: must be "moeut" or "dense"')
+        if group_size <= 0 or num_hidden_layers % group_size:
+            raise ValueError(f"MoEUTConfig.group_size={group_size} must divide num_hidden_layers={num_hidden_layers}")
+        self.arch = arch
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.group_size = group_size
+        self.num_attention_heads = num_attention_heads
+        self.head_dim = head_dim
+        self.att_n_experts = att_n_experts
+        self.att_k = att_k
+        self.ff_n_experts = ff_n_experts
+        self.ff_expert_size = ff_expert_size
+        self.ff_k = ff_k
+        self.d_ff = d_ff
+        self.entropy_reg = entropy_reg
+        self.att_entropy_reg = att_entropy_reg
+        self.rope_fraction = rope_fraction
+        self.rope_base = rope_base
+        self.max_position_embeddings = max_position_embeddings
+        self.layer_norm_eps = layer_norm_eps
+        self.use_cache = use_cache
+        self.output_router_logits = output_router_logits
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    @property
+    def n_repeats(self):
+        """How often the group of ``group_size`` distinct layers is applied."""
+        return self.num_hidden_layers // self.group_size
+
+    @property
+    def n_rotate(self):
+        """Channels of each head that RoPE rotates (an even number)."""
+        n = int(self.rope_fraction * self.head_dim)
+        return n - n % 2
+
+
+__all__ = ["MoEUTConfig"]

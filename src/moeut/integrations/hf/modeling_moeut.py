@@ -1,0 +1,553 @@
+# MoEUT (Csordás et al., "MoEUT: Mixture-of-Experts Universal Transformers", NeurIPS 2024) for Hugging Face
+# transformers. Written by `moeut export-hf`. Self-contained: it imports only torch and transformers (plus the
+# configuration next to it), so an exported directory loads with `trust_remote_code=True` where moeut is not
+# installed. The model math is a plain-PyTorch copy of moeut's; the expert matmul is a sort + per-expert loop.
+"""MoEUT language model for transformers: ``MoEUTForCausalLM(PreTrainedModel, GenerationMixin)``.
+
+A universal transformer whose ``group_size`` = G distinct layers are applied in order A B … A B …
+(``num_hidden_layers / G`` repeats). Each layer application has its own keys and values, so the cache (a
+``DynamicCache``) is indexed by the *absolute* layer application ``r·G + g``; keys are stored rotated at their
+absolute positions. ``attention_mask`` (1 = real token, 0 = padding) and left padding are honoured: RoPE
+positions count real tokens only, as in moeut.
+
+MoEUT layer (peri-LayerNorm)::
+
+    xn = LN₁(x)
+    x  = x + SwitchHead(q, k and the routers from xn; values from the raw x)
+    x  = x + σ-MoE(experts on the raw x; router on LN₂(x))
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+try:
+    from transformers import GenerationMixin
+except ImportError:  # older transformers: generation lives on PreTrainedModel
+    GenerationMixin = object
+
+from .configuration_moeut import MoEUTConfig
+
+# transformers 5 calls the cache `cache` (in forward arguments and outputs), 4.x calls it `past_key_values`
+_CACHE_FIELD = "cache" if "cache" in getattr(MoeCausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+# ------------------------------------------------------------------------------------------ expert matmul
+def expert_matmul(x, expert_ids, weight, gates=None, out_groups=None):
+    """``out[n, s // (S/G_out)] += gates[n, s] · (x[n, s // (S/G_in)] @ weight[expert_ids[n, s]])``.
+
+    ``x [N, G_in, d_in]``, ``expert_ids [N, S]``, ``weight [E, d_in, d_out]``, ``gates [N, S]`` or None;
+    returns ``[N, G_out, d_out]`` (``G_out`` defaults to S without gates, 1 with gates).
+
+    The N·S slots are sorted (stably) by expert; each expert's block is one matmul; the gate scales the
+    narrower side; the slots are then unsorted and summed into their output groups. The order of operations
+    is moeut's CPU one, so the results agree with moeut's to the last bits there.
+    """
+    n, g_in, d_in = x.shape
+    s = expert_ids.shape[1]
+    n_experts, _, d_out = weight.shape
+    if out_groups is None:
+        out_groups = s if gates is None else 1
+    m = n * s
+    ids = expert_ids.reshape(-1)
+    _, perm = torch.sort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=n_experts).tolist()
+    a = x.reshape(n * g_in, d_in).index_select(0, torch.div(perm, s // g_in, rounding_mode="floor"))
+    c = None if gates is None else gates.reshape(-1).index_select(0, perm).unsqueeze(1).to(x.dtype)
+    scale_input = c is not None and d_in <= d_out
+    if scale_input:
+        a = a * c
+    if torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad):
+        blocks, start = [], 0  # autograd: no out= arguments
+        for e, count in enumerate(counts):
+            if count:
+                blocks.append(torch.mm(a[start:start + count], weight[e]))
+                start += count
+        y = torch.cat(blocks) if blocks else a.new_zeros(0, d_out)
+    else:  # each block written in place, as moeut does (the GEMM kernel can depend on where it writes)
+        y = a.new_empty(m, d_out)
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                torch.mm(a[start:start + count], weight[e], out=y[start:start + count])
+                start += count
+    if c is not None and not scale_input:
+        y = y * c
+    if out_groups == s:  # a pure permutation back to slot order
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(m, device=perm.device)
+        return y.index_select(0, inv_perm).view(n, s, d_out)
+    if y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64):
+        out = y.new_zeros(n * out_groups, d_out)
+        out.index_add_(0, torch.div(perm, s // out_groups, rounding_mode="floor"), y)
+        return out.view(n, out_groups, d_out)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(m, device=perm.device)
+    return y.index_select(0, inv_perm).view(n, out_groups, s // out_groups, d_out).sum(2)
+
+
+# --------------------------------------------------------------------------------------- routing & RoPE
+def sigmoid_topk(x, router, k, n_heads=1):
+    """Router logits (fp32) ``[..., (H,) E]``, sigmoid gates and indices of the top-k per head (unsorted)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        logits = F.linear(x.float(), router.float())
+    if n_heads > 1:
+        logits = logits.unflatten(-1, (n_heads, -1))
+    gates, indices = torch.sigmoid(logits).topk(k, dim=-1, sorted=False)
+    return logits, gates, indices
+
+
+def entropy_of_mean_softmax(logits):
+    """``-mean_batch H(mean_{t, r} softmax(logits))`` over logits ``[B, T, *heads, E]`` of R applications."""
+    x = torch.cat([t.float() for t in logits], dim=1)
+    log_p = F.log_softmax(x, dim=-1).logsumexp(dim=1) - math.log(x.shape[1])
+    entropy = -(log_p * log_p.exp()).sum(-1)
+    return -entropy.mean()
+
+
+def rope_tables(positions, n_rotate, base):
+    """``cos``, ``sin`` ``[..., T, n_rotate]`` (fp32) for integer positions ``[T]`` or ``[B, T]``."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, n_rotate, 2, device=positions.device).float() / n_rotate))
+    angles = positions.float().unsqueeze(-1) * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """GPT-NeoX rotate-half RoPE on the first ``cos.shape[-1]`` channels of ``x [B, H, T, d_h]``."""
+    n = cos.shape[-1]
+    if n == 0:
+        return x
+    if cos.dim() == 3:  # per-row positions
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if n == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    x_rot, x_pass = x[..., :n], x[..., n:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def attend(q, k, v, mask):
+    """Softmax attention; q and k are pre-scaled. ``mask``: bool (True = may attend) or None (causal)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
+def _positions(batch, length, past, attention_mask, position_ids, device):
+    if position_ids is not None:
+        if position_ids.shape[-1] != length or position_ids.dim() not in (1, 2):
+            raise ValueError(f"position_ids must be [T] or [B, T] with T={length}, got {tuple(position_ids.shape)}")
+        return position_ids.to(device)
+    if attention_mask is not None:
+        # the number of real tokens before each position: correct RoPE positions under left padding
+        pos = attention_mask.long().cumsum(-1) - 1
+        return pos.clamp_min(0)[:, -length:]
+    return torch.arange(past, past + length, device=device)
+
+
+def _attention_mask(batch, length, past, attention_mask, device):
+    """Boolean ``[T, S]`` or ``[B, 1, T, S]`` mask (True = may attend), or None for plain causal attention."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool:
+            raise ValueError("a 4D attention_mask must be boolean (True = may attend); pass the 2D padding mask instead")
+        return attention_mask.to(device)
+    if attention_mask is None and past == 0:
+        return None
+    total = past + length
+    q_pos = torch.arange(past, total, device=device).unsqueeze(-1)
+    k_pos = torch.arange(total, device=device)
+    allowed = k_pos <= q_pos
+    if attention_mask is None:
+        return allowed
+    if tuple(attention_mask.shape) != (batch, total):
+        raise ValueError(f"attention_mask must be [batch, cached + new tokens] = {(batch, total)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
+    allowed = allowed | (k_pos == q_pos)  # a padding query sees itself (no all-masked rows, no NaN)
+    return allowed.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------- modules
+class MoEUTSwitchHead(nn.Module):
+    """SwitchHead attention: dense q, k; per-head mixtures of value and output experts (expert h·N_A + e)."""
+
+    def __init__(self, config):
+        super().__init__()
+        d, h, dh, e = config.hidden_size, config.num_attention_heads, config.head_dim, config.att_n_experts
+        self.n_heads, self.d_head, self.n_experts, self.top_k = h, dh, e, config.att_k
+        self.q = nn.Linear(d, h * dh, bias=False)
+        self.k = nn.Linear(d, h * dh, bias=False)
+        self.v = nn.Parameter(torch.empty(h * e, d, dh))
+        self.o = nn.Parameter(torch.empty(h * e, dh, d))
+        self.sel_v = nn.Parameter(torch.empty(h * e, d))
+        self.sel_o = nn.Parameter(torch.empty(h * e, d))
+
+    def _route(self, xn, router):
+        logits, gates, indices = sigmoid_topk(xn, router, self.top_k, n_heads=self.n_heads)
+        offset = torch.arange(self.n_heads, device=xn.device).unsqueeze(-1) * self.n_experts
+        ids = (indices + offset).reshape(-1, self.n_heads * self.top_k)
+        return logits, gates.reshape(ids.shape), ids
+
+    def forward(self, x, xn, rope, mask, cache, layer_idx):
+        bsz, length, _ = x.shape
+        h, dh = self.n_heads, self.d_head
+        scale = dh ** -0.25
+        q = (self.q(xn) * scale).view(bsz, length, h, dh).transpose(1, 2)
+        k = (self.k(xn) * scale).view(bsz, length, h, dh).transpose(1, 2)
+        logits_v, gates_v, ids_v = self._route(xn, self.sel_v)
+        logits_o, gates_o, ids_o = self._route(xn, self.sel_o)
+        v = expert_matmul(x.reshape(bsz * length, 1, -1), ids_v, self.v, gates_v, out_groups=h)
+        v = v.view(bsz, length, h, dh).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)
+        a = attend(q, k, v, mask).transpose(1, 2).reshape(bsz * length, h, dh)
+        y = expert_matmul(a, ids_o, self.o, gates_o)
+        return y.view(bsz, length, -1), logits_v, logits_o
+
+
+class MoEUTSigmaMoE(nn.Module):
+    """σ-MoE: ``y = Σ_{e ∈ top-K} σ(s_e) · ReLU(x W₁ᵉ) W₂ᵉ`` with router logits ``s = LN(x) W_Sᵀ``."""
+
+    def __init__(self, config):
+        super().__init__()
+        d, e, de = config.hidden_size, config.ff_n_experts, config.ff_expert_size
+        self.d_model, self.n_experts, self.top_k = d, e, config.ff_k
+        self.keys = nn.Parameter(torch.empty(e, d, de))
+        self.values = nn.Parameter(torch.empty(e, de, d))
+        self.expert_sel = nn.Parameter(torch.empty(e, d))
+
+    def forward(self, x, router_input):
+        logits, gates, indices = sigmoid_topk(router_input, self.expert_sel, self.top_k)
+        ids = indices.reshape(-1, self.top_k)
+        h = F.relu(expert_matmul(x.reshape(-1, 1, self.d_model), ids, self.keys))
+        y = expert_matmul(h, ids, self.values, gates.reshape(-1, self.top_k))
+        return y.view_as(x), logits
+
+
+class MoEUTLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = MoEUTSwitchHead(config)
+        self.ln2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn = MoEUTSigmaMoE(config)
+
+    def forward(self, x, rope, mask, cache, layer_idx):
+        att, logits_v, logits_o = self.attention(x, self.ln1(x), rope, mask, cache, layer_idx)
+        x = x + att
+        upd, logits_ff = self.ffn(x, self.ln2(x))
+        return x + upd, (logits_v, logits_o, logits_ff)
+
+
+class MoEUTDenseAttention(nn.Module):
+    """Multi-head attention of the dense baseline: no biases, RoPE on the first channels of each head."""
+
+    def __init__(self, config):
+        super().__init__()
+        d, h, dh = config.hidden_size, config.num_attention_heads, config.head_dim
+        self.n_heads, self.d_head = h, dh
+        self.q = nn.Linear(d, h * dh, bias=False)
+        self.k = nn.Linear(d, h * dh, bias=False)
+        self.v = nn.Linear(d, h * dh, bias=False)
+        self.o = nn.Linear(h * dh, d, bias=False)
+
+    def forward(self, xn, rope, mask, cache, layer_idx):
+        bsz, length, _ = xn.shape
+        scale = self.d_head ** -0.25
+        q, k, v = (t.view(bsz, length, self.n_heads, self.d_head).transpose(1, 2)
+                   for t in (self.q(xn) * scale, self.k(xn) * scale, self.v(xn)))
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)
+        a = attend(q, k, v, mask).transpose(1, 2).reshape(bsz, length, -1)
+        return self.o(a)
+
+
+class MoEUTDenseLayer(nn.Module):
+    """Pre-LN transformer layer: x += Attn(LN₁(x)); x += W₂·ReLU(W₁·LN₂(x) + b₁) + b₂."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = MoEUTDenseAttention(config)
+        self.ln2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ff_in = nn.Linear(config.hidden_size, config.d_ff)
+        self.ff_out = nn.Linear(config.d_ff, config.hidden_size)
+
+    def forward(self, x, rope, mask, cache, layer_idx):
+        x = x + self.attention(self.ln1(x), rope, mask, cache, layer_idx)
+        x = x + self.ff_out(F.relu(self.ff_in(self.ln2(x))))
+        return x, None
+
+
+# ---------------------------------------------------------------------------------------- pretrained base
+def _needs_init(param):
+    """False for tensors that from_pretrained already loaded (never overwrite them)."""
+    return param is not None and not getattr(param, "_is_hf_initialized", False)
+
+
+@torch.no_grad()
+def _renorm_rows_keep_std(w):
+    std = w.std()
+    w.div_(w.norm(dim=1, keepdim=True))
+    w.mul_(std / w.std())
+
+
+@torch.no_grad()
+def _renorm_rows_keep_row_std(w):
+    row_std = w.std(dim=-1, keepdim=True)
+    w.div_(w.norm(dim=-1, keepdim=True))
+    w.mul_(row_std / w.std())
+
+
+class MoEUTPreTrainedModel(PreTrainedModel):
+    config_class = MoEUTConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["MoEUTLayer", "MoEUTDenseLayer"]
+    _supports_cache_class = True  # transformers 4.x: use Cache objects, not tuples
+    _supports_static_cache = False
+    _supports_quantized_cache = False
+    _is_stateful = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """moeut's initialisation (Sec. 2.5 of the paper), applied only to tensors that were not loaded.
+
+        Overridden because the generic one knows nothing of the expert tensors and routers (3D / 2D
+        ``nn.Parameter``\\ s), and because the routers' row renormalisation is in place: a loaded tensor
+        (``_is_hf_initialized``) is never touched.
+        """
+        cfg = self.config
+        d = cfg.hidden_size
+        s = math.sqrt(2 / cfg.num_hidden_layers)
+        if isinstance(module, nn.Embedding):
+            if _needs_init(module.weight):
+                nn.init.normal_(module.weight, 0, 1 / math.sqrt(d))
+        elif isinstance(module, nn.LayerNorm):
+            if _needs_init(module.weight):
+                nn.init.ones_(module.weight)
+            if _needs_init(module.bias):
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, MoEUTSwitchHead):
+            for router in (module.sel_v, module.sel_o):
+                if _needs_init(router):
+                    nn.init.normal_(router, 0, s / math.sqrt(d))
+                    _renorm_rows_keep_row_std(router)
+            for p in (module.q.weight, module.k.weight, module.v):
+                if _needs_init(p):
+                    nn.init.normal_(p, 0, s / math.sqrt(d))
+            if _needs_init(module.o):
+                nn.init.normal_(module.o, 0, s / math.sqrt(module.n_heads * module.d_head))
+        elif isinstance(module, MoEUTSigmaMoE):
+            if _needs_init(module.expert_sel):
+                nn.init.normal_(module.expert_sel, 0, s / math.sqrt(d))
+                _renorm_rows_keep_std(module.expert_sel)
+            if _needs_init(module.keys):
+                nn.init.normal_(module.keys, 0, s / math.sqrt(d))
+            if _needs_init(module.values):
+                nn.init.normal_(module.values, 0, s / math.sqrt(module.n_experts * module.values.shape[1]))
+        elif isinstance(module, MoEUTDenseAttention):
+            for lin in (module.q, module.k, module.v, module.o):
+                if _needs_init(lin.weight):
+                    nn.init.normal_(lin.weight, 0, s / math.sqrt(lin.in_features))
+        elif isinstance(module, MoEUTDenseLayer):
+            for lin in (module.ff_in, module.ff_out):
+                if _needs_init(lin.weight):
+                    nn.init.normal_(lin.weight, 0, s / math.sqrt(lin.in_features))
+                if _needs_init(lin.bias):
+                    nn.init.zeros_(lin.bias)
+        elif isinstance(module, nn.Linear) and module is getattr(self, "lm_head", None):
+            # torch's default nn.Linear init, as moeut's output head
+            if _needs_init(module.weight):
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if _needs_init(module.bias):
+                bound = 1 / math.sqrt(module.in_features)
+                nn.init.uniform_(module.bias, -bound, bound)
+        # other nn.Linear modules (q, k, ff_in, ...) are initialised by their parent module above
+
+
+@dataclass
+class MoEUTModelOutput(ModelOutput):
+    """Output of :class:`MoEUTModel`: final hidden states (after the output LayerNorm), the cache, the
+    regulariser and, on request, all hidden states and the σ-MoE router logits per layer application."""
+
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    cache: Optional[Cache] = None
+    hidden_states: Optional[tuple] = None
+    aux_loss: Optional[torch.FloatTensor] = None
+    router_logits: Optional[tuple] = None
+
+
+class MoEUTModel(MoEUTPreTrainedModel):
+    """The MoEUT stack without the output head."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        layer_cls = MoEUTLayer if config.arch == "moeut" else MoEUTDenseLayer
+        self.layers = nn.ModuleList(layer_cls(config) for _ in range(config.group_size))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, output_hidden_states=None, output_router_logits=None, past_key_values=None,
+                **kwargs):
+        cfg = self.config
+        if cache is None:
+            cache = past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        bsz, length = h.shape[:2]
+        use_cache = use_cache if use_cache is not None else getattr(cfg, "use_cache", True)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(cfg, "output_hidden_states", False)
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        elif cache is not None and not isinstance(cache, Cache):
+            if not hasattr(DynamicCache, "from_legacy_cache"):
+                raise TypeError("the cache must be a transformers Cache (e.g. DynamicCache), not a tuple")
+            cache = DynamicCache.from_legacy_cache(cache)
+        if not use_cache:
+            cache = None
+        past = cache.get_seq_length() if cache is not None else 0
+        positions = _positions(bsz, length, past, attention_mask, position_ids, h.device)
+        rope = rope_tables(positions, cfg.n_rotate, cfg.rope_base)
+        mask = _attention_mask(bsz, length, past, attention_mask, h.device)
+
+        all_hidden = (h,) if output_hidden_states else None
+        routing = [[] for _ in range(cfg.group_size)]  # per distinct layer g: (logits_v, logits_o, logits_ff)
+        for r in range(cfg.n_repeats):
+            for g, layer in enumerate(self.layers):
+                h, logits = layer(h, rope, mask, cache, r * cfg.group_size + g)  # absolute layer application
+                if logits is not None:
+                    routing[g].append(logits)
+                if output_hidden_states:
+                    all_hidden = all_hidden + (h,)
+        h = self.norm(h)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (h,)
+
+        if cfg.arch == "moeut":
+            ffn = sum(entropy_of_mean_softmax([lg[2] for lg in rs]) for rs in routing)
+            att = sum(entropy_of_mean_softmax([lg[0] for lg in rs]) + entropy_of_mean_softmax([lg[1] for lg in rs])
+                      for rs in routing)
+            aux_loss = cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
+            router_logits = None
+            if output_router_logits:  # absolute application order r·G + g
+                router_logits = tuple(routing[g][r][2] for r in range(cfg.n_repeats) for g in range(cfg.group_size))
+        else:
+            aux_loss = torch.zeros((), device=h.device)
+            router_logits = None
+        return MoEUTModelOutput(last_hidden_state=h, cache=cache, hidden_states=all_hidden, aux_loss=aux_loss,
+                                router_logits=router_logits)
+
+
+class MoEUTForCausalLM(MoEUTPreTrainedModel, GenerationMixin):
+    """MoEUT with its (untied, biased) output head. ``aux_loss`` is moeut's load-balancing regulariser;
+    ``loss`` (when ``labels`` are given, shifted inside) is the next-token cross-entropy, plus ``aux_loss``
+    when ``output_router_logits`` is set (moeut's training objective)."""
+
+    _tied_weights_keys = []
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = MoEUTModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_decoder(self):
+        return self.model
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_hidden_states=None, output_router_logits=None,
+                return_dict=None, logits_to_keep=0, past_key_values=None, **kwargs):
+        output_router_logits = (output_router_logits if output_router_logits is not None
+                                else getattr(self.config, "output_router_logits", False))
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         output_router_logits=output_router_logits)
+        h = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(h[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError("labels need the logits of every position: call with logits_to_keep=0")
+            labels = labels.to(logits.device)
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+            if output_router_logits:
+                loss = loss + out.aux_loss.to(loss.device)
+
+        result = MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=logits,
+                                           hidden_states=out.hidden_states, router_logits=out.router_logits,
+                                           **{_CACHE_FIELD: out.cache})
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return result if return_dict else result.to_tuple()
+
+
+def _prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
+                                   position_ids=None, use_cache=True, **kwargs):
+    """For transformers versions whose GenerationMixin has no generic one (4.45): feed only the tokens that
+    are not in the cache yet, with their positions (counting real tokens: left padding)."""
+    past = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
+    if past:
+        input_ids = input_ids[:, past:]
+    if attention_mask is not None and position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1]:]
+    elif position_ids is not None:
+        position_ids = position_ids[:, -input_ids.shape[1]:]
+    inputs = {"input_ids": input_ids} if inputs_embeds is None or past else {"inputs_embeds": inputs_embeds}
+    inputs.update(past_key_values=past_key_values, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=use_cache)
+    return inputs
+
+
+if GenerationMixin is object or "input_ids" not in inspect.signature(
+        GenerationMixin.prepare_inputs_for_generation).parameters:
+    MoEUTForCausalLM.prepare_inputs_for_generation = _prepare_inputs_for_generation
+
+
+__all__ = ["MoEUTForCausalLM", "MoEUTModel", "MoEUTPreTrainedModel", "expert_matmul"]
