@@ -33,6 +33,7 @@ import itertools
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from moeut.ops.plan import ExpertPlan, make_plan
 
@@ -217,6 +218,7 @@ class _ExpertMatmul(torch.autograd.Function):
         return _unsort_reduce(y, plan, n, g_out)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         a, a_in, c, weight, gates = ctx.saved_tensors
         plan, g_out = ctx.plan, ctx.g_out
@@ -231,8 +233,9 @@ class _ExpertMatmul(torch.autograd.Function):
 
         if not ctx.saved_gathered:  # ``a`` holds x: gather again
             a = a.reshape(n * g_in, d_in).index_select(0, plan.rows(s // g_in))
-        # the output gradient of every sorted slot (contiguous: grouped_mm's CPU backward needs that)
-        g = grad_out.reshape(n * g_out, d_out).index_select(0, plan.rows(s // g_out))  # [M, d_out]
+        # the output gradient of every sorted slot. contiguous() first: gathering from a broadcast
+        # gradient (e.g. of ``.sum()``) is 8x slower than gathering from a materialised one.
+        g = grad_out.contiguous().view(n * g_out, d_out).index_select(0, plan.rows(s // g_out))  # [M, d_out]
 
         if need_w:  # ∂L/∂W_e = Σ_m c_m a_mᵀ g_m, with c applied to the narrower side
             if c is None:
