@@ -3,6 +3,7 @@
     moeut info   [--preset NAME] [--context T] [--json]     parameters and compute of a preset
     moeut prepare --input PATH... --out DIR [...]           tokenizer + token shards
     moeut train  --preset NAME --data DIR --out RUN [...]   train (or --resume) a model
+    moeut eval   --checkpoint RUN [--tasks ...]            perplexity, zero-shot tasks, lm-eval
     moeut generate --checkpoint RUN --prompt TEXT [...]    sample with the KV cache (streams)
     moeut export-hf --checkpoint RUN --out DIR              Hugging Face transformers directory
     moeut demo   [--out RUN] [--compare-dense]             the main job: prepare, train, evaluate, sample
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="perplexity and the paper's zero-shot tasks, or lm-eval (--harness)")
+    _lazy_arguments(ev, "moeut.eval.cli", "add_eval_arguments", "run_eval")
 
     gen = sub.add_parser("generate", help="sample from a trained model, streaming tokens as they are produced")
     _lazy_arguments(gen, "moeut.generate_cli", "add_generate_arguments", "run_generate")

@@ -113,4 +113,4 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", backe
         state = load_checkpoint(path, map_location)
     model = MoEUTLM(ModelConfig.from_dict(json.loads(state["model_config"])), backend=backend)
     model.load_state_dict(state["model"])
-    return model.eval()
+    return model.to(map_location).eval()

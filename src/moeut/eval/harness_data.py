@@ -1,0 +1,65 @@
+"""Local-file datasets for the task YAMLs moeut ships for lm-evaluation-harness (``harness_tasks/``).
+
+Each YAML names one of these functions as its ``custom_dataset``; lm-eval calls it with the task's
+metadata (``moeut_data_dir``, set by :func:`moeut.eval.harness.run_harness`) and ``dataset_kwargs``.
+The files are found exactly as ``moeut eval`` finds them (:func:`moeut.eval.data.find_task_data`), and
+the documents have the fields the YAML templates use, so the prompts are lm-eval's own:
+
+* ``lambada_openai``: ``{"text"}`` (lm-eval splits at the last space);
+* ``blimp_<paradigm>``: ``{"sentence_good", "sentence_bad", "field"}``;
+* ``hellaswag``, ``piqa``, ``arc_easy``: ``{"query", "choices", "gold"}`` with lm-eval's prompt already in
+  ``query`` (HellaSwag preprocessed, ``"Question: {goal}\\nAnswer:"``, ``"Question: {question}\\nAnswer:"``)
+  and the choices without their leading space (lm-eval's ``target_delimiter`` adds it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from moeut.eval.data import find_task_data
+from moeut.eval.tasks import Choice, load_blimp
+
+
+def _dataset_dict(docs: list[dict[str, Any]]):
+    import datasets
+
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
+
+
+def lambada_openai(moeut_data_dir: str | None = None, **_: Any):
+    examples = find_task_data("lambada", moeut_data_dir).examples()
+    return _dataset_dict([{"text": ex.context + ex.target} for ex in examples])
+
+
+def blimp(paradigm: str, moeut_data_dir: str | None = None, **_: Any):
+    root = Path(find_task_data("blimp", moeut_data_dir).source)
+    path = root / f"{paradigm}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"BLiMP paradigm file {path} does not exist")
+    return _dataset_dict([{"sentence_good": ex.choices[0], "sentence_bad": ex.choices[1],
+                           "field": ex.info.get("field", "")} for ex in load_blimp(path)])
+
+
+def _choices(task: str, moeut_data_dir: str | None) -> list[dict[str, Any]]:
+    out = []
+    for ex in find_task_data(task, moeut_data_dir).examples():
+        ex: Choice
+        query = ex.context
+        if task == "piqa" and "goal" in ex.info:  # lm-eval does not strip the goal
+            query = f"Question: {ex.info['goal']}\nAnswer:"
+        out.append({"query": query, "choices": [c[1:] if c.startswith(" ") else c for c in ex.choices],
+                    "gold": ex.gold})
+    return out
+
+
+def hellaswag(moeut_data_dir: str | None = None, **_: Any):
+    return _dataset_dict(_choices("hellaswag", moeut_data_dir))
+
+
+def piqa(moeut_data_dir: str | None = None, **_: Any):
+    return _dataset_dict(_choices("piqa", moeut_data_dir))
+
+
+def arc_easy(moeut_data_dir: str | None = None, **_: Any):
+    return _dataset_dict(_choices("arc_easy", moeut_data_dir))
