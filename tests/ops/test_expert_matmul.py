@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,3 +288,13 @@ def test_output_can_be_modified_in_place(backend, gated):
     want_w = w.detach().clone().requires_grad_()
     torch.relu(expert_matmul(x, ids, want_w, gates, backend="reference")).sum().backward()
     torch.testing.assert_close(w.grad, want_w.grad)
+
+
+def test_moe_layer_benchmark_quick_run_prints_json():
+    # keeps benchmarks/moe_layer.py from rotting: a smoke run, no timing assertions
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_layer.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--device", "cpu"], capture_output=True,
+                          text=True, timeout=120, check=True)
+    out = json.loads(proc.stdout)
+    assert out["results"][0]["sigma_moe"]["torch"]["median_ms"] > 0
+    assert {"torch", "threads", "device"} <= set(out)

@@ -1,30 +1,38 @@
 """Fast pure-PyTorch expert matmul (CPU and GPU): sort slots by expert, grouped GEMM, unsort.
 
-With the M = N·S slots sorted by expert through an :class:`~moeut.ops.plan.ExpertPlan` (one stable sort,
-shareable between the two matmuls of a layer), the forward is
+The M = N·S slots are sorted by expert once through an :class:`~moeut.ops.plan.ExpertPlan` (shareable
+between the two matmuls of a layer); then every expert's rows are contiguous and its GEMM is one call.
+Two strategies, picked per device and dtype by :func:`strategy`:
+
+``"grouped"`` — whole-tensor steps, no Python loop (no host sync on GPU):
 
 1. gather the input row of every sorted slot: ``a = x[perm // (S/G_in)]``                 ``[M, d_in]``
-2. a grouped GEMM over the contiguous per-expert blocks: ``y_m = a_m @ W[e_m]``           ``[M, d_out]``
-   (the gate ``c_m`` scales whichever of ``a_m`` / ``y_m`` is narrower);
-3. unsort: a gather ``y[inv_perm]`` when every slot is its own output group, else a sum of the
-   ``S/G_out`` slots of each group (``index_add_`` on CPU in fp32/fp64; gather + ``sum`` elsewhere, which
-   is deterministic on GPU and accumulates bf16 in fp32).
+2. one grouped GEMM: ``y_m = a_m @ W[e_m]`` with ``torch.nn.functional.grouped_mm`` (or
+   ``torch._grouped_mm``), checked once per device/dtype and guarded per call (it refuses row strides
+   that are not multiples of 16 bytes); a loop of ``torch.mm`` over ``weight.unbind(0)`` is its fallback;
+3. unsort (below). Backward: gather ``g``, two more grouped GEMMs. The gathered ``a`` is kept for backward
+   on CPU (``SAVE_GATHERED``), gathered again on GPU.
 
-The hand-written backward needs no ``[M, d_out]`` activation: ``∂L/∂c_m = (a_m W_e)·g_m = a_m·(g_m W_eᵀ)``
-comes from the product that the input gradient needs anyway.
+``"loop"`` — expert by expert in Python, with *small reused buffers*: the rows of expert ``e`` are
+gathered (and gated) into an L2-sized buffer right before its GEMM, and in backward its output-gradient
+rows likewise, shared by its weight- and input-gradient GEMMs; nothing ``S/G_in`` times the size of ``x``
+is materialised or kept. Weights are split once with ``unbind`` (never ``W[i]`` in the loop, never a
+weight per token). It needs the per-expert counts on the host (a sync on GPU).
 
-GEMM implementations (``GEMM_IMPL``, env ``MOEUT_GEMM_IMPL``):
+``GEMM_IMPL`` (env ``MOEUT_GEMM_IMPL``): ``"auto"`` (default) = "grouped" where ``grouped_mm`` works,
+else "loop" (torch without grouped_mm); ``"grouped_mm"`` / ``"loop"`` force one. Measured on 2 CPU cores
+(d_model 256, 64×128 experts, K 8, N 4096, fp32): in isolation the loop's steps are faster (forward of
+the up-projection 14.7 vs 17.3 ms, backward of the down-projection 29.5 vs 33.9 ms), but in the whole
+σ-MoE layer it was 0–5 % faster when the machine was quiet and 10–25 % slower when the host was busy
+(its ~1500 small parallel regions per step each wait for both threads), so it is not the default. On an
+H200 (torch 2.11) grouped_mm was 6× faster than a loop in bf16 and about equal in fp32.
 
-* ``"loop"``: a Python loop over the experts, weights split once with ``unbind`` (never ``W[i]`` in the
-  loop, never a weight per token); in the forward each expert's rows are gathered (and gated) right
-  before its GEMM, while they are in cache.
-* ``"grouped_mm"``: ``torch.nn.functional.grouped_mm`` (torch >= 2.8), checked once per device/dtype
-  against the loop, and per call guarded (it rejects row strides that are not multiples of 16 bytes);
-  the loop is the fallback.
-* ``"auto"`` (default): the loop on CPU, where it measured as fast or faster (σ-MoE layer at d_model 256,
-  64×128 experts, K 8, N 4096, 2 cores, fp32: forward GEMMs with their gathers 15.5 vs 17.4 ms for the
-  up-projection, 16.3 vs 16.9 ms for the down-projection; backward GEMMs equal), ``grouped_mm`` on
-  GPU where it works (no host sync; the loop needs the per-expert counts on the host).
+Unsort: a gather ``y[inv_perm]`` when every slot is its own output group, else the sum of the
+``S/G_out`` slots of each group: ``index_add_`` on CPU in fp32/fp64 (one pass), gather + ``sum``
+elsewhere (deterministic on GPU, bf16 accumulated in fp32).
+
+The gate ``c_m`` scales whichever of the input row and the output row is narrower, and its gradient
+needs no saved activation: ``∂L/∂c_m = (a_m W_e)·g_m = a_m·(g_m W_eᵀ)`` reuses the input-gradient GEMM.
 """
 
 from __future__ import annotations
@@ -38,14 +46,14 @@ from torch.autograd.function import once_differentiable
 from moeut.ops.plan import ExpertPlan, make_plan
 
 GEMM_IMPL = os.environ.get("MOEUT_GEMM_IMPL", "auto")  # "auto" | "loop" | "grouped_mm"
-# Keep the gathered input rows for backward ("cpu": on CPU only; "always"; "never": re-gather from x).
+# "grouped" strategy: keep the gathered input rows for backward ("cpu": on CPU only; "always"; "never")
 SAVE_GATHERED = os.environ.get("MOEUT_SAVE_GATHERED", "cpu")
 
 _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 
-# ----------------------------------------------------------------------------------- loop GEMMs
+# ------------------------------------------------------------------------------- grouped GEMMs
 def _loop_mm(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
     """``out[m] = a[m] @ b[e_m]``; ``a [M, K]`` sorted by expert, ``b [E, K, N]`` (may be a view)."""
     counts = plan.counts_list()
@@ -68,28 +76,6 @@ def _loop_mm_wgrad(a: torch.Tensor, g: torch.Tensor, plan: ExpertPlan) -> torch.
     return out
 
 
-def _loop_gather_mm(src, rows, weight, plan, c, scale_input, keep_ungated):
-    """The forward's gather, gate and GEMM, expert by expert so that each block is still in cache."""
-    counts = plan.counts_list()
-    m, d_in, d_out = rows.shape[0], src.shape[1], weight.shape[2]
-    a = src.new_empty(m, d_in)
-    a_in = a.new_empty(m, d_in) if scale_input and keep_ungated else a
-    y = src.new_empty(m, d_out)
-    c_split = c.split(counts) if c is not None else itertools.repeat(None)
-    for r_e, a_e, ai_e, c_e, w_e, y_e, n in zip(rows.split(counts), a.split(counts), a_in.split(counts),
-                                               c_split, weight.unbind(0), y.split(counts), counts):
-        if not n:
-            continue
-        torch.index_select(src, 0, r_e, out=a_e)
-        if scale_input:
-            torch.mul(a_e, c_e, out=ai_e)
-        torch.mm(ai_e, w_e, out=y_e)
-        if c_e is not None and not scale_input:
-            y_e.mul_(c_e)
-    return a, a_in, y
-
-
-# ------------------------------------------------------------------------------ choosing the GEMM
 def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Does ``grouped_mm`` exist and agree with the loop on this device/dtype (empty groups included)?"""
     if _grouped_mm is None:
@@ -114,23 +100,16 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def _use_grouped_mm(t: torch.Tensor) -> bool:
-    if GEMM_IMPL == "loop" or (GEMM_IMPL == "auto" and t.device.type == "cpu"):
-        return False
+def _grouped_mm_ok(t: torch.Tensor) -> bool:
     key = (t.device.type, t.dtype)
     if key not in _GROUPED_MM_OK:
         _GROUPED_MM_OK[key] = _grouped_mm_works(t.device, t.dtype)
     return _GROUPED_MM_OK[key]
 
 
-def gemm_impl(device: torch.device | str, dtype: torch.dtype) -> str:
-    """Which GEMM implementation the torch backend uses for ``device``/``dtype``: "grouped_mm" or "loop"."""
-    return "grouped_mm" if _use_grouped_mm(torch.empty(0, device=device, dtype=dtype)) else "loop"
-
-
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
     """``[M, K] x [E, K, N] -> [M, N]`` over the expert blocks of ``plan`` (``b`` may be a transposed view)."""
-    if a.shape[0] and _use_grouped_mm(a):
+    if a.shape[0] and _grouped_mm_ok(a):
         try:
             return _grouped_mm(a, b, offs=plan.offsets)
         except RuntimeError:  # e.g. "strides should be multiple of 16 bytes" for odd widths
@@ -140,7 +119,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> torch.Tens
 
 def grouped_mm_wgrad(a: torch.Tensor, g: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
     """``[M, K], [M, N] -> [E, K, N]``: per-expert ``aᵀ g`` (the weight gradient)."""
-    if a.shape[0] and _use_grouped_mm(a):
+    if a.shape[0] and _grouped_mm_ok(a):
         try:
             return _grouped_mm(a.t(), g, offs=plan.offsets)
         except RuntimeError:
@@ -148,24 +127,31 @@ def grouped_mm_wgrad(a: torch.Tensor, g: torch.Tensor, plan: ExpertPlan) -> torc
     return _loop_mm_wgrad(a, g, plan)
 
 
-def _gather_mm(src, rows, weight, plan, c, scale_input, keep_ungated):
-    """``a = src[rows]``, ``a_in = a·c`` (if ``scale_input``), ``y = a_in @ W_e`` (``·c`` if not).
+# --------------------------------------------------------------------------------- the strategy
+def strategy(x: torch.Tensor) -> str:
+    """``"grouped"`` or ``"loop"`` for an input like ``x`` (its device and dtype); see the module doc."""
+    if GEMM_IMPL == "loop":
+        return "loop"
+    if GEMM_IMPL == "grouped_mm":
+        return "grouped"
+    return "grouped" if _grouped_mm_ok(x) else "loop"
 
-    Returns ``(a, a_in, y)``; ``a_in is a`` unless the input is gated and ``keep_ungated``.
+
+def gemm_impl(device: torch.device | str, dtype: torch.dtype) -> str:
+    """What the torch backend runs for ``device``/``dtype``: ``"grouped_mm"`` or ``"loop"``."""
+    return "grouped_mm" if strategy(torch.empty(0, device=device, dtype=dtype)) == "grouped" else "loop"
+
+
+def _save_gathered_inputs(device: torch.device) -> bool:
+    """"grouped": keep the gathered (and gated) input rows for backward instead of gathering again?
+
+    On CPU yes: gathering again costs more than the memory (≈4.6 ms of a 120 ms σ-MoE step at d_model
+    256, 64×128 experts, K 8, N 4096, for 48 MB). On GPU no: gathers are cheap there, memory is not.
     """
-    if not _use_grouped_mm(src):
-        return _loop_gather_mm(src, rows, weight, plan, c, scale_input, keep_ungated)
-    a = src.index_select(0, rows)
-    a_in = a
-    if scale_input:
-        a_in = a * c if keep_ungated else a.mul_(c)
-    y = grouped_mm(a_in, weight, plan)
-    if c is not None and not scale_input:
-        y.mul_(c)
-    return a, a_in, y
+    return SAVE_GATHERED == "always" or (SAVE_GATHERED == "cpu" and device.type == "cpu")
 
 
-# ------------------------------------------------------------------------------------ the operation
+# --------------------------------------------------------------------------------------- unsort
 def _unsort_reduce(y: torch.Tensor, plan: ExpertPlan, n: int, groups: int) -> torch.Tensor:
     """Sorted ``[M, D]`` → ``[N, groups, D]``, summing the ``S/groups`` slots of each group.
 
@@ -185,34 +171,111 @@ def _unsort_reduce(y: torch.Tensor, plan: ExpertPlan, n: int, groups: int) -> to
     return y.index_select(0, plan.inv_perm).view(n, groups, s // groups, d).sum(2)
 
 
-def _save_gathered_inputs(device: torch.device) -> bool:
-    """Keep the gathered (and gated) input rows for backward instead of gathering them again from ``x``?
+# ------------------------------------------------------------------------------- loop strategy
+def _loop_forward(x2d, rows, weight, plan, c, scale_input):
+    """``y_m = (c_m·) a_m @ W_e`` expert by expert, each ``a_e`` gathered into a small reused buffer."""
+    counts = plan.counts_list()
+    d_in, d_out = x2d.shape[1], weight.shape[2]
+    y = x2d.new_empty(rows.shape[0], d_out)
+    buf = x2d.new_empty(max(counts), d_in)
+    c_split = c.split(counts) if c is not None else itertools.repeat(None)
+    for r_e, c_e, w_e, y_e, n in zip(rows.split(counts), c_split, weight.unbind(0), y.split(counts), counts):
+        if not n:
+            continue
+        a_e = buf[:n]
+        torch.index_select(x2d, 0, r_e, out=a_e)
+        if c_e is not None and scale_input:
+            a_e.mul_(c_e)
+        torch.mm(a_e, w_e, out=y_e)
+        if c_e is not None and not scale_input:
+            y_e.mul_(c_e)
+    return y
 
-    On CPU yes: gathering again costs more than the memory does (≈4.6 ms of a 120 ms σ-MoE step at
-    d_model 256, 64×128 experts, K 8, N 4096, for 48 MB). On GPU no: gathers are cheap, memory is not.
+
+def _loop_backward(x2d, rows_in, g2d, rows_out, weight, plan, c, scale_input, need_x, need_w, need_c):
+    """Sorted ``∂x`` rows ``[M, d_in]`` (or None), ``∂W`` ``[E, d_in, d_out]``, sorted ``∂c`` ``[M]``.
+
+    Per expert, its input rows and output-gradient rows are gathered into small reused buffers that
+    both of its GEMMs (``aᵀg`` and ``g Wᵀ``) then read from cache.
     """
-    return SAVE_GATHERED == "always" or (SAVE_GATHERED == "cpu" and device.type == "cpu")
+    counts = plan.counts_list()
+    m, d_in, d_out, big = rows_in.shape[0], x2d.shape[1], weight.shape[2], max(counts)
+    grad_w = weight.new_empty(weight.shape) if need_w else None
+    t = x2d.new_empty(m, d_in) if need_x else None  # sorted ∂x rows
+    grad_c = x2d.new_empty(m) if need_c else None
+    need_a = need_w or need_c
+    a_buf = x2d.new_empty(big, d_in) if need_a else None
+    g_buf = x2d.new_empty(big, d_out)
+    gated_buf = None
+    if need_w and c is not None:  # the gated side of ∂W = Σ c aᵀ g
+        gated_buf = x2d.new_empty(big, d_in if scale_input else d_out)
+    t_buf = x2d.new_empty(big, d_in) if need_c and not need_x else None
+
+    def split(t):
+        return t.split(counts) if t is not None else itertools.repeat(None)
+
+    for r_in, r_out, c_e, w_e, gw_e, t_e, gc_e, n in zip(
+            rows_in.split(counts), rows_out.split(counts), split(c), weight.unbind(0),
+            grad_w.unbind(0) if need_w else itertools.repeat(None), split(t), split(grad_c), counts):
+        if not n:
+            if need_w:
+                gw_e.zero_()
+            continue
+        g_e = g_buf[:n]
+        torch.index_select(g2d, 0, r_out, out=g_e)
+        if need_a:
+            a_e = a_buf[:n]
+            torch.index_select(x2d, 0, r_in, out=a_e)
+        if need_w:
+            if c_e is None:
+                torch.mm(a_e.t(), g_e, out=gw_e)
+            elif scale_input:
+                torch.mm(torch.mul(a_e, c_e, out=gated_buf[:n]).t(), g_e, out=gw_e)
+            else:
+                torch.mm(a_e.t(), torch.mul(g_e, c_e, out=gated_buf[:n]), out=gw_e)
+        if need_x or need_c:
+            if t_e is None:
+                t_e = t_buf[:n]
+            torch.mm(g_e, w_e.t(), out=t_e)  # g W_eᵀ
+            if need_c:  # ∂c_m = a_m · (g_m W_eᵀ)
+                torch.sum(a_e * t_e, 1, out=gc_e)
+            if need_x and c_e is not None:
+                t_e.mul_(c_e)
+    return t, grad_w, grad_c
 
 
+# ------------------------------------------------------------------------------------ the operation
 class _ExpertMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gates, plan, g_out):
         n, g_in, d_in = x.shape
         s, d_out = plan.shape[1], weight.shape[2]
         ctx.plan, ctx.g_out, ctx.x_shape = plan, g_out, x.shape
-        ctx.scale_input = gates is not None and d_in <= d_out  # the gate scales the narrower side
-        ctx.saved_gathered = save = _save_gathered_inputs(x.device)
+        ctx.scale_input = scale_input = gates is not None and d_in <= d_out  # gate the narrower side
+        ctx.strategy = strat = strategy(x)
+        ctx.saved_gathered = False
         if n == 0 or s == 0:
             ctx.save_for_backward(None, None, None, weight, gates)
             return x.new_zeros(n, g_out, d_out)
 
+        x2d, rows = x.reshape(n * g_in, d_in), plan.rows(s // g_in)
         c = None if gates is None else gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1)  # [M, 1]
-        keep_ungated = save and ctx.needs_input_grad[2]  # ∂c needs the ungated rows
-        a, a_in, y = _gather_mm(x.reshape(n * g_in, d_in), plan.rows(s // g_in), weight, plan, c,
-                                ctx.scale_input, keep_ungated)
+        if strat == "loop":
+            y = _loop_forward(x2d, rows, weight, plan, c, scale_input)
+            ctx.save_for_backward(x, None, c, weight, gates)
+            return _unsort_reduce(y, plan, n, g_out)
+
+        save = ctx.saved_gathered = _save_gathered_inputs(x.device)
+        a = x2d.index_select(0, rows)  # [M, d_in], sorted by expert
+        a_in = a
+        if scale_input:
+            a_in = a * c if save and ctx.needs_input_grad[2] else a.mul_(c)  # keep ungated a for ∂c
+        y = grouped_mm(a_in, weight, plan)
+        if c is not None and not scale_input:
+            y.mul_(c)
         if save:  # ∂W needs the gated rows (a_in), ∂c the ungated ones (a)
-            ctx.save_for_backward(a if (a is not a_in or not ctx.scale_input) else None,
-                                  a_in if ctx.scale_input else None, c, weight, gates)
+            ctx.save_for_backward(a if (a is not a_in or not scale_input) else None,
+                                  a_in if scale_input else None, c, weight, gates)
         else:
             ctx.save_for_backward(x, None, c, weight, gates)
         return _unsort_reduce(y, plan, n, g_out)
@@ -230,13 +293,22 @@ class _ExpertMatmul(torch.autograd.Function):
             return (weight.new_zeros(ctx.x_shape) if need_x else None,
                     torch.zeros_like(weight) if need_w else None,
                     torch.zeros_like(gates) if need_c else None, None, None)
+        # contiguous(): gathering rows of a broadcast gradient (e.g. of ``.sum()``) is 8x slower
+        g2d = grad_out.contiguous().view(n * g_out, d_out)
+        rows_in, rows_out = plan.rows(s // g_in), plan.rows(s // g_out)
+
+        if ctx.strategy == "loop":  # ``a`` holds x
+            t, grad_w, gc = _loop_backward(a.reshape(n * g_in, d_in), rows_in, g2d, rows_out, weight, plan, c,
+                                           ctx.scale_input, need_x, need_w, need_c)
+            if need_c:
+                grad_c = gc.index_select(0, plan.inv_perm).view_as(gates)
+            if need_x:
+                grad_x = _unsort_reduce(t, plan, n, g_in)
+            return grad_x, grad_w, grad_c, None, None
 
         if not ctx.saved_gathered:  # ``a`` holds x: gather again
-            a = a.reshape(n * g_in, d_in).index_select(0, plan.rows(s // g_in))
-        # the output gradient of every sorted slot. contiguous() first: gathering from a broadcast
-        # gradient (e.g. of ``.sum()``) is 8x slower than gathering from a materialised one.
-        g = grad_out.contiguous().view(n * g_out, d_out).index_select(0, plan.rows(s // g_out))  # [M, d_out]
-
+            a = a.reshape(n * g_in, d_in).index_select(0, rows_in)
+        g = g2d.index_select(0, rows_out)  # [M, d_out], contiguous as grouped_mm's CPU backward wants
         if need_w:  # ∂L/∂W_e = Σ_m c_m a_mᵀ g_m, with c applied to the narrower side
             if c is None:
                 grad_w = grouped_mm_wgrad(a, g, plan)
