@@ -298,3 +298,17 @@ def test_moe_layer_benchmark_quick_run_prints_json():
     out = json.loads(proc.stdout)
     assert out["results"][0]["sigma_moe"]["torch"]["median_ms"] > 0
     assert {"torch", "threads", "device"} <= set(out)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=cases())
+def test_few_slots_decoding_path_matches_reference(case):
+    """With few (row, slot) pairs the torch backend gathers weights and runs one bmm instead of sorting."""
+    x, ids, w, gates, grad = make_case(**case)
+    before, torch_backend.FEW_SLOTS = torch_backend.FEW_SLOTS, 10**9
+    try:
+        got = run(x, ids, w, gates, grad, case["g_out"], "torch")
+    finally:
+        torch_backend.FEW_SLOTS = before
+    assert got[0].shape == (case["n"], case["g_out"], w.shape[2])
+    assert_close_all(got, run(x, ids, w, gates, grad, case["g_out"], "reference"))

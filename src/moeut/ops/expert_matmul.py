@@ -8,13 +8,15 @@ import torch
 
 from moeut.ops.plan import ExpertPlan, make_plan
 from moeut.ops.reference import expert_matmul_reference
-from moeut.ops.torch_backend import expert_matmul_torch
+from moeut.ops import torch_backend
+from moeut.ops.torch_backend import expert_matmul_few_slots, expert_matmul_torch
 
 # name -> fn(x [N, G_in, d_in], expert_ids [N, S], weight, gates | None, out_groups, plan | None)
 _BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": lambda x, ids, w, gates, g_out, plan: expert_matmul_reference(x, ids, w, gates, g_out),
-    "torch": lambda x, ids, w, gates, g_out, plan: expert_matmul_torch(
-        x, w, gates, plan if plan is not None else make_plan(ids, w.shape[0]), g_out),
+    "torch": lambda x, ids, w, gates, g_out, plan: (
+        expert_matmul_few_slots(x, ids, w, gates, g_out) if ids.numel() <= torch_backend.FEW_SLOTS else
+        expert_matmul_torch(x, w, gates, plan if plan is not None else make_plan(ids, w.shape[0]), g_out)),
 }
 _PLANNED = {"triton"}  # names that will exist; asking for them now is a clear error, not "unknown"
 
