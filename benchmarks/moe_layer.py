@@ -12,7 +12,6 @@ Baselines: a dense ReLU MLP with the same *active* FLOPs (d_ff = K·d_expert) an
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -21,27 +20,13 @@ import sys
 import time
 
 
-def tune_glibc_malloc() -> bool:
-    """Keep big tensors on the heap instead of mmap/munmap per allocation (see shared/notes)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # mallopt(int, int): values must fit an int
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    int_max = 2**31 - 1
-    ok = libc.mallopt(m_mmap_threshold, int_max) == 1  # never mmap (and munmap) a tensor below 2 GiB
-    ok &= libc.mallopt(m_trim_threshold, int_max) == 1  # don't return freed heap to the OS eagerly
-    ok &= libc.mallopt(m_top_pad, 2**30) == 1  # grow the heap 1 GiB at a time
-    return bool(ok)
-
-
-MALLOC_TUNED = tune_glibc_malloc()  # before torch allocates anything
-
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 from moeut.ops import available_backends, expert_matmul  # noqa: E402
+from moeut.runtime import tune_malloc  # noqa: E402
+
+MALLOC_TUNED = tune_malloc()  # before the benchmark allocates anything
 from moeut.ops import torch_backend  # noqa: E402
 from moeut.ops.plan import make_plan  # noqa: E402
 

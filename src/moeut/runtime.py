@@ -20,6 +20,7 @@ def tune_malloc() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
+        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     except (OSError, AttributeError):
         return False
     big = 2**31 - 1  # mallopt takes a C int

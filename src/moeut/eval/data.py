@@ -106,18 +106,10 @@ def olmo_tasks_dir() -> Path | None:
 
 
 def _loader(task: str, path: Path) -> Callable[[], list]:
-    if task == "lambada":
-        return lambda: T.load_lambada(path)
-    if task == "blimp":
-        return lambda: T.load_blimp(path)
-    if task == "cbt":
-        return lambda: T.load_cbt(path)
-    if task == "hellaswag":
-        return lambda: T.load_hellaswag(path)
-    if task == "piqa":
-        return lambda: T.load_piqa(path)
-    if task == "arc_easy":
-        return lambda: T.load_arc(path)
+    loaders = {"lambada": T.load_lambada, "blimp": T.load_blimp, "cbt": T.load_cbt, "hellaswag": T.load_hellaswag,
+               "piqa": T.load_piqa, "arc_easy": T.load_arc}
+    if task in loaders:
+        return lambda: loaders[task](path)
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
