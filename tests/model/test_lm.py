@@ -186,3 +186,24 @@ def test_gradients_reach_every_parameter():
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def test_hidden_states_and_routing_per_application() -> None:
+    from moeut.model.config import ModelConfig
+    from moeut.model.lm import MoEUTLM
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("moeut-tiny", vocab_size=50, n_layers=4, group_size=2)
+    model = MoEUTLM(cfg).eval()
+    tokens = torch.randint(0, 50, (2, 7))
+    out = model(tokens, output_hidden_states=True, output_routing=True)
+    assert len(out.hidden_states) == cfg.n_layers + 1 and len(out.routing) == cfg.n_layers
+    assert torch.equal(out.hidden_states[0], model.embedding(tokens))
+    torch.testing.assert_close(model.lm_head(model.out_norm(out.hidden_states[-1])), out.logits)
+    # application i·G + g uses layer g: counts from the returned routings equal the logged counts
+    for i, routing in enumerate(out.routing):
+        counts = torch.bincount(routing.ffn.indices.flatten(), minlength=cfg.ff_n_experts)
+        assert torch.equal(counts, out.expert_counts["ffn"][i])
+    plain = model(tokens)
+    assert plain.hidden_states is None and plain.routing is None
+    torch.testing.assert_close(plain.logits, out.logits)

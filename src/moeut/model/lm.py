@@ -33,6 +33,11 @@ class LMOutput:
     # Routing statistics for logging, per layer application (no gradient): "ffn" [n_layers, N_E],
     # "att_v" and "att_o" [n_layers, H·N_A]. None for the dense baseline.
     expert_counts: dict[str, torch.Tensor] | None = None
+    # Only when asked for (analyses): the residual stream entering each layer application plus the final
+    # one (n_layers + 1 tensors [B, T, d], before the output LayerNorm), and each application's routing
+    # in application order (None entries for the dense baseline).
+    hidden_states: list[torch.Tensor] | None = None
+    routing: list[LayerRouting | None] | None = None
 
     def loss(self, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy (fp32) plus the regulariser."""
@@ -76,7 +81,8 @@ class MoEUTLM(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> LMOutput:
+                position_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
+                output_routing: bool = False) -> LMOutput:
         """Run the model on ``tokens`` ``[B, T]``.
 
         * ``cache``: pass a :class:`KVCache` (empty to start) to decode incrementally; the output carries
@@ -85,6 +91,8 @@ class MoEUTLM(nn.Module):
           batched generation). None = every position is real. Attention is always causal.
         * ``position_ids``: ``[B, T]`` or ``[T]`` absolute RoPE positions. Default: ``T_past + arange(T)``,
           or, with an ``attention_mask``, the number of real tokens before each position.
+        * ``output_hidden_states`` / ``output_routing``: also return the residual stream around every layer
+          application and every application's :class:`LayerRouting` (for the analyses).
         """
         cfg = self.cfg
         if tokens.dim() != 2:
@@ -98,6 +106,8 @@ class MoEUTLM(nn.Module):
         h = self.embedding(tokens)
         new_cache = KVCache() if cache is not None else None
         routings: list[list[LayerRouting]] = [[] for _ in range(cfg.group_size)]
+        hidden = [h] if output_hidden_states else None
+        applied: list[LayerRouting | None] | None = [] if output_routing else None
         for r in range(cfg.n_repeats):
             for g, layer in enumerate(self.layers):
                 idx = r * cfg.group_size + g  # absolute layer application
@@ -106,11 +116,16 @@ class MoEUTLM(nn.Module):
                     new_cache.layers[idx] = kv
                 if routing is not None:
                     routings[g].append(routing)
+                if hidden is not None:
+                    hidden.append(h)
+                if applied is not None:
+                    applied.append(routing)
 
         logits = self.lm_head(self.out_norm(h))
         if not cfg.is_moe:
-            return LMOutput(logits, torch.zeros((), device=h.device), new_cache, None)
-        return LMOutput(logits, self._reg_loss(routings), new_cache, self._expert_counts(routings))
+            return LMOutput(logits, torch.zeros((), device=h.device), new_cache, None, hidden, applied)
+        return LMOutput(logits, self._reg_loss(routings), new_cache, self._expert_counts(routings), hidden,
+                        applied)
 
     def _reg_loss(self, routings: list[list[LayerRouting]]) -> torch.Tensor:
         """γ·Σ_g −H(p_ffn,g) + δ·Σ_g (−H(p_V,g) − H(p_O,g)); p pooled over time and over the repeats of g."""
