@@ -38,14 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     malloc_tuned = tune_malloc()
     import torch
 
-    from moeut.model import ModelConfig, MoEUTLM
+    from moeut.model import ModelConfig, build_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     cfg = ModelConfig.from_name(args.preset)
-    model = MoEUTLM(cfg, backend=args.backend).to(device).eval()
+    model = build_model(cfg, backend=args.backend).to(device).eval()
     g = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(4, cfg.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
 

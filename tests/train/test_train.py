@@ -20,7 +20,8 @@ from moeut.train import latest_checkpoint
 from tests.data.helpers import make_documents
 from tests.train.conftest import train_args
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+# the child trains with as many threads as this process: float reductions, hence bits, depend on it
+ENV = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
 
 def _metrics(run: Path) -> list[dict]:

@@ -46,7 +46,7 @@ def load_run(path: str | Path, *, tokenizer: str | Path | None = None, device: s
     import torch
 
     from moeut.data import Tokenizer
-    from moeut.model import ModelConfig, MoEUTLM
+    from moeut.model import ModelConfig, build_model
     from moeut.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
     path = Path(path)
@@ -69,7 +69,7 @@ def load_run(path: str | Path, *, tokenizer: str | Path | None = None, device: s
             source, state = found
         else:
             source, state = path, load_checkpoint(path)
-        model = MoEUTLM(ModelConfig.from_dict(json.loads(state["model_config"])), backend=backend)
+        model = build_model(ModelConfig.from_dict(json.loads(state["model_config"])), backend=backend)
         model.load_state_dict(state["model"])
         model.eval()
         expected_sha, step, kind = state.get("tokenizer_sha256"), state.get("step"), "checkpoint"

@@ -22,10 +22,10 @@ from moeut.model.config import ModelConfig
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Exact parameter counts of the model built from ``cfg`` (instantiated on the meta device)."""
-    from moeut.model.lm import MoEUTLM
+    from moeut.model.lm import build_model
 
     with torch.device("meta"):
-        model = MoEUTLM(cfg)
+        model = build_model(cfg)
     total = model.num_params()
     return {"params_total": total, "params_non_embedding": model.num_params(non_embedding=True),
             "params_embedding": model.embedding.weight.numel(),

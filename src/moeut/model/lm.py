@@ -192,3 +192,8 @@ def _attention_mask(B: int, T: int, past: int, attention_mask: torch.Tensor | No
     # a padding query would attend to nothing (NaN); let every query see itself
     allowed = allowed | (k_pos == q_pos)
     return allowed.unsqueeze(1)
+
+
+def build_model(cfg: ModelConfig, backend: str | None = None) -> nn.Module:
+    """The language model for ``cfg.arch``: the one place that maps a config to a model class."""
+    return MoEUTLM(cfg, backend=backend)

@@ -100,7 +100,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", backe
     """The model of a run directory (its newest loadable checkpoint) or of one checkpoint file."""
     import json
 
-    from moeut.model import ModelConfig, MoEUTLM
+    from moeut.model import ModelConfig, build_model
 
     path = Path(path)
     if path.is_dir():
@@ -111,6 +111,6 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", backe
         path, state = found
     else:
         state = load_checkpoint(path, map_location)
-    model = MoEUTLM(ModelConfig.from_dict(json.loads(state["model_config"])), backend=backend)
+    model = build_model(ModelConfig.from_dict(json.loads(state["model_config"])), backend=backend)
     model.load_state_dict(state["model"])
     return model.to(map_location).eval()

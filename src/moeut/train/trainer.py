@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from moeut.model import MoEUTLM
+from moeut.model import build_model
 from moeut.model.accounting import model_stats
 from moeut.train.checkpoint import latest_checkpoint, save_checkpoint
 from moeut.train.config import TrainConfig
@@ -45,7 +46,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
         run_state = _prepare_run_dir(run_dir, cfg, model_cfg, train_ds.tokenizer_sha256, resume, info)
 
         torch.manual_seed(cfg.seed)
-        model = MoEUTLM(model_cfg, backend=cfg.backend).to(info.device)
+        model = build_model(model_cfg, backend=cfg.backend).to(info.device)
         start_step, wall_before, tokens_seen = 0, 0.0, 0
         if run_state is not None:
             start_step, wall_before = run_state["step"], run_state.get("wall_time_s", 0.0)
@@ -190,7 +191,7 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _checkpoint_state(model: MoEUTLM, optimizer: torch.optim.Optimizer, cfg: TrainConfig, model_cfg,
+def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, model_cfg,
                       tokenizer_sha256: str, info: DistInfo) -> dict[str, Any]:
     if cfg.fsdp and info.distributed:  # gather full (unsharded) tensors; rank 0 writes them
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -207,7 +208,7 @@ def _checkpoint_state(model: MoEUTLM, optimizer: torch.optim.Optimizer, cfg: Tra
     return state
 
 
-def _load_optimizer(model: MoEUTLM, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
                     sharded: bool) -> None:
     if not sharded:
         optimizer.load_state_dict(state)

@@ -279,13 +279,13 @@ def import_hf(hf_dir: str | Path, *, backend: str | None = None):
     MoEUT directory. Needs safetensors, not transformers."""
     import torch
 
-    from moeut.model import MoEUTLM
+    from moeut.model import build_model
 
     hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} does not exist; pass a directory written by `moeut export-hf`")
-    model = MoEUTLM(model_config_from_hf(json.loads(cfg_path.read_text())), backend=backend)
+    model = build_model(model_config_from_hf(json.loads(cfg_path.read_text())), backend=backend)
     state = {k: v.to(torch.float32) for k, v in from_hf_state_dict(_load_weights(hf_dir)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
