@@ -234,10 +234,14 @@ def test_unknown_backend_lists_the_available_ones():
                       backend="cuda-magic")
 
 
-def test_triton_backend_is_not_yet_available():
-    with pytest.raises(NotImplementedError, match="not yet available"):
+def test_triton_backend_on_cpu_is_a_clear_error(monkeypatch):
+    # without triton: "needs the triton package"; with it but no GPU: "runs on CUDA GPUs"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises((ImportError, ValueError), match="triton.*(package|CUDA)") as info:
         expert_matmul(torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.long), torch.zeros(1, 4, 4),
                       backend="triton")
+    assert "backend='torch'" in str(info.value)
+    assert "triton" not in available_backends() or torch.cuda.is_available()
 
 
 def test_default_backend_is_torch_on_cpu_and_listed():

@@ -2,37 +2,52 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
 
 from moeut.ops.plan import ExpertPlan, make_plan
 from moeut.ops.reference import expert_matmul_reference
-from moeut.ops import torch_backend
-from moeut.ops.torch_backend import expert_matmul_few_slots, expert_matmul_torch
+from moeut.ops import torch_backend, triton_backend
+from moeut.ops.torch_backend import expert_matmul_few_slots
+from moeut.ops.library import expert_matmul_planned
 
 # name -> fn(x [N, G_in, d_in], expert_ids [N, S], weight, gates | None, out_groups, plan | None)
+def _planned(backend: str) -> Callable[..., torch.Tensor]:
+    def run(x, ids, w, gates, g_out, plan):
+        if backend == "torch" and ids.numel() <= torch_backend.FEW_SLOTS:
+            return expert_matmul_few_slots(x, ids, w, gates, g_out)
+        return expert_matmul_planned(x, w, gates, plan if plan is not None else make_plan(ids, w.shape[0]), g_out,
+                                     backend)
+    return run
+
+
 _BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": lambda x, ids, w, gates, g_out, plan: expert_matmul_reference(x, ids, w, gates, g_out),
-    "torch": lambda x, ids, w, gates, g_out, plan: (
-        expert_matmul_few_slots(x, ids, w, gates, g_out) if ids.numel() <= torch_backend.FEW_SLOTS else
-        expert_matmul_torch(x, w, gates, plan if plan is not None else make_plan(ids, w.shape[0]), g_out)),
+    "torch": _planned("torch"),
+    "triton": _planned("triton"),
 }
-_PLANNED = {"triton"}  # names that will exist; asking for them now is a clear error, not "unknown"
 
 
 def available_backends() -> list[str]:
-    """Names accepted by ``expert_matmul(..., backend=name)`` in this installation."""
-    return list(_BACKENDS)
+    """Names usable with ``expert_matmul(..., backend=name)`` in this installation ("triton" only with
+    the triton package and a CUDA GPU, or its interpreter)."""
+    return [name for name in _BACKENDS if name != "triton" or triton_backend.is_available()]
 
 
 def default_backend(device: torch.device | str) -> str:
     """The backend used when ``backend=None``: the fastest one available for ``device``.
 
-    This is the single place that chooses; the Triton backend will be returned here for CUDA once it
-    exists (``if torch.device(device).type == "cuda" and "triton" in _BACKENDS: return "triton"``).
+    The single place that chooses: "triton" on a CUDA device when triton is installed, else "torch".
+    Environment override: ``MOEUT_EXPERT_BACKEND`` (e.g. ``torch`` to compare on a GPU).
     """
-    torch.device(device)  # validates the argument
+    device = torch.device(device)
+    forced = os.environ.get("MOEUT_EXPERT_BACKEND")
+    if forced:
+        return forced
+    if device.type == "cuda" and triton_backend.is_available(device):
+        return "triton"
     return "torch"
 
 
@@ -125,10 +140,9 @@ def expert_matmul(
         backend = default_backend(x.device)
     fn = _BACKENDS.get(backend)
     if fn is None:
-        if backend in _PLANNED:
-            raise NotImplementedError(
-                f"expert_matmul backend {backend!r} is not yet available; available: {available_backends()}")
         raise ValueError(f"unknown expert_matmul backend {backend!r}; available: {available_backends()}")
+    if backend == "triton":
+        triton_backend.check_available(x.device)
     if backend == "reference" and x.device.type == "cpu" and expert_ids.numel():
         lo, hi = int(expert_ids.min()), int(expert_ids.max())
         if lo < 0 or hi >= n_experts:

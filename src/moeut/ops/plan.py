@@ -7,34 +7,32 @@ both calls.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
-class ExpertPlan:
+class ExpertPlan(NamedTuple):
     """``expert_ids [N, S]`` flattened to ``M = N·S`` *slots* and sorted (stably) by expert.
 
     Flat slot ``f = n·S + s``. Sorted position ``m`` holds flat slot ``perm[m]``; flat slot ``f`` sits at
     sorted position ``inv_perm[f]``. Expert ``e`` owns sorted positions ``[offsets[e-1], offsets[e])``.
+    A plain tuple of tensors, so ``torch.compile`` traces it without graph breaks.
 
-    Attributes (all on the device of ``expert_ids``, none requires grad):
-
-    * ``perm``: ``[M]`` int64.
-    * ``inv_perm``: ``[M]`` int64, the inverse permutation.
+    * ``shape``: ``(N, S)`` of the ids it was made from; ``n_experts``: E.
+    * ``perm``: ``[M]`` int64; ``inv_perm``: ``[M]`` int64, the inverse permutation.
     * ``offsets``: ``[E]`` int32 cumulative *end* offsets (the ``offs`` of ``F.grouped_mm``).
     * ``sorted_ids``: ``[M]`` int64 expert id of each sorted position.
+
+    None of the tensors requires grad; all live on the device of ``expert_ids``.
     """
 
-    __slots__ = ("shape", "n_experts", "perm", "inv_perm", "offsets", "sorted_ids", "_rows", "_counts")
-
-    def __init__(self, shape, n_experts, perm, inv_perm, offsets, sorted_ids):
-        self.shape = tuple(shape)  # (N, S) of the expert_ids it was made from
-        self.n_experts = int(n_experts)
-        self.perm = perm
-        self.inv_perm = inv_perm
-        self.offsets = offsets
-        self.sorted_ids = sorted_ids
-        self._rows: dict[int, torch.Tensor] = {}
-        self._counts: list[int] | None = None
+    shape: tuple[int, int]
+    n_experts: int
+    perm: torch.Tensor
+    inv_perm: torch.Tensor
+    offsets: torch.Tensor
+    sorted_ids: torch.Tensor
 
     @property
     def device(self) -> torch.device:
@@ -42,20 +40,13 @@ class ExpertPlan:
 
     def rows(self, ratio: int) -> torch.Tensor:
         """``perm // ratio``: for each sorted position, the row of a ``[N·G, …]`` tensor with
-        ``G = S // ratio`` groups that the slot reads from (or is summed into). Cached."""
-        if ratio == 1:
-            return self.perm
-        r = self._rows.get(ratio)
-        if r is None:
-            r = self._rows[ratio] = torch.div(self.perm, ratio, rounding_mode="floor")
-        return r
+        ``G = S // ratio`` groups that the slot reads from (or is summed into)."""
+        return self.perm if ratio == 1 else torch.div(self.perm, ratio, rounding_mode="floor")
 
     def counts_list(self) -> list[int]:
-        """Rows per expert as Python ints (a host sync on GPU; only the loop fallback needs it)."""
-        if self._counts is None:
-            ends = self.offsets.tolist()
-            self._counts = [b - a for a, b in zip([0] + ends[:-1], ends)]
-        return self._counts
+        """Slots per expert as Python ints (a host sync on GPU; only the loop fallback needs it)."""
+        ends = self.offsets.tolist()
+        return [b - a for a, b in zip([0] + ends[:-1], ends)]
 
     def __repr__(self) -> str:
         return f"ExpertPlan(shape={self.shape}, n_experts={self.n_experts}, device={self.device})"
@@ -80,7 +71,7 @@ def make_plan(expert_ids: torch.Tensor, n_experts: int) -> ExpertPlan:
         flat = expert_ids.reshape(-1).long()
         sorted_ids, perm = torch.sort(flat, stable=True)
         m = flat.numel()
-        if m and flat.device.type == "cpu":
+        if m and flat.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = int(sorted_ids[0]), int(sorted_ids[-1])
             if lo < 0 or hi >= n_experts:
                 raise ValueError(f"expert_ids must lie in [0, {n_experts}), found values in [{lo}, {hi}]")
@@ -90,4 +81,4 @@ def make_plan(expert_ids: torch.Tensor, n_experts: int) -> ExpertPlan:
         offsets = torch.searchsorted(
             sorted_ids, torch.arange(n_experts, device=perm.device, dtype=sorted_ids.dtype), right=True
         ).to(torch.int32)
-    return ExpertPlan(expert_ids.shape, n_experts, perm, inv_perm, offsets, sorted_ids)
+    return ExpertPlan(tuple(expert_ids.shape), n_experts, perm, inv_perm, offsets, sorted_ids)

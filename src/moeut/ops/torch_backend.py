@@ -41,7 +41,6 @@ import itertools
 import os
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from moeut.ops.plan import ExpertPlan, make_plan
 
@@ -245,91 +244,87 @@ def _loop_backward(x2d, rows_in, g2d, rows_out, weight, plan, c, scale_input, ne
 
 
 # ------------------------------------------------------------------------------------ the operation
-class _ExpertMatmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, gates, plan, g_out):
-        n, g_in, d_in = x.shape
-        s, d_out = plan.shape[1], weight.shape[2]
-        ctx.plan, ctx.g_out, ctx.x_shape = plan, g_out, x.shape
-        ctx.scale_input = scale_input = gates is not None and d_in <= d_out  # gate the narrower side
-        ctx.strategy = strat = strategy(x)
-        ctx.saved_gathered = False
-        if n == 0 or s == 0:
-            ctx.save_for_backward(None, None, None, weight, gates)
-            return x.new_zeros(n, g_out, d_out)
+# Called by the ``moeut::expert_matmul`` custom op (moeut.ops.library), which owns autograd.
+def saves_rows(device: torch.device) -> bool:
+    """Will :func:`forward` be asked to return the gathered input rows for backward? (see
+    :func:`_save_gathered_inputs`; the loop strategy re-reads ``x`` instead)."""
+    return GEMM_IMPL != "loop" and _save_gathered_inputs(device)
 
-        x2d, rows = x.reshape(n * g_in, d_in), plan.rows(s // g_in)
-        c = None if gates is None else gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1)  # [M, 1]
-        if strat == "loop":
-            y = _loop_forward(x2d, rows, weight, plan, c, scale_input)
-            ctx.save_for_backward(x, None, c, weight, gates)
-            return _unsort_reduce(y, plan, n, g_out)
 
-        save = ctx.saved_gathered = _save_gathered_inputs(x.device)
-        a = x2d.index_select(0, rows)  # [M, d_in], sorted by expert
-        a_in = a
-        if scale_input:
-            a_in = a * c if save and ctx.needs_input_grad[2] else a.mul_(c)  # keep ungated a for ∂c
-        y = grouped_mm(a_in, weight, plan)
-        if c is not None and not scale_input:
-            y.mul_(c)
-        if save:  # ∂W needs the gated rows (a_in), ∂c the ungated ones (a)
-            ctx.save_for_backward(a if (a is not a_in or not scale_input) else None,
-                                  a_in if scale_input else None, c, weight, gates)
+def forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor | None, plan: ExpertPlan, g_out: int,
+            save_rows: bool, need_gate_grad: bool):
+    """``(y [N, G_out, d_out], a, a_gated)``. With ``save_rows``, ``a`` holds the ungated gathered rows
+    (kept when backward needs them: ∂c, or ∂W with the gate on the output side) and ``a_gated`` the gated
+    ones (gate on the input side); otherwise both are None and backward gathers from ``x`` again."""
+    n, g_in, d_in = x.shape
+    s, d_out = plan.shape[1], weight.shape[2]
+    scale_input = gates is not None and d_in <= d_out  # gate the narrower side
+    if n == 0 or s == 0:
+        return x.new_zeros(n, g_out, d_out), None, None
+    x2d, rows = x.reshape(n * g_in, d_in), plan.rows(s // g_in)
+    c = None if gates is None else gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1)  # [M, 1]
+    if strategy(x) == "loop" and not save_rows:
+        return _unsort_reduce(_loop_forward(x2d, rows, weight, plan, c, scale_input), plan, n, g_out), None, None
+    a = x2d.index_select(0, rows)  # [M, d_in], sorted by expert
+    a_in = a
+    if scale_input:
+        a_in = a * c if save_rows and need_gate_grad else a.mul_(c)  # keep ungated a for ∂c
+    y = grouped_mm(a_in, weight, plan) if strategy(x) == "grouped" else _loop_mm(a_in, weight, plan)
+    if c is not None and not scale_input:
+        y.mul_(c)
+    y = _unsort_reduce(y, plan, n, g_out)
+    if not save_rows:
+        return y, None, None
+    # ∂W needs the gated rows (a_in), ∂c the ungated ones (a)
+    return y, (a if (a is not a_in or not scale_input) else None), (a_in if scale_input else None)
+
+
+def backward(grad_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor | None, a_in: torch.Tensor | None,
+             weight: torch.Tensor, gates: torch.Tensor | None, plan: ExpertPlan, g_out: int,
+             need_x: bool, need_w: bool, need_c: bool):
+    """``(∂x, ∂W, ∂gates)`` (None where not needed) from what :func:`forward` returned."""
+    n, g_in, d_in = x.shape
+    s, d_out = plan.shape[1], weight.shape[2]
+    if n == 0 or s == 0:
+        return (x.new_zeros(x.shape) if need_x else None, torch.zeros_like(weight) if need_w else None,
+                torch.zeros_like(gates) if need_c else None)
+    scale_input = gates is not None and d_in <= d_out
+    c = None if gates is None else gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1)
+    # contiguous(): gathering rows of a broadcast gradient (e.g. of ``.sum()``) is 8x slower
+    g2d = grad_out.contiguous().view(n * g_out, d_out)
+    rows_in, rows_out = plan.rows(s // g_in), plan.rows(s // g_out)
+    grad_x = grad_w = grad_c = None
+
+    if strategy(x) == "loop" and a is None and a_in is None:
+        t, grad_w, gc = _loop_backward(x.reshape(n * g_in, d_in), rows_in, g2d, rows_out, weight, plan, c,
+                                       scale_input, need_x, need_w, need_c)
+        if need_c:
+            grad_c = gc.index_select(0, plan.inv_perm).view_as(gates)
+        if need_x:
+            grad_x = _unsort_reduce(t, plan, n, g_in)
+        return grad_x, grad_w, grad_c
+
+    if a is None and (a_in is None or need_c or not scale_input):  # not kept: gather again
+        a = x.reshape(n * g_in, d_in).index_select(0, rows_in)
+    mm = grouped_mm if strategy(x) == "grouped" else _loop_mm
+    wgrad = grouped_mm_wgrad if strategy(x) == "grouped" else _loop_mm_wgrad
+    g = g2d.index_select(0, rows_out)  # [M, d_out], contiguous as grouped_mm's CPU backward wants
+    if need_w:  # ∂L/∂W_e = Σ_m c_m a_mᵀ g_m, with c applied to the narrower side
+        if c is None:
+            grad_w = wgrad(a, g, plan)
+        elif scale_input:
+            grad_w = wgrad(a_in if a_in is not None else a * c, g, plan)
         else:
-            ctx.save_for_backward(x, None, c, weight, gates)
-        return _unsort_reduce(y, plan, n, g_out)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        a, a_in, c, weight, gates = ctx.saved_tensors
-        plan, g_out = ctx.plan, ctx.g_out
-        n, g_in, d_in = ctx.x_shape
-        s, d_out = plan.shape[1], weight.shape[2]
-        need_x, need_w, need_c = ctx.needs_input_grad[:3]
-        grad_x = grad_w = grad_c = None
-        if n == 0 or s == 0:
-            return (weight.new_zeros(ctx.x_shape) if need_x else None,
-                    torch.zeros_like(weight) if need_w else None,
-                    torch.zeros_like(gates) if need_c else None, None, None)
-        # contiguous(): gathering rows of a broadcast gradient (e.g. of ``.sum()``) is 8x slower
-        g2d = grad_out.contiguous().view(n * g_out, d_out)
-        rows_in, rows_out = plan.rows(s // g_in), plan.rows(s // g_out)
-
-        if ctx.strategy == "loop":  # ``a`` holds x
-            t, grad_w, gc = _loop_backward(a.reshape(n * g_in, d_in), rows_in, g2d, rows_out, weight, plan, c,
-                                           ctx.scale_input, need_x, need_w, need_c)
-            if need_c:
-                grad_c = gc.index_select(0, plan.inv_perm).view_as(gates)
-            if need_x:
-                grad_x = _unsort_reduce(t, plan, n, g_in)
-            return grad_x, grad_w, grad_c, None, None
-
-        if not ctx.saved_gathered:  # ``a`` holds x: gather again
-            a = a.reshape(n * g_in, d_in).index_select(0, rows_in)
-        g = g2d.index_select(0, rows_out)  # [M, d_out], contiguous as grouped_mm's CPU backward wants
-        if need_w:  # ∂L/∂W_e = Σ_m c_m a_mᵀ g_m, with c applied to the narrower side
-            if c is None:
-                grad_w = grouped_mm_wgrad(a, g, plan)
-            elif ctx.scale_input:
-                grad_w = grouped_mm_wgrad(a_in if a_in is not None else a * c, g, plan)
-            else:
-                grad_w = grouped_mm_wgrad(a, g * c, plan)
-        if need_x or need_c:
-            t = grouped_mm(g, weight.transpose(1, 2), plan)  # g_m W_eᵀ, [M, d_in]
-            if need_c:  # ∂L/∂c_m = (a_m W_e) · g_m = a_m · t_m
-                grad_c = (a * t).sum(1).index_select(0, plan.inv_perm).view_as(gates)
-            if need_x:
-                if c is not None:
-                    t.mul_(c)
-                grad_x = _unsort_reduce(t, plan, n, g_in)
-        return grad_x, grad_w, grad_c, None, None
-
-
-def expert_matmul_torch(x, weight, gates, plan: ExpertPlan, out_groups: int) -> torch.Tensor:
-    """Backend entry point: inputs validated, one dtype and device, ``x`` 3D, ``plan`` for these ids."""
-    return _ExpertMatmul.apply(x, weight, gates, plan, out_groups)
+            grad_w = wgrad(a, g * c, plan)
+    if need_x or need_c:
+        t = mm(g, weight.transpose(1, 2), plan)  # g_m W_eᵀ, [M, d_in]
+        if need_c:  # ∂L/∂c_m = (a_m W_e) · g_m = a_m · t_m
+            grad_c = (a * t).sum(1).index_select(0, plan.inv_perm).view_as(gates)
+        if need_x:
+            if c is not None:
+                t.mul_(c)
+            grad_x = _unsort_reduce(t, plan, n, g_in)
+    return grad_x, grad_w, grad_c
 
 
 # ----------------------------------------------------------------------------- few slots (decoding)

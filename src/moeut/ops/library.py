@@ -1,0 +1,126 @@
+"""``torch.ops.moeut.expert_matmul``: the fast backends as PyTorch custom operators.
+
+Registering the expert matmul with ``torch.library`` (schema, a fake implementation for shape
+propagation, and autograd) lets ``torch.compile`` put whole MoE layers into one graph: the op is opaque
+to the compiler, so what happens inside (host syncs of the loop fallback, Triton launches) never breaks
+the graph. ``torch.library.opcheck`` tests the registration (tests/ops/test_library.py).
+
+Two operators, both functional (no input is mutated, no output aliases an input):
+
+* ``moeut::expert_matmul(x, weight, gates?, perm, inv_perm, offsets, out_groups, backend, save_rows,
+  need_gate_grad) -> (y, rows, gated_rows)`` — the forward of backend ``backend`` ("torch" or "triton").
+  ``rows``/``gated_rows`` are what the backend keeps for backward (the gathered input rows, on CPU) or
+  empty ``[0, d_in]`` tensors; their shapes follow from the arguments alone (see :func:`_saved_shapes`).
+* ``moeut::expert_matmul_backward(grad_y, x, rows, gated_rows, weight, gates?, perm, inv_perm, offsets,
+  out_groups, backend, need_x, need_w, need_gates) -> (grad_x, grad_weight, grad_gates)`` — empty
+  ``[0]`` tensors stand for gradients that were not asked for.
+
+The plan (:class:`~moeut.ops.plan.ExpertPlan`) travels as its three tensors; ``E`` is ``weight``'s first
+dimension and ``(N, S)`` follow from ``x`` and ``perm``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from moeut.ops.plan import ExpertPlan
+
+def _impl(backend: str):
+    if backend == "torch":
+        from moeut.ops import torch_backend
+
+        return torch_backend
+    if backend == "triton":
+        from moeut.ops import triton_backend
+
+        return triton_backend
+    raise ValueError(f"moeut::expert_matmul has no backend {backend!r} (known: torch, triton)")
+
+
+def _plan(x: Tensor, weight: Tensor, perm: Tensor, inv_perm: Tensor, offsets: Tensor) -> ExpertPlan:
+    n = x.shape[0]
+    s = perm.shape[0] // n if n else 0
+    return ExpertPlan((n, s), weight.shape[0], perm, inv_perm, offsets, perm)  # sorted_ids unused here
+
+
+def _saved_shapes(x: Tensor, weight: Tensor, gates: Optional[Tensor], m: int, save_rows: bool,
+                  need_gate_grad: bool) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shapes of ``(rows, gated_rows)``: a function of the arguments only, as the fake kernel needs."""
+    d_in, d_out = x.shape[2], weight.shape[2]
+    if not save_rows or x.shape[0] == 0 or m == 0:
+        return (0, d_in), (0, d_in)
+    scale_input = gates is not None and d_in <= d_out
+    keep_plain = (not scale_input) or need_gate_grad
+    return ((m if keep_plain else 0), d_in), ((m if scale_input else 0), d_in)
+
+
+@torch.library.custom_op("moeut::expert_matmul", mutates_args=())
+def expert_matmul_op(x: Tensor, weight: Tensor, gates: Optional[Tensor], perm: Tensor, inv_perm: Tensor,
+                     offsets: Tensor, out_groups: int, backend: str, save_rows: bool,
+                     need_gate_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    plan = _plan(x, weight, perm, inv_perm, offsets)
+    y, rows, gated = _impl(backend).forward(x, weight, gates, plan, out_groups, save_rows, need_gate_grad)
+    shape_rows, shape_gated = _saved_shapes(x, weight, gates, perm.shape[0], save_rows, need_gate_grad)
+    rows = rows if rows is not None and rows.shape[0] else x.new_empty(shape_rows)
+    gated = gated if gated is not None and gated.shape[0] else x.new_empty(shape_gated)
+    return y, rows, gated
+
+
+@expert_matmul_op.register_fake
+def _(x, weight, gates, perm, inv_perm, offsets, out_groups, backend, save_rows, need_gate_grad):
+    shape_rows, shape_gated = _saved_shapes(x, weight, gates, perm.shape[0], save_rows, need_gate_grad)
+    return (x.new_empty(x.shape[0], out_groups, weight.shape[2]), x.new_empty(shape_rows),
+            x.new_empty(shape_gated))
+
+
+@torch.library.custom_op("moeut::expert_matmul_backward", mutates_args=())
+def expert_matmul_backward_op(grad_y: Tensor, x: Tensor, rows: Tensor, gated_rows: Tensor, weight: Tensor,
+                              gates: Optional[Tensor], perm: Tensor, inv_perm: Tensor, offsets: Tensor,
+                              out_groups: int, backend: str, need_x: bool, need_w: bool,
+                              need_gates: bool) -> tuple[Tensor, Tensor, Tensor]:
+    plan = _plan(x, weight, perm, inv_perm, offsets)
+    gx, gw, gc = _impl(backend).backward(grad_y, x, rows if rows.shape[0] else None,
+                                         gated_rows if gated_rows.shape[0] else None, weight, gates, plan,
+                                         out_groups, need_x, need_w, need_gates)
+    empty = x.new_empty(0)
+    return (gx if need_x else empty, gw if need_w else empty.clone(),
+            gc if need_gates and gates is not None else empty.clone())
+
+
+@expert_matmul_backward_op.register_fake
+def _(grad_y, x, rows, gated_rows, weight, gates, perm, inv_perm, offsets, out_groups, backend, need_x, need_w,
+      need_gates):
+    return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
+            x.new_empty(gates.shape if need_gates and gates is not None else (0,)))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, gates, perm, inv_perm, offsets, out_groups, backend, _save, _need_c = inputs
+    _, rows, gated = output
+    ctx.save_for_backward(x, rows, gated, weight, gates, perm, inv_perm, offsets)
+    ctx.out_groups, ctx.backend = out_groups, backend
+
+
+def _backward(ctx, grad_y, _grad_rows, _grad_gated):
+    x, rows, gated, weight, gates, perm, inv_perm, offsets = ctx.saved_tensors
+    need_x, need_w, need_c = ctx.needs_input_grad[:3]
+    gx, gw, gc = expert_matmul_backward_op(grad_y, x, rows, gated, weight, gates, perm, inv_perm, offsets,
+                                           ctx.out_groups, ctx.backend, need_x, need_w, need_c)
+    return (gx if need_x else None, gw if need_w else None, gc if need_c else None,
+            None, None, None, None, None, None, None)
+
+
+expert_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def expert_matmul_planned(x: Tensor, weight: Tensor, gates: Optional[Tensor], plan: ExpertPlan, out_groups: int,
+                          backend: str) -> Tensor:
+    """The custom op for validated inputs (``x`` 3D, one dtype and device) and a plan for these ids."""
+    save_rows = backend == "torch" and _impl("torch").saves_rows(x.device)
+    need_gate_grad = gates is not None and gates.requires_grad and torch.is_grad_enabled()
+    y, _, _ = torch.ops.moeut.expert_matmul(x, weight, gates, plan.perm, plan.inv_perm, plan.offsets, out_groups,
+                                            backend, save_rows, need_gate_grad)
+    return y

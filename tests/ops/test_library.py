@@ -1,0 +1,88 @@
+"""The ``moeut::expert_matmul`` custom op: its registration passes opcheck, and torch.compile runs MoE
+layers and the whole model without graph breaks, matching eager."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from moeut.ops import make_plan, torch_backend
+
+ON_GPU = torch.cuda.is_available()
+
+
+def _op_args(n, g_in, s, g_out, d_in, d_out, e, gated, *, device="cpu", dtype=torch.float32, backend="torch",
+             save_rows=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, g_in, d_in, generator=g).to(device, dtype).requires_grad_()
+    w = (torch.randn(e, d_in, d_out, generator=g) / d_in ** 0.5).to(device, dtype).requires_grad_()
+    ids = torch.randint(0, e, (n, s), generator=g).to(device)
+    gates = torch.rand(n, s, generator=g).to(device, dtype).requires_grad_() if gated else None
+    plan = make_plan(ids, e)
+    return (x, w, gates, plan.perm, plan.inv_perm, plan.offsets, g_out, backend, save_rows, gated)
+
+
+CASES = [(13, 1, 4, 4, 16, 8, 5, False), (13, 4, 4, 1, 8, 16, 5, True), (11, 1, 4, 2, 16, 16, 3, True),
+         (7, 2, 4, 1, 16, 8, 6, True)]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("save_rows", [False, True])
+def test_opcheck_passes_for_the_torch_backend(case, save_rows):
+    torch.library.opcheck(torch.ops.moeut.expert_matmul.default, _op_args(*case, save_rows=save_rows))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_passes_on_cuda(case, backend):
+    torch.library.opcheck(torch.ops.moeut.expert_matmul.default, _op_args(*case, device="cuda", backend=backend))
+
+
+def _tiny_model(device="cpu"):
+    from moeut.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("moeut-tiny", vocab_size=64, d_model=64, n_heads=2, d_head=16, ff_n_experts=8,
+                                ff_k=2, att_n_experts=3, n_layers=4, group_size=2)
+    return build_model(cfg).to(device)
+
+
+def _compile_and_compare(device: str) -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _tiny_model(device)
+    tokens = torch.randint(0, 64, (2, 24), device=device)
+    targets = torch.randint(0, 64, (2, 24), device=device)
+
+    def step(m):
+        model.zero_grad(set_to_none=True)
+        loss = m(tokens).loss(targets)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    eager_loss, eager_grads = step(model)
+    explanation = torch._dynamo.explain(model)(tokens)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    # inductor needs a C++ compiler on CPU; without one, aot_eager still traces the op's fake and autograd
+    backend = "inductor" if device == "cuda" or shutil.which("g++") or shutil.which("c++") else "aot_eager"
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    loss, grads = step(compiled)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+    for name, g in eager_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_torch_compile_runs_the_model_without_graph_breaks_and_matches_eager(monkeypatch):
+    monkeypatch.setattr(torch_backend, "FEW_SLOTS", 0)
+    _compile_and_compare("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_torch_compile_on_cuda_with_the_default_backend():
+    _compile_and_compare("cuda")
