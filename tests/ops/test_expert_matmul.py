@@ -300,8 +300,11 @@ def test_moe_layer_benchmark_quick_run_prints_json():
     proc = subprocess.run([sys.executable, str(script), "--quick", "--device", "cpu"], capture_output=True,
                           text=True, timeout=120, check=True)
     out = json.loads(proc.stdout)
-    assert out["results"][0]["sigma_moe"]["torch"]["median_ms"] > 0
     assert {"torch", "threads", "device"} <= set(out)
+    keys = {"layer", "d_model", "n_experts", "expert_size", "k", "backend", "ms", "dense_active_ms", "ratio_active"}
+    assert {(r["layer"], r["backend"]) for r in out["results"]} >= {("sigma_moe", "torch"), ("switchhead", "torch")}
+    for r in out["results"]:
+        assert keys <= set(r) and r["ms"] > 0 and r["ratio_active"] == round(r["ms"] / r["dense_active_ms"], 3)
 
 
 @settings(max_examples=40, deadline=None)
