@@ -12,11 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeut.model.routing import Routing, sigmoid_topk
-from moeut.ops import expert_matmul
+from moeut.ops import sigma_moe_experts
 from moeut.ops.plan import make_plan
 
 
@@ -40,12 +39,10 @@ class SigmaMoE(nn.Module):
     def forward(self, x: torch.Tensor, router_input: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """``x``: raw residual ``[B, T, d]``; ``router_input``: ``LN(x)``. Returns ``(y, routing)``."""
         routing = sigmoid_topk(router_input, self.expert_sel, self.top_k)
-        rows = x.reshape(-1, 1, self.d_model)
         ids = routing.indices.reshape(-1, self.top_k)
         plan = make_plan(ids, self.n_experts)  # one sort by expert, shared by both projections
-        h = F.relu(expert_matmul(rows, ids, self.keys, backend=self.backend, plan=plan))  # [N, K, d_e]
-        y = expert_matmul(h, ids, self.values, routing.gates.reshape(-1, self.top_k), backend=self.backend,
-                          plan=plan)
+        y = sigma_moe_experts(x.reshape(-1, self.d_model), ids, routing.gates.reshape(-1, self.top_k), self.keys,
+                              self.values, backend=self.backend, plan=plan)  # Σ_k g_k · ReLU(x W₁) W₂
         return y.view_as(x), routing
 
 

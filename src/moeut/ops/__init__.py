@@ -41,7 +41,7 @@ Backends are chosen by name (``"reference"``: the slow masked loop, the oracle o
 :func:`available_backends` lists the names.
 """
 
-from moeut.ops.expert_matmul import available_backends, default_backend, expert_matmul
+from moeut.ops.expert_matmul import available_backends, default_backend, expert_matmul, sigma_moe_experts
 from moeut.ops.plan import ExpertPlan, make_plan
 
-__all__ = ["expert_matmul", "available_backends", "default_backend", "make_plan", "ExpertPlan"]
+__all__ = ["expert_matmul", "sigma_moe_experts", "available_backends", "default_backend", "make_plan", "ExpertPlan"]

@@ -153,3 +153,55 @@ def expert_matmul(
     # autocast runs in fp32) would change the output dtype
     with torch.autocast(x.device.type, enabled=False):
         return fn(x, expert_ids, weight, gates, out_groups, plan)
+
+
+def sigma_moe_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    gates: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    backend: str | None = None,
+    plan: ExpertPlan | None = None,
+) -> torch.Tensor:
+    """The experts of a σ-MoE layer: ``y = Σ_k gates[:, k] · ReLU(x @ keys[e_k]) @ values[e_k]``.
+
+    ``x [N, d]``, ``expert_ids``/``gates [N, K]``, ``keys [E, d, d_e]``, ``values [E, d_e, d_out]`` →
+    ``[N, d_out]``. Equal to two :func:`expert_matmul` calls with a ReLU between them (which is what the
+    reference and Triton backends run); the torch backend fuses them so the hidden rows stay sorted by
+    expert between the projections (``moeut::sigma_moe``).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be [N, d], got shape {_shape(x)}")
+    for name, t, dims in (("keys", keys, 3), ("values", values, 3)):
+        if not isinstance(t, torch.Tensor) or t.dim() != dims:
+            raise ValueError(f"{name} must be [E, d_in, d_out], got shape {_shape(t)}")
+    if keys.shape[0] != values.shape[0] or keys.shape[2] != values.shape[1]:
+        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must be [E, d, d_e] and "
+                         f"[E, d_e, d_out] with the same E and d_e")
+    if backend is None:
+        backend = default_backend(x.device)
+    few = expert_ids.numel() <= torch_backend.FEW_SLOTS if isinstance(expert_ids, torch.Tensor) else False
+    if backend != "torch" or few or not torch.is_tensor(gates) or gates.shape != expert_ids.shape:
+        h = torch.relu(expert_matmul(x, expert_ids, keys, backend=backend, plan=plan))
+        return expert_matmul(h, expert_ids, values, gates, backend=backend, plan=plan).squeeze(1)
+    # validate as the first projection would (shapes, dtypes, devices, ids range, plan)
+    if plan is None:
+        plan = make_plan(expert_ids, keys.shape[0])
+    compute_dtype = _autocast_dtype(x.device.type)
+    if compute_dtype is None:
+        for name, t in (("keys", keys), ("values", values)):
+            if t.dtype != x.dtype:
+                raise TypeError(f"{name} dtype {t.dtype} must match x dtype {x.dtype} (outside autocast)")
+        compute_dtype = x.dtype
+    if plan.shape != tuple(expert_ids.shape) or plan.n_experts != keys.shape[0] or x.shape[1] != keys.shape[1] \
+            or expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, expert_ids {tuple(expert_ids.shape)}, keys "
+                         f"{tuple(keys.shape)}, plan for {plan.shape} with {plan.n_experts} experts")
+    x, keys, values, gates = (t.to(compute_dtype) for t in (x, keys, values, gates))
+    save_rows = torch_backend.saves_rows(x.device)
+    with torch.autocast(x.device.type, enabled=False):  # inputs are cast; keep ops inside in that dtype
+        y, _, _ = torch.ops.moeut.sigma_moe(x, keys, values, gates, plan.perm, plan.inv_perm, plan.offsets,
+                                            save_rows)
+    return y

@@ -124,3 +124,61 @@ def expert_matmul_planned(x: Tensor, weight: Tensor, gates: Optional[Tensor], pl
     y, _, _ = torch.ops.moeut.expert_matmul(x, weight, gates, plan.perm, plan.inv_perm, plan.offsets, out_groups,
                                             backend, save_rows, need_gate_grad)
     return y
+
+
+# ----------------------------------------------------------------------------- σ-MoE experts, fused
+# ``moeut::sigma_moe(x [N, d], keys, values, gates [N, K], perm, inv_perm, offsets, save_rows)
+#   -> (y [N, d], rows [M | 0, d], hidden [M, d_e])`` — the torch backend's fused up- and down-projection
+# (moeut.ops.torch_backend.sigma_moe_forward); ``hidden`` (sorted post-ReLU rows) is kept for backward.
+@torch.library.custom_op("moeut::sigma_moe", mutates_args=())
+def sigma_moe_op(x: Tensor, keys: Tensor, values: Tensor, gates: Tensor, perm: Tensor, inv_perm: Tensor,
+                 offsets: Tensor, save_rows: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from moeut.ops import torch_backend
+
+    plan = ExpertPlan(tuple(gates.shape), keys.shape[0], perm, inv_perm, offsets, perm)
+    y, rows, hidden = torch_backend.sigma_moe_forward(x, keys, values, gates, plan, save_rows)
+    if rows is None:
+        rows = x.new_empty(0, x.shape[1])
+    return y, rows, hidden
+
+
+@sigma_moe_op.register_fake
+def _(x, keys, values, gates, perm, inv_perm, offsets, save_rows):
+    m = perm.shape[0] if x.shape[0] else 0
+    return (x.new_empty(x.shape[0], values.shape[2]), x.new_empty(m if save_rows else 0, x.shape[1]),
+            x.new_empty(m, keys.shape[2]))
+
+
+@torch.library.custom_op("moeut::sigma_moe_backward", mutates_args=())
+def sigma_moe_backward_op(grad_y: Tensor, x: Tensor, rows: Tensor, hidden: Tensor, keys: Tensor, values: Tensor,
+                          gates: Tensor, perm: Tensor, inv_perm: Tensor, offsets: Tensor, need_x: bool,
+                          need_keys: bool, need_values: bool, need_gates: bool) -> list[Tensor]:
+    from moeut.ops import torch_backend
+
+    plan = ExpertPlan(tuple(gates.shape), keys.shape[0], perm, inv_perm, offsets, perm)
+    grads = torch_backend.sigma_moe_backward(grad_y, x, rows if rows.shape[0] else None, hidden, keys, values,
+                                             gates, plan, need_x, need_keys, need_values, need_gates)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@sigma_moe_backward_op.register_fake
+def _(grad_y, x, rows, hidden, keys, values, gates, perm, inv_perm, offsets, need_x, need_keys, need_values,
+      need_gates):
+    return [t.new_empty(t.shape if need else (0,))
+            for t, need in ((x, need_x), (keys, need_keys), (values, need_values), (gates, need_gates))]
+
+
+def _sigma_setup_context(ctx, inputs, output) -> None:
+    x, keys, values, gates, perm, inv_perm, offsets, _save = inputs
+    _, rows, hidden = output
+    ctx.save_for_backward(x, rows, hidden, keys, values, gates, perm, inv_perm, offsets)
+
+
+def _sigma_backward(ctx, grad_y, _grad_rows, _grad_hidden):
+    x, rows, hidden, keys, values, gates, perm, inv_perm, offsets = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    grads = sigma_moe_backward_op(grad_y, x, rows, hidden, keys, values, gates, perm, inv_perm, offsets, *needs)
+    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None)
+
+
+sigma_moe_op.register_autograd(_sigma_backward, setup_context=_sigma_setup_context)

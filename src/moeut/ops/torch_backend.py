@@ -348,3 +348,62 @@ def expert_matmul_few_slots(x: torch.Tensor, expert_ids: torch.Tensor, weight: t
     if out_groups != s:
         y = y.view(n, out_groups, s // out_groups, d_out).sum(2)
     return y
+
+
+# --------------------------------------------------------------------- σ-MoE experts, fused (CPU path)
+def sigma_moe_forward(x2d: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor,
+                      plan: ExpertPlan, save_rows: bool):
+    """``y = Σ_k c_k · ReLU(x W₁[e_k]) W₂[e_k]`` with both projections in one sorted order.
+
+    The hidden rows stay sorted by expert between the two GEMMs: no unsort of ``h`` after the
+    up-projection and no gather before the down-projection (and likewise for ``∂h`` in backward), which
+    two separate expert matmuls need. Returns ``(y [N, d], a | None, h)`` where ``a`` are the gathered
+    input rows (kept on CPU, see :func:`_save_gathered_inputs`) and ``h`` the sorted post-ReLU hidden rows.
+    """
+    n, d = x2d.shape
+    k = plan.shape[1]
+    if n == 0 or k == 0:
+        return x2d.new_zeros(n, values.shape[2]), None, x2d.new_zeros(0, keys.shape[2])
+    rows = plan.rows(k)
+    c = gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1)  # [M, 1]
+    a = x2d.index_select(0, rows)  # [M, d]
+    h = grouped_mm(a, keys, plan).relu_()  # [M, d_e]
+    if keys.shape[2] <= values.shape[2]:  # gate the narrower side
+        ys = grouped_mm(h * c, values, plan)
+    else:
+        ys = grouped_mm(h, values, plan).mul_(c)
+    y = _unsort_reduce(ys, plan, n, 1).view(n, -1)
+    return y, (a if save_rows else None), h
+
+
+def sigma_moe_backward(grad_y: torch.Tensor, x2d: torch.Tensor, a: torch.Tensor | None, h: torch.Tensor,
+                       keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, plan: ExpertPlan,
+                       need_x: bool, need_keys: bool, need_values: bool, need_gates: bool):
+    """``(∂x, ∂W₁, ∂W₂, ∂gates)`` (None where not needed); see :func:`sigma_moe_forward`.
+
+    With ``t = ∂y_m W₂ᵀ``: ``∂c_m = h_m · t_m``, ``∂h_m = c_m t_m ⊙ [h_m > 0]``, ``∂W₂ = Σ c_m h_mᵀ ∂y_m``.
+    """
+    n, d = x2d.shape
+    k = plan.shape[1]
+    if n == 0 or k == 0:
+        return (torch.zeros_like(x2d) if need_x else None, torch.zeros_like(keys) if need_keys else None,
+                torch.zeros_like(values) if need_values else None, torch.zeros_like(gates) if need_gates else None)
+    rows = plan.rows(k)
+    c = gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1)
+    g = grad_y.contiguous().index_select(0, rows)  # [M, d]
+    grad_x = grad_keys = grad_values = grad_gates = None
+    if need_values:
+        grad_values = (grouped_mm_wgrad(h * c, g, plan) if keys.shape[2] <= values.shape[2]
+                       else grouped_mm_wgrad(h, g * c, plan))
+    if need_x or need_keys or need_gates:
+        t = grouped_mm(g, values.transpose(1, 2), plan)  # [M, d_e]
+        if need_gates:
+            grad_gates = (t * h).sum(1).index_select(0, plan.inv_perm).view_as(gates)
+        dh = t.mul_(c).mul_(h > 0)
+        if need_keys:
+            if a is None:
+                a = x2d.index_select(0, rows)
+            grad_keys = grouped_mm_wgrad(a, dh, plan)
+        if need_x:
+            grad_x = _unsort_reduce(grouped_mm(dh, keys.transpose(1, 2), plan), plan, n, 1).view(n, d)
+    return grad_x, grad_keys, grad_values, grad_gates
