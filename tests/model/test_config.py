@@ -13,6 +13,14 @@ PAPER_PARAMS = {
     "moeut-727m": 727.4e6, "moeut-1b": 1040.3e6,
     "dense-44m": 44.5e6, "dense-126m": 125.7e6, "dense-244m": 243.6e6, "dense-319m": 319.3e6,
     "dense-728m": 728.7e6, "dense-1b": 1044.3e6,
+    # σ-MoE baselines (issue 7 table)
+    "sigma-moe-44m": 44.1e6, "sigma-moe-126m": 126.1e6, "sigma-moe-244m": 243.8e6, "sigma-moe-319m": 319.7e6,
+    "sigma-moe-728m": 731.2e6,
+    # SUT and the ablations are parameter-matched to the MoEUT model of their size
+    "sut-44m": 44.3e6, "sut-44m-noact": 44.3e6, "sut-244m": 243.3e6, "sut-244m-noact": 243.3e6,
+    "moeut-44m-preln": 44.3e6, "moeut-44m-postln": 44.3e6, "moeut-244m-preln": 243.3e6,
+    "moeut-244m-postln": 243.3e6, "moeut-244m-g1": 243.3e6, "moeut-244m-g3": 243.3e6, "moeut-244m-g6": 243.3e6,
+    "moeut-244m-g9": 243.3e6, "moeut-244m-g18": 243.3e6, "moeut-244m-aabb": 243.3e6,
 }
 
 

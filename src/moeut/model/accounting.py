@@ -8,7 +8,17 @@ context, as the authors do):
   (gate mixing of V and O).
 * σ-MoE: ``2·d·d_e·K + d·N_E`` (selected experts + router).
 * Dense: attention ``4·d·H·d_h + 2·H·d_h·T``; MLP ``2·d·d_ff``.
+* SUT (the same style: every matmul a token's forward pass runs, attention over the whole context), with
+  ``w = h·d_h`` the width of one attention expert (h heads per expert) and P = ``rel_pos_max``:
+  attention ``(d² + d·N_A)`` (MLP router) ``+ K_A·d·w`` (selected query experts) ``+ 2·d·w`` (shared K, V)
+  ``+ 2·K_A·w·T`` (scores and mixing of values) ``+ K_A·w·(2P+1)`` (query · relative-position table)
+  ``+ K_A·w·d`` (selected output experts) ``+ K_A·d`` (gate mixing); MLP ``(d² + d·N_E)`` (router)
+  ``+ 2·K·d·d_e + K·d`` (selected experts, gate mixing) ``+ (d² + 2·d)`` (ACT halting gate, when on). An
+  ACT model is counted at its full depth (every token runs all n_layers applications; halted tokens are
+  frozen, not skipped).
 * Output head: ``d·vocab``.
+
+σ-MoE and the LayerNorm/grouping ablations are MoEUT layers and use the MoEUT formulas.
 """
 
 from __future__ import annotations
@@ -35,6 +45,14 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
 def layer_macs(cfg: ModelConfig, context: int) -> dict[str, int]:
     """Forward MACs per token of one layer application, split into attention and MLP."""
     d, H, dh, T = cfg.d_model, cfg.n_heads, cfg.d_head, context
+    if cfg.is_sut:
+        w, ka, k = H * dh, cfg.att_k, cfg.ff_k
+        att = (d * d + d * cfg.att_n_experts + ka * d * w + 2 * d * w + 2 * ka * w * T
+               + ka * w * (2 * cfg.rel_pos_max + 1) + ka * w * d + ka * d)
+        mlp = d * d + d * cfg.ff_n_experts + 2 * k * d * cfg.ff_expert_size + k * d
+        if cfg.act:
+            mlp += d * d + 2 * d
+        return {"attention": att, "mlp": mlp}
     if cfg.is_moe:
         att = (2 * d * H * dh + 2 * cfg.att_k * d * H * dh + 2 * H * dh * T
                + 2 * d * H * cfg.att_n_experts + cfg.att_k * H * (dh + d))
@@ -50,6 +68,15 @@ def active_params_per_token(cfg: ModelConfig) -> int:
     shared layer applied R times counts R times), plus the whole embedding, final LayerNorm and head.
     For the dense baseline this equals the total parameter count."""
     d, H, dh = cfg.d_model, cfg.n_heads, cfg.d_head
+    if cfg.is_sut:
+        w, ka, k = H * dh, cfg.att_k, cfg.ff_k
+        att = (d * d + d + d * cfg.att_n_experts + 2 * ka * d * w + 2 * d * w
+               + H * dh * (2 * cfg.rel_pos_max + 1))
+        mlp = d * d + d + d * cfg.ff_n_experts + k * (2 * d * cfg.ff_expert_size + cfg.ff_expert_size + d)
+        if cfg.act:
+            mlp += d * d + d + 2 * d
+        per_layer = att + mlp + 4 * d  # two LayerNorms
+        return cfg.n_layers * per_layer + cfg.vocab_size * d + (d * cfg.vocab_size + cfg.vocab_size)
     if cfg.is_moe:
         att = 2 * d * H * dh + 2 * cfg.att_k * H * d * dh + 2 * H * cfg.att_n_experts * d
         mlp = 2 * cfg.ff_k * d * cfg.ff_expert_size + cfg.ff_n_experts * d
@@ -57,7 +84,8 @@ def active_params_per_token(cfg: ModelConfig) -> int:
         att = 4 * d * H * dh
         mlp = 2 * d * cfg.d_ff + cfg.d_ff + d
     per_layer = att + mlp + 4 * d  # two LayerNorms
-    return cfg.n_layers * per_layer + cfg.vocab_size * d + (d * cfg.vocab_size + cfg.vocab_size) + 2 * d
+    out_norm = 0 if cfg.is_moe and cfg.norm_placement == "post" else 2 * d
+    return cfg.n_layers * per_layer + cfg.vocab_size * d + (d * cfg.vocab_size + cfg.vocab_size) + out_norm
 
 
 def model_stats(cfg: ModelConfig, context: int | None = None) -> dict[str, Any]:

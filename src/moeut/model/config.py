@@ -1,4 +1,5 @@
-"""Model configuration: one dataclass for MoEUT and its dense baseline, validated on construction."""
+"""Model configuration: one dataclass for MoEUT, its baselines (dense, σ-MoE, SUT) and ablations, validated on
+construction."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Arch = Literal["moeut", "dense"]
+Arch = Literal["moeut", "dense", "sut"]
+ARCHS = ("moeut", "dense", "sut")
+NORM_PLACEMENTS = ("peri", "pre", "post")
+GROUP_ORDERS = ("abab", "aabb")
+MI_LOSS_FORMS = ("code", "paper")
 
 
 class ConfigError(ValueError):
@@ -16,12 +21,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Hyper-parameters of a MoEUT language model (paper, Sec. 2 and Tab. 5) or its dense baseline.
+    """Hyper-parameters of a MoEUT language model (paper, Sec. 2 and Tab. 5) or one of its baselines.
 
-    Field names follow the paper; the reference implementation's keyword names are in brackets.
+    Field names follow the paper; the reference implementation's keyword names are in brackets. The σ-MoE
+    baseline is ``arch="moeut"`` with ``group_size = n_layers`` and ``att_n_experts = att_k = 1``. For
+    ``arch="sut"`` (Sparse Universal Transformer, :mod:`moeut.model.sut`) the shared fields mean: ``n_heads``
+    heads *per attention expert* (an expert's width is ``n_heads·d_head``), ``att_n_experts``/``att_k`` the
+    query/output experts N_A and K_A, ``ff_*`` the softmax-MoE MLP; ``entropy_reg``, ``att_entropy_reg``,
+    ``rope_*`` and ``norm_placement`` are not used (SUT is post-LN with relative positions).
     """
 
-    arch: Arch = "moeut"  # "moeut" (SwitchHead + σ-MoE, shared layers) or "dense" (pre-LN transformer)
+    arch: Arch = "moeut"  # "moeut" (SwitchHead + σ-MoE, shared layers), "dense" (pre-LN transformer) or "sut"
     vocab_size: int = 8000  # tokenizer size (SentencePiece BPE 8000 in the paper) [vocab_size / n_tokens]
     d_model: int = 412  # residual width d [d_model]
     n_layers: int = 16  # number of layer applications (depth) [n_layers]
@@ -44,6 +54,17 @@ class ModelConfig:
     rope_fraction: float = 0.5  # RoPE acts on the first int(fraction·d_head) channels (rounded down to even)
     rope_base: float = 10000.0  # RoPE base
     context_length: int = 1024  # training context T; used for FLOP accounting and as a default
+    # ablations of the MoEUT layer (Sec. 3.5 / 3.6); the defaults are the paper's MoEUT
+    norm_placement: str = "peri"  # "peri" (Sec. 2.4), "pre" (x += f(LN(x))) or "post" (x = LN(x + f(x)))
+    group_order: str = "abab"  # application order of the G layers: "abab" (A B A B …) or "aabb" (A A … B B …)
+    # SUT only (Tan et al., 2023, as configured in the MoEUT paper)
+    act: bool = True  # ACT halting (stick-breaking); False = "SUT without ACT"
+    act_reg: float = 0.01  # weight of the ACT loss (the expected number of layer applications per token)
+    act_threshold: float = 0.999  # a token freezes once its probability of never halting is < 1 - threshold
+    mi_reg: float = 0.001  # weight of the mutual-information router loss (each attention and MLP MoE)
+    mi_loss: str = "code"  # "code": H(E|X) + H(E), as the SUT authors' code; "paper": H(E|X) - H(E) = -MI
+    sample_topk: int = 0  # training only: the last sample_topk of the k experts are sampled, not greedy
+    rel_pos_max: int = 64  # relative-position table of 2·rel_pos_max+1 rows; distances clipped to ±(max-1)
 
     # filled in by __post_init__
     n_rotate: int = field(init=False, repr=False)
@@ -61,7 +82,18 @@ class ModelConfig:
 
     @property
     def is_moe(self) -> bool:
+        """True for MoEUT layers (MoEUT, σ-MoE and the LayerNorm / grouping ablations)."""
         return self.arch == "moeut"
+
+    @property
+    def is_sut(self) -> bool:
+        return self.arch == "sut"
+
+    def layer_index(self, application: int) -> int:
+        """Which of the G distinct layers runs at absolute layer application ``application``."""
+        if self.group_order == "aabb":
+            return application // self.n_repeats
+        return application % self.group_size
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -69,7 +101,7 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}: {msg}")
 
-        need(self.arch in ("moeut", "dense"), "arch", 'must be "moeut" or "dense"')
+        need(self.arch in ARCHS, "arch", 'must be "moeut", "dense" or "sut"')
         for name in ("vocab_size", "d_model", "n_layers", "group_size", "n_heads", "d_head", "context_length"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
                  "must be a positive integer")
@@ -80,7 +112,13 @@ class ModelConfig:
         need(self.rope_base > 0, "rope_base", "must be positive")
         need(self.entropy_reg >= 0, "entropy_reg", "must be >= 0 (0 disables the σ-MoE regulariser)")
         need(self.att_entropy_reg >= 0, "att_entropy_reg", "must be >= 0 (0 disables the attention regulariser)")
-        if self.arch == "moeut":
+        need(self.norm_placement in NORM_PLACEMENTS, "norm_placement", 'must be "peri", "pre" or "post"')
+        need(self.group_order in GROUP_ORDERS, "group_order", 'must be "abab" or "aabb"')
+        if self.arch != "moeut":
+            need(self.norm_placement == "peri", "norm_placement",
+                 f'only MoEUT layers take a LayerNorm placement (arch={self.arch!r} has a fixed one: dense is '
+                 f'pre-LN, SUT post-LN); leave it at "peri"')
+        if self.arch in ("moeut", "sut"):
             for name in ("att_n_experts", "att_k", "ff_n_experts", "ff_expert_size", "ff_k"):
                 need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
                      "must be a positive integer")
@@ -88,7 +126,18 @@ class ModelConfig:
                  f"K cannot exceed the number of experts ff_n_experts={self.ff_n_experts}; lower ff_k or add experts")
             need(self.att_k <= self.att_n_experts, "att_k",
                  f"K_A cannot exceed att_n_experts={self.att_n_experts}; lower att_k or add experts")
-        else:
+        if self.arch == "sut":
+            need(isinstance(self.act, bool), "act", "must be true or false")
+            need(self.act_reg >= 0, "act_reg", "must be >= 0 (0 disables the ACT loss)")
+            need(0.0 < self.act_threshold < 1.0, "act_threshold", "must be in (0, 1), e.g. 0.999")
+            need(self.mi_reg >= 0, "mi_reg", "must be >= 0 (0 disables the mutual-information loss)")
+            need(self.mi_loss in MI_LOSS_FORMS, "mi_loss",
+                 'must be "code" (H(E|X) + H(E), the SUT authors\' code) or "paper" (H(E|X) - H(E))')
+            need(isinstance(self.sample_topk, int) and 0 <= self.sample_topk <= min(self.att_k, self.ff_k),
+                 "sample_topk", f"must be an integer in [0, min(att_k, ff_k)] = [0, {min(self.att_k, self.ff_k)}]")
+            need(isinstance(self.rel_pos_max, int) and self.rel_pos_max >= 1, "rel_pos_max",
+                 "must be a positive integer (relative distances are clipped to ±(rel_pos_max - 1))")
+        elif self.arch == "dense":
             need(isinstance(self.d_ff, int) and self.d_ff > 0, "d_ff", "must be a positive integer")
             need(self.group_size == 1 or self.group_size == self.n_layers, "group_size",
                  "the dense baseline does not share layers: use group_size = n_layers")

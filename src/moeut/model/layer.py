@@ -1,10 +1,14 @@
-"""One MoEUT layer with peri-LayerNorm (Sec. 2.4), and the dense baseline's pre-LN layer.
+"""One MoEUT layer with peri-LayerNorm (Sec. 2.4) or the pre-/post-LN of the ablation (Sec. 3.6), and the dense
+baseline's pre-LN layer.
 
-MoEUT (LayerNorm only where a signal feeds a softmax/sigmoid or a query/key):
+MoEUT, ``norm_placement="peri"`` (LayerNorm only where a signal feeds a softmax/sigmoid or a query/key):
 
     xn = LN₁(x)
     x  = x + SwitchHead(q, k, routers from xn; values from raw x)
     x  = x + σ-MoE(experts on raw x; router on LN₂(x))
+
+``"pre"``:  ``x = x + SwitchHead(LN₁(x)); x = x + σ-MoE(LN₂(x))`` (every projection and router reads LN(x));
+``"post"``: ``x = LN₁(x + SwitchHead(x)); x = LN₂(x + σ-MoE(x))``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class LayerRouting:
 class MoEUTLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: str | None = None):
         super().__init__()
+        self.norm_placement = cfg.norm_placement
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attention = SwitchHead(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.att_n_experts, cfg.att_k, backend)
         self.ln2 = nn.LayerNorm(cfg.d_model)
@@ -47,6 +52,18 @@ class MoEUTLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 past: LayerKV | None = None) -> tuple[torch.Tensor, LayerKV, LayerRouting]:
+        if self.norm_placement == "pre":
+            xn = self.ln1(x)
+            att, kv, route_v, route_o = self.attention(xn, xn, rope, mask, past)
+            x = x + att
+            xn = self.ln2(x)
+            upd, route_ff = self.ffn(xn, xn)
+            return x + upd, kv, LayerRouting(route_v, route_o, route_ff)
+        if self.norm_placement == "post":
+            att, kv, route_v, route_o = self.attention(x, x, rope, mask, past)
+            x = self.ln1(x + att)
+            upd, route_ff = self.ffn(x, x)
+            return self.ln2(x + upd), kv, LayerRouting(route_v, route_o, route_ff)
         xn = self.ln1(x)
         att, kv, route_v, route_o = self.attention(x, xn, rope, mask, past)
         x = x + att

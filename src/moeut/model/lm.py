@@ -1,11 +1,11 @@
 """The MoEUT language model (Sec. 2): a universal transformer whose G distinct layers are applied in
-order A B … A B … (n_layers/G repeats), and the dense baseline (G = n_layers).
+order A B … A B … (n_layers/G repeats; ``group_order="aabb"``: A A … B B …), and the dense baseline
+(G = n_layers). The SUT baseline has its own class (:mod:`moeut.model.sut`); :func:`build_model` picks.
 
-    h = Embedding(tokens)                          no scaling
-    for r in 0 … n_layers/G − 1:
-        for g in 0 … G − 1:
-            h = layer_g(h)                         layer application r·G + g
-    logits = W_out · LN(h) + b_out                 head not tied to the embedding
+    h = Embedding(tokens)                          no scaling (post-LN: LN_noaffine(√d · Embedding(tokens)))
+    for each layer application i = 0 … n_layers − 1:
+        h = layer_{g(i)}(h)                        g(i) = i mod G (abab) or i div (n_layers/G) (aabb)
+    logits = W_out · LN(h) + b_out                 head not tied to the embedding (post-LN: no LN)
 """
 
 from __future__ import annotations
@@ -53,23 +53,30 @@ class MoEUTLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, backend: str | None = None):
         super().__init__()
+        if cfg.is_sut:
+            raise ValueError("arch='sut' is the SUT baseline: build it with moeut.model.build_model(cfg) "
+                             "(moeut.model.sut.SUTLM)")
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
         layer_cls = MoEUTLayer if cfg.is_moe else DenseLayer
         self.layers = nn.ModuleList(layer_cls(cfg, backend) for _ in range(cfg.group_size))
-        self.out_norm = nn.LayerNorm(cfg.d_model)
+        self.post_ln = cfg.is_moe and cfg.norm_placement == "post"
+        # post-LN: every layer ends in a LayerNorm, so no output LayerNorm (the input one has no parameters)
+        self.out_norm = nn.Identity() if self.post_ln else nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Init of the paper / reference: embedding N(0, 1/d); layer weights with s = √(2/n_layers)."""
+        """Init of the paper / reference: embedding N(0, 1/d); layer weights with s = √(2/n_layers) (s = 1
+        for post-LN, whose LayerNorms keep the residual at unit scale)."""
         nn.init.normal_(self.embedding.weight, 0, 1 / math.sqrt(self.cfg.d_model))
-        std_scale = math.sqrt(2 / self.cfg.n_layers)
+        std_scale = 1.0 if self.post_ln else math.sqrt(2 / self.cfg.n_layers)
         for layer in self.layers:
             layer.reset_parameters(std_scale)
-        self.out_norm.reset_parameters()
+        if isinstance(self.out_norm, nn.LayerNorm):
+            self.out_norm.reset_parameters()
         self.lm_head.reset_parameters()
 
     def set_backend(self, backend: str | None) -> None:
@@ -104,28 +111,29 @@ class MoEUTLM(nn.Module):
         mask = _attention_mask(B, T, past, attention_mask, tokens.device)
 
         h = self.embedding(tokens)
+        if self.post_ln:
+            h = F.layer_norm(h * math.sqrt(cfg.d_model), (cfg.d_model,))
         new_cache = KVCache() if cache is not None else None
         routings: list[list[LayerRouting]] = [[] for _ in range(cfg.group_size)]
         hidden = [h] if output_hidden_states else None
-        applied: list[LayerRouting | None] | None = [] if output_routing else None
-        for r in range(cfg.n_repeats):
-            for g, layer in enumerate(self.layers):
-                idx = r * cfg.group_size + g  # absolute layer application
-                h, kv, routing = layer(h, rope, mask, cache.get(idx) if cache is not None else None)
-                if new_cache is not None:
-                    new_cache.layers[idx] = kv
-                if routing is not None:
-                    routings[g].append(routing)
-                if hidden is not None:
-                    hidden.append(h)
-                if applied is not None:
-                    applied.append(routing)
+        applied: list[LayerRouting | None] = []
+        for idx in range(cfg.n_layers):  # absolute layer application
+            g = cfg.layer_index(idx)
+            h, kv, routing = self.layers[g](h, rope, mask, cache.get(idx) if cache is not None else None)
+            if new_cache is not None:
+                new_cache.layers[idx] = kv
+            if routing is not None:
+                routings[g].append(routing)
+            if hidden is not None:
+                hidden.append(h)
+            applied.append(routing)
 
         logits = self.lm_head(self.out_norm(h))
+        returned = applied if output_routing else None
         if not cfg.is_moe:
-            return LMOutput(logits, torch.zeros((), device=h.device), new_cache, None, hidden, applied)
-        return LMOutput(logits, self._reg_loss(routings), new_cache, self._expert_counts(routings), hidden,
-                        applied)
+            return LMOutput(logits, torch.zeros((), device=h.device), new_cache, None, hidden, returned)
+        return LMOutput(logits, self._reg_loss(routings), new_cache, self._expert_counts(applied), hidden,
+                        returned)
 
     def _reg_loss(self, routings: list[list[LayerRouting]]) -> torch.Tensor:
         """γ·Σ_g −H(p_ffn,g) + δ·Σ_g (−H(p_V,g) − H(p_O,g)); p pooled over time and over the repeats of g."""
@@ -135,10 +143,9 @@ class MoEUTLM(nn.Module):
                   entropy_of_mean_softmax([r.att_o.logits for r in rs]) for rs in routings)
         return cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
 
-    def _expert_counts(self, routings: list[list[LayerRouting]]) -> dict[str, torch.Tensor]:
+    def _expert_counts(self, flat: list[LayerRouting]) -> dict[str, torch.Tensor]:
+        """Selection counts per absolute layer application (``flat`` is in application order)."""
         cfg = self.cfg
-        # reorder from [g][r] to absolute application order r·G + g
-        flat = [routings[g][r] for r in range(cfg.n_repeats) for g in range(cfg.group_size)]
         head_offset = torch.arange(cfg.n_heads, device=flat[0].ffn.indices.device).unsqueeze(-1) * cfg.att_n_experts
         n_att = cfg.n_heads * cfg.att_n_experts
         return {
@@ -196,4 +203,8 @@ def _attention_mask(B: int, T: int, past: int, attention_mask: torch.Tensor | No
 
 def build_model(cfg: ModelConfig, backend: str | None = None) -> nn.Module:
     """The language model for ``cfg.arch``: the one place that maps a config to a model class."""
+    if cfg.is_sut:
+        from moeut.model.sut import SUTLM
+
+        return SUTLM(cfg, backend=backend)
     return MoEUTLM(cfg, backend=backend)

@@ -1,5 +1,5 @@
-"""Named model presets: the paper's MoEUT models (Tab. 5), their parameter-matched dense baselines, and
-small presets that train on a laptop CPU.
+"""Named model presets: the paper's MoEUT models (Tab. 5), their parameter-matched dense, σ-MoE and SUT
+baselines, the LayerNorm-placement and grouping ablations, and small presets that train on a laptop CPU.
 
 Parameter counts in the comments include the embedding and the untied output head (vocabulary 8000).
 """
@@ -14,13 +14,37 @@ _VOCAB = 8000
 def _moeut(n_layers: int, group_size: int, d_model: int, n_heads: int, att_n_experts: int, d_head: int,
            ff_n_experts: int, ff_k: int, **extra: Any) -> dict[str, Any]:
     return dict(arch="moeut", vocab_size=_VOCAB, n_layers=n_layers, group_size=group_size, d_model=d_model,
-                n_heads=n_heads, att_n_experts=att_n_experts, d_head=d_head, att_k=2, ff_n_experts=ff_n_experts,
-                ff_expert_size=128, ff_k=ff_k, entropy_reg=0.01, att_entropy_reg=0.001, **extra)
+                n_heads=n_heads, att_n_experts=att_n_experts, d_head=d_head, ff_n_experts=ff_n_experts,
+                ff_expert_size=128, ff_k=ff_k, entropy_reg=0.01, att_entropy_reg=0.001, **{"att_k": 2, **extra})
 
 
 def _dense(n_layers: int, d_model: int, d_ff: int, n_heads: int, d_head: int, **extra: Any) -> dict[str, Any]:
     return dict(arch="dense", vocab_size=_VOCAB, n_layers=n_layers, group_size=n_layers, d_model=d_model,
                 d_ff=d_ff, n_heads=n_heads, d_head=d_head, **extra)
+
+
+def _sigma_moe(n_layers: int, d_model: int, n_heads: int, d_head: int, ff_n_experts: int, ff_k: int,
+               **extra: Any) -> dict[str, Any]:
+    """σ-MoE baseline: the MoEUT layer without sharing (G = n_layers), one sigmoid-gated V/O expert per head."""
+    return _moeut(n_layers, n_layers, d_model, n_heads, 1, d_head, ff_n_experts, ff_k, att_k=1, **extra)
+
+
+def _sut(n_layers: int, d_model: int, ff_expert_size: int, ff_n_experts: int, ff_k: int, heads_per_expert: int,
+         d_head: int, att_n_experts: int, mi_reg: float, act: bool = True, **extra: Any) -> dict[str, Any]:
+    """SUT: one shared post-LN layer (G = 1) of a mixture of attention heads and a softmax MoE."""
+    return dict(arch="sut", vocab_size=_VOCAB, n_layers=n_layers, group_size=1, d_model=d_model,
+                n_heads=heads_per_expert, d_head=d_head, att_n_experts=att_n_experts, att_k=2,
+                ff_n_experts=ff_n_experts, ff_expert_size=ff_expert_size, ff_k=ff_k, mi_reg=mi_reg, act=act,
+                act_reg=0.01, **extra)
+
+
+def _sut_pair(name: str, **kw: Any) -> dict[str, dict[str, Any]]:
+    return {name: _sut(**kw), f"{name}-noact": _sut(**kw, act=False)}
+
+
+def _moeut_244m_group(group_size: int, ff_n_experts: int, att_n_experts: int, **extra: Any) -> dict[str, Any]:
+    """The grouping ablation (Sec. 3.5): 244M MoEUT with G layers per group, parameter-matched via N_E, N_A."""
+    return _moeut(18, group_size, 1024, 4, att_n_experts, 128, ff_n_experts, 16, **extra)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -45,6 +69,35 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dense-tiny": _dense(4, 128, 2118, 4, 32, context_length=256),  # 4.50M
     "moeut-small": _moeut(8, 2, 256, 4, 4, 64, 32, 4, context_length=512),  # 9.64M
     "dense-small": _dense(8, 256, 836, 4, 64, context_length=512),  # 9.64M
+
+    # σ-MoE baselines (no layer sharing, one attention expert per head with K_A = 1).
+    "sigma-moe-44m": _sigma_moe(16, 412, 4, 82, 17, 12),  # 44.1M
+    "sigma-moe-126m": _sigma_moe(18, 768, 4, 96, 26, 12),  # 126.1M
+    "sigma-moe-244m": _sigma_moe(18, 1024, 4, 128, 40, 16),  # 243.8M
+    "sigma-moe-319m": _sigma_moe(24, 1024, 4, 128, 40, 16),  # 319.7M
+    "sigma-moe-728m": _sigma_moe(36, 1280, 5, 128, 50, 20),  # 731.2M
+    # SUT (with and without ACT), as configured in the MoEUT paper.
+    **_sut_pair("sut-44m", n_layers=16, d_model=412, ff_expert_size=256, ff_n_experts=152, ff_k=2,
+                heads_per_expert=4, d_head=64, att_n_experts=24, mi_reg=0.001),
+    **_sut_pair("sut-244m", n_layers=18, d_model=1024, ff_expert_size=512, ff_n_experts=192, ff_k=4,
+                heads_per_expert=4, d_head=128, att_n_experts=21, mi_reg=0.01, sample_topk=1),
+    # LayerNorm placement ablation (Sec. 3.6).
+    "moeut-44m-preln": _moeut(16, 2, 412, 4, 8, 82, 155, 12, norm_placement="pre"),
+    "moeut-44m-postln": _moeut(16, 2, 412, 4, 8, 82, 155, 12, norm_placement="post"),
+    "moeut-244m-preln": _moeut(18, 2, 1024, 4, 10, 128, 387, 16, norm_placement="pre"),
+    "moeut-244m-postln": _moeut(18, 2, 1024, 4, 10, 128, 387, 16, norm_placement="post"),
+    # Grouping ablation (Sec. 3.5), 244M, parameter-matched through N_E and N_A (G = 2 is moeut-244m).
+    "moeut-244m-g1": _moeut_244m_group(1, 779, 20),
+    "moeut-244m-g3": _moeut_244m_group(3, 260, 6),
+    "moeut-244m-g6": _moeut_244m_group(6, 128, 3),
+    "moeut-244m-g9": _moeut_244m_group(9, 84, 2),
+    "moeut-244m-g18": _moeut_244m_group(18, 40, 1, att_k=1),
+    "moeut-244m-aabb": _moeut(18, 2, 1024, 4, 10, 128, 387, 16, group_order="aabb"),
+
+    # CPU versions of the baselines, parameter-matched to moeut-tiny (4.50M).
+    "sigma-moe-tiny": _sigma_moe(4, 128, 4, 32, 17, 4, context_length=256),
+    "sut-tiny": _sut(4, 128, 128, 62, 4, 4, 32, 8, mi_reg=0.001, context_length=256),
+    "sut-tiny-noact": _sut(4, 128, 128, 62, 4, 4, 32, 8, mi_reg=0.001, act=False, context_length=256),
 }
 
-PAPER_PRESETS = [name for name in PRESETS if not name.endswith(("-tiny", "-small"))]
+PAPER_PRESETS = [name for name in PRESETS if not name.endswith(("-tiny", "-small", "-tiny-noact"))]

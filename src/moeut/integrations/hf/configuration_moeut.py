@@ -1,7 +1,7 @@
 # Configuration of a MoEUT model (Csordás et al., "MoEUT: Mixture-of-Experts Universal Transformers",
 # NeurIPS 2024) for Hugging Face transformers. Written by `moeut export-hf`; self-contained: it imports only
 # transformers, so an exported directory loads where moeut is not installed.
-"""MoEUT configuration for transformers (``model_type = "moeut"``)."""
+"""MoEUT configuration for transformers (``model_type = "moeut"``; also its dense and SUT baselines)."""
 
 try:  # transformers >= 5
     from transformers import PreTrainedConfig
@@ -25,6 +25,13 @@ class MoEUTConfig(PreTrainedConfig):
     * ``entropy_reg`` / ``att_entropy_reg``: weights of the load-balancing regularisers (the model's ``aux_loss``).
     * ``rope_fraction`` (RoPE on the first ``int(rope_fraction·head_dim)`` channels, rounded down to even) and
       ``rope_base``.
+    * ``norm_placement``: the MoEUT layer's LayerNorms, ``"peri"`` (the paper's), ``"pre"`` or ``"post"`` (then the
+      embeddings are scaled by √d and normalised without parameters, and there is no output LayerNorm).
+    * ``group_order``: the order of the layer applications, ``"abab"`` (A B A B …) or ``"aabb"`` (A A … B B …).
+    * ``arch="sut"``, the Sparse Universal Transformer baseline (post-LN, mixture of attention heads with
+      ``num_attention_heads`` heads *per attention expert*, softmax MoE): ``act`` (ACT halting), ``act_reg``,
+      ``act_threshold``, ``mi_reg`` / ``mi_loss`` (its router loss, ``"code"`` or ``"paper"``), ``sample_topk``,
+      ``rel_pos_max`` (relative positions clipped to ±(rel_pos_max − 1)).
     * ``output_router_logits``: when True, ``loss`` includes ``aux_loss`` (moeut's training objective) and the
       outputs carry the σ-MoE router logits of every layer application.
     """
@@ -59,6 +66,15 @@ class MoEUTConfig(PreTrainedConfig):
         rope_fraction=0.5,
         rope_base=10000.0,
         max_position_embeddings=1024,
+        norm_placement="peri",
+        group_order="abab",
+        act=True,
+        act_reg=0.01,
+        act_threshold=0.999,
+        mi_reg=0.001,
+        mi_loss="code",
+        sample_topk=0,
+        rel_pos_max=64,
         layer_norm_eps=1e-5,
         use_cache=True,
         output_router_logits=False,
@@ -68,8 +84,14 @@ class MoEUTConfig(PreTrainedConfig):
         tie_word_embeddings=False,
         **kwargs,
     ):
-        if arch not in ("moeut", "dense"):
-            raise ValueError(f'MoEUTConfig.arch={arch!r}: must be "moeut" or "dense"')
+        if arch not in ("moeut", "dense", "sut"):
+            raise ValueError(f'MoEUTConfig.arch={arch!r}: must be "moeut", "dense" or "sut"')
+        if mi_loss not in ("code", "paper"):
+            raise ValueError(f'MoEUTConfig.mi_loss={mi_loss!r}: must be "code" or "paper"')
+        if norm_placement not in ("peri", "pre", "post"):
+            raise ValueError(f'MoEUTConfig.norm_placement={norm_placement!r}: must be "peri", "pre" or "post"')
+        if group_order not in ("abab", "aabb"):
+            raise ValueError(f'MoEUTConfig.group_order={group_order!r}: must be "abab" or "aabb"')
         if group_size <= 0 or num_hidden_layers % group_size:
             raise ValueError(f"MoEUTConfig.group_size={group_size} must divide num_hidden_layers={num_hidden_layers}")
         self.arch = arch
@@ -90,6 +112,15 @@ class MoEUTConfig(PreTrainedConfig):
         self.rope_fraction = rope_fraction
         self.rope_base = rope_base
         self.max_position_embeddings = max_position_embeddings
+        self.norm_placement = norm_placement
+        self.group_order = group_order
+        self.act = act
+        self.act_reg = act_reg
+        self.act_threshold = act_threshold
+        self.mi_reg = mi_reg
+        self.mi_loss = mi_loss
+        self.sample_topk = sample_topk
+        self.rel_pos_max = rel_pos_max
         self.layer_norm_eps = layer_norm_eps
         self.use_cache = use_cache
         self.output_router_logits = output_router_logits
@@ -105,6 +136,12 @@ class MoEUTConfig(PreTrainedConfig):
     def n_repeats(self):
         """How often the group of ``group_size`` distinct layers is applied."""
         return self.num_hidden_layers // self.group_size
+
+    def layer_index(self, application):
+        """Which of the ``group_size`` distinct layers runs at absolute layer application ``application``."""
+        if self.group_order == "aabb":
+            return application // self.n_repeats
+        return application % self.group_size
 
     @property
     def n_rotate(self):

@@ -35,6 +35,7 @@ _HF_NAMES = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads
 _PREFIXES = (("embedding.", "model.embed_tokens."), ("layers.", "model.layers."), ("out_norm.", "model.norm."),
              ("lm_head.", "lm_head."))
 _DTYPES = ("float32", "bfloat16", "float16")
+EXPORTABLE_ARCHS = ("moeut", "dense", "sut")  # what modeling_moeut.py implements
 
 
 class ExportError(ValueError):
@@ -134,6 +135,9 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | P
 
     run = load_run(checkpoint, tokenizer=tokenizer)
     model, tok = run.model, run.tokenizer
+    if model.cfg.arch not in EXPORTABLE_ARCHS:
+        raise ExportError(f"{checkpoint}: arch {model.cfg.arch!r} has no exported modeling code "
+                          f"(export-hf writes {', '.join(EXPORTABLE_ARCHS)})")
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (WEIGHTS, WEIGHTS_INDEX):  # a previous export's weights must not survive next to the new ones
         (out_dir / name).unlink(missing_ok=True)

@@ -10,11 +10,19 @@ A universal transformer whose ``group_size`` = G distinct layers are applied in 
 absolute positions. ``attention_mask`` (1 = real token, 0 = padding) and left padding are honoured: RoPE
 positions count real tokens only, as in moeut.
 
-MoEUT layer (peri-LayerNorm)::
+MoEUT layer (peri-LayerNorm, ``norm_placement="peri"``)::
 
     xn = LN₁(x)
     x  = x + SwitchHead(q, k and the routers from xn; values from the raw x)
     x  = x + σ-MoE(experts on the raw x; router on LN₂(x))
+
+``"pre"``: ``x += SwitchHead(LN₁(x)); x += σ-MoE(LN₂(x))``; ``"post"``: ``x = LN₁(x + SwitchHead(x));
+x = LN₂(x + σ-MoE(x))`` with embeddings ·√d through a LayerNorm without parameters and no output LayerNorm.
+``group_order="aabb"`` applies each distinct layer n_layers/G times in a row instead of A B A B ….
+
+``arch="sut"``: the Sparse Universal Transformer baseline (moeut.model.sut): post-LN layers of a mixture of
+attention heads (relative positions, no RoPE) and a softmax MoE, with ACT halting; ``aux_loss`` is its
+mutual-information router loss plus the ACT loss.
 """
 
 import inspect
@@ -244,12 +252,25 @@ class MoEUTSigmaMoE(nn.Module):
 class MoEUTLayer(nn.Module):
     def __init__(self, config):
         super().__init__()
+        self.norm_placement = config.norm_placement
         self.ln1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = MoEUTSwitchHead(config)
         self.ln2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.ffn = MoEUTSigmaMoE(config)
 
     def forward(self, x, rope, mask, cache, layer_idx):
+        if self.norm_placement == "pre":
+            xn = self.ln1(x)
+            att, logits_v, logits_o = self.attention(xn, xn, rope, mask, cache, layer_idx)
+            x = x + att
+            xn = self.ln2(x)
+            upd, logits_ff = self.ffn(xn, xn)
+            return x + upd, (logits_v, logits_o, logits_ff)
+        if self.norm_placement == "post":
+            att, logits_v, logits_o = self.attention(x, x, rope, mask, cache, layer_idx)
+            x = self.ln1(x + att)
+            upd, logits_ff = self.ffn(x, x)
+            return self.ln2(x + upd), (logits_v, logits_o, logits_ff)
         att, logits_v, logits_o = self.attention(x, self.ln1(x), rope, mask, cache, layer_idx)
         x = x + att
         upd, logits_ff = self.ffn(x, self.ln2(x))
@@ -298,6 +319,196 @@ class MoEUTDenseLayer(nn.Module):
         return x, None
 
 
+# ------------------------------------------------------------------------------------ SUT (arch="sut")
+class SUTRouter(nn.Module):
+    """``Linear(d, d) → tanh → Linear(d, E, bias=False)``."""
+
+    def __init__(self, d_model, n_experts):
+        super().__init__()
+        self.hidden = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, n_experts, bias=False)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+def softmax_topk(logits, k, active=None, sample_topk=0, training=False):
+    """Top-k of softmax(logits) with gates renormalised to sum to 1 (+1e-6); rows with ``active == 0`` get zero
+    gates; in training the last ``sample_topk`` experts are sampled from the rest. Returns logits, gates, ids."""
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    if active is not None:
+        probs = probs.masked_fill((active == 0).unsqueeze(-1), 0.0)
+    if training and sample_topk > 0:
+        flat = probs.reshape(-1, probs.shape[-1])
+        greedy = flat.topk(k - sample_topk, dim=-1).indices
+        sampled = torch.multinomial((flat + 1e-6).scatter(-1, greedy, 0.0), sample_topk)
+        indices = torch.cat([greedy, sampled], dim=-1).view(*probs.shape[:-1], k)
+        gates = probs.gather(-1, indices)
+    else:
+        gates, indices = probs.topk(k, dim=-1)
+    return logits, gates / (gates.sum(-1, keepdim=True) + 1e-6), indices
+
+
+def mutual_information_loss(logits, weights, form="code"):
+    """SUT router loss pooled over applications: ``H(E|X) + H(E)`` (form "code", the SUT authors' code) or
+    ``H(E|X) − H(E)`` ("paper"); ``p_x`` ∝ the token weights (None = 1)."""
+    n_experts = logits[0].shape[-1]
+    log_p = torch.cat([t.float().reshape(-1, n_experts).log_softmax(-1) for t in logits])
+    w = torch.cat([(torch.ones(t.shape[:-1], device=t.device) if m is None else m.float()).reshape(-1)
+                   for t, m in zip(logits, weights)])
+    p_x = (w / (w.sum() + 1e-12)).unsqueeze(-1)
+    p = log_p.exp()
+    h_e_given_x = -(p_x * p * log_p).sum()
+    p_e = (p_x * p).sum(0)
+    h_e = -(p_e * p_e.clamp_min(1e-30).log()).sum()
+    return h_e_given_x + h_e if form == "code" else h_e_given_x - h_e
+
+
+class SUTAttention(nn.Module):
+    """Mixture of attention heads: query/output experts (top-K_A, softmax router), shared K and V, and a
+    content-dependent relative-position term ``q · R[clip(s − t, ±(P−1))]``."""
+
+    def __init__(self, config):
+        super().__init__()
+        d, e, h, dh = config.hidden_size, config.att_n_experts, config.num_attention_heads, config.head_dim
+        p = config.rel_pos_max
+        self.n_experts, self.top_k, self.n_heads, self.d_head, self.rel_pos_max = e, config.att_k, h, dh, p
+        self.sample_topk = config.sample_topk
+        self.router = SUTRouter(d, e)
+        self.q = nn.Parameter(torch.empty(e, d, h * dh))
+        self.o = nn.Parameter(torch.empty(e, h * dh, d))
+        self.k = nn.Linear(d, h * dh, bias=False)
+        self.v = nn.Linear(d, h * dh, bias=False)
+        self.rel_pos = nn.Parameter(torch.empty(h, dh, 2 * p + 1))
+
+    def forward(self, x_q, x_kv, mask, cache, layer_idx, active=None):
+        bsz, length, d = x_q.shape
+        h, dh, top = self.n_heads, self.d_head, self.top_k
+        scale = dh ** -0.25
+        logits, gates, indices = softmax_topk(self.router(x_q), top, active, self.sample_topk, self.training)
+        ids = indices.reshape(-1, top)
+        q = expert_matmul(x_q.reshape(-1, 1, d), ids, self.q)
+        q = (q * scale).view(bsz, length, top, h, dh).permute(0, 3, 2, 1, 4).reshape(bsz * h, top * length, dh)
+        k = (self.k(x_kv) * scale).view(bsz, length, h, dh).transpose(1, 2)
+        v = self.v(x_kv).view(bsz, length, h, dh).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)
+        total = k.shape[2]
+        p = self.rel_pos_max
+        q_pos = torch.arange(total - length, total, device=x_q.device).unsqueeze(-1)
+        k_pos = torch.arange(total, device=x_q.device)
+        rel = (k_pos - q_pos).clamp(1 - p, p - 1) + p
+        allowed = k_pos <= q_pos if mask is None else (mask[:, 0] if mask.dim() == 4 else mask)
+        rel = torch.where(allowed, rel, 2 * p + 1)
+        rel = (rel if rel.dim() == 3 else rel.unsqueeze(0)).unsqueeze(1).unsqueeze(2).expand(bsz, h, top, length, total)
+        rel_logits = torch.matmul(q.view(bsz, h, top * length, dh), self.rel_pos.to(q.dtype))
+        rel_logits = torch.cat((rel_logits, rel_logits.new_full((bsz, h, top * length, 1), float("-inf"))), dim=-1)
+        bias = rel_logits.view(bsz, h, top, length, 2 * p + 2).gather(-1, rel).view(bsz * h, top * length, total)
+        scores = torch.baddbmm(bias, q, k.reshape(bsz * h, total, dh).transpose(1, 2))
+        att = torch.bmm(scores.float().softmax(-1).to(v.dtype), v.reshape(bsz * h, total, dh))
+        att = att.view(bsz, h, top, length, dh).permute(0, 3, 2, 1, 4).reshape(bsz * length, top, h * dh)
+        y = expert_matmul(att, ids, self.o, gates.reshape(-1, top).to(att.dtype))
+        return y.view(bsz, length, d), logits
+
+
+class SUTMoE(nn.Module):
+    """Softmax top-k MoE with biases: ``y = Σ_e g_e · (ReLU(x W₁ᵉ + b₁ᵉ) W₂ᵉ + b₂ᵉ)``."""
+
+    def __init__(self, config):
+        super().__init__()
+        d, e, de = config.hidden_size, config.ff_n_experts, config.ff_expert_size
+        self.d_model, self.top_k, self.sample_topk = d, config.ff_k, config.sample_topk
+        self.router = SUTRouter(d, e)
+        self.w1 = nn.Parameter(torch.empty(e, d, de))
+        self.b1 = nn.Parameter(torch.empty(e, de))
+        self.w2 = nn.Parameter(torch.empty(e, de, d))
+        self.b2 = nn.Parameter(torch.empty(e, d))
+
+    def forward(self, x, active=None):
+        logits, gates, indices = softmax_topk(self.router(x), self.top_k, active, self.sample_topk, self.training)
+        ids = indices.reshape(-1, self.top_k)
+        gates = gates.reshape(-1, self.top_k).to(x.dtype)
+        hid = F.relu(expert_matmul(x.reshape(-1, 1, self.d_model), ids, self.w1) + self.b1[ids])
+        y = expert_matmul(hid, ids, self.w2, gates)[:, 0] + (gates.unsqueeze(-1) * self.b2[ids]).sum(1)
+        return y.view_as(x), logits
+
+
+class SUTHalting(nn.Module):
+    """ACT gate: ``log_softmax(Linear(d, 2, bias=False)(GELU(Linear(d, d)(h))))`` = log (continue, halt)."""
+
+    def __init__(self, d_model):
+        super().__init__()
+        self.hidden = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, 2, bias=False)
+
+    def forward(self, h):
+        return F.log_softmax(self.out(F.gelu(self.hidden(h))).float(), dim=-1)
+
+
+class SUTLayer(nn.Module):
+    """Post-LN: ``x = LN₁(x_q + Att(x_q, x_kv)); x = LN₂(x + MoE(x))``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attention = SUTAttention(config)
+        self.ln1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn = SUTMoE(config)
+        self.ln2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.halting = SUTHalting(config.hidden_size) if config.act else None
+
+    def forward(self, x_q, x_kv, mask, cache, layer_idx, active=None):
+        att, logits_att = self.attention(x_q, x_kv, mask, cache, layer_idx, active)
+        x = self.ln1(x_q + att)
+        upd, logits_ff = self.ffn(x, active)
+        return self.ln2(x + upd), (logits_att, logits_ff, active)
+
+
+def _sut_stack(model, h, mask, cache, output_hidden_states):
+    """SUT layer applications with ACT halting (stick-breaking; tokens freeze once their probability of never
+    halting is below 1 − act_threshold). Returns the output state, hidden states, aux loss, MLP router logits."""
+    cfg = model.config
+    threshold = cfg.act_threshold
+    all_hidden = (h,) if output_hidden_states else None
+    state, prev, q = h, h, None
+    log_never = acc = depth = None
+    per_layer = [[] for _ in range(cfg.group_size)]
+    applied = []
+    for idx in range(cfg.num_hidden_layers):
+        layer = model.layers[cfg.layer_index(idx)]
+        if layer.halting is not None and idx > 0:
+            log_halt = log_never.unsqueeze(-1) + layer.halting(prev)
+            p = log_halt[..., 1].exp()
+            acc = acc + p.unsqueeze(-1).to(prev.dtype) * prev
+            depth = depth + (idx - 1) * p
+            log_never = log_halt[..., 0]
+            q = log_never.exp()
+            q = q.masked_fill(q < 1 - threshold, 0.0)
+            out, logits = layer(prev, state, mask, cache, idx, active=q)
+            frozen = (q < 1 - threshold).unsqueeze(-1)
+            state = torch.where(frozen, state, acc + q.unsqueeze(-1).to(out.dtype) * out)
+        else:
+            out, logits = layer(prev, state, mask, cache, idx)
+            state = out
+            if layer.halting is not None:
+                log_never = torch.zeros(out.shape[:-1], device=out.device, dtype=torch.float32)
+                acc, depth = torch.zeros_like(out), log_never.clone()
+        prev = out
+        per_layer[cfg.layer_index(idx)].append(logits)
+        applied.append(logits[1])
+        if output_hidden_states:
+            all_hidden = all_hidden + (state,)
+    aux = torch.zeros((), device=h.device)
+    if cfg.mi_reg:
+        for rs in per_layer:
+            weights = [lg[2] for lg in rs]
+            aux = aux + cfg.mi_reg * (mutual_information_loss([lg[0] for lg in rs], weights, cfg.mi_loss)
+                                      + mutual_information_loss([lg[1] for lg in rs], weights, cfg.mi_loss))
+    if q is not None and cfg.act_reg:
+        aux = aux + cfg.act_reg * (depth + q * (cfg.num_hidden_layers - 1)).mean()
+    return state, all_hidden, aux, tuple(applied)
+
+
 # ---------------------------------------------------------------------------------------- pretrained base
 def _needs_init(param):
     """False for tensors that from_pretrained already loaded (never overwrite them)."""
@@ -323,7 +534,7 @@ class MoEUTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
-    _no_split_modules = ["MoEUTLayer", "MoEUTDenseLayer"]
+    _no_split_modules = ["MoEUTLayer", "MoEUTDenseLayer", "SUTLayer"]
     _supports_cache_class = True  # transformers 4.x: use Cache objects, not tuples
     _supports_static_cache = False
     _supports_quantized_cache = False
@@ -339,7 +550,8 @@ class MoEUTPreTrainedModel(PreTrainedModel):
         """
         cfg = self.config
         d = cfg.hidden_size
-        s = math.sqrt(2 / cfg.num_hidden_layers)
+        post_ln = cfg.arch == "moeut" and cfg.norm_placement == "post"
+        s = 1.0 if post_ln else math.sqrt(2 / cfg.num_hidden_layers)
         if isinstance(module, nn.Embedding):
             if _needs_init(module.weight):
                 nn.init.normal_(module.weight, 0, 1 / math.sqrt(d))
@@ -376,6 +588,30 @@ class MoEUTPreTrainedModel(PreTrainedModel):
                     nn.init.normal_(lin.weight, 0, s / math.sqrt(lin.in_features))
                 if _needs_init(lin.bias):
                     nn.init.zeros_(lin.bias)
+        elif isinstance(module, (SUTAttention, SUTMoE)):  # the SUT code's init (its routers: torch's default)
+            for w in ((module.q, module.o) if isinstance(module, SUTAttention) else (module.w1, module.w2)):
+                if _needs_init(w):
+                    nn.init.uniform_(w, -1 / w.shape[1], 1 / w.shape[1])
+            if isinstance(module, SUTAttention):
+                for lin in (module.k, module.v):
+                    if _needs_init(lin.weight):
+                        nn.init.xavier_uniform_(lin.weight, gain=1 / math.sqrt(2))
+                if _needs_init(module.rel_pos):
+                    nn.init.zeros_(module.rel_pos)
+            else:
+                for w, b in ((module.w1, module.b1), (module.w2, module.b2)):
+                    if _needs_init(b):
+                        nn.init.uniform_(b, -1 / math.sqrt(w.shape[2]), 1 / math.sqrt(w.shape[2]))
+        elif isinstance(module, (SUTRouter, SUTHalting)):
+            for lin in (module.hidden, module.out):
+                if _needs_init(lin.weight):
+                    if isinstance(module, SUTHalting) and lin is module.out:
+                        nn.init.zeros_(lin.weight)
+                    else:
+                        nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
+                if lin.bias is not None and _needs_init(lin.bias):
+                    bound = 1 / math.sqrt(lin.in_features)
+                    nn.init.uniform_(lin.bias, -bound, bound)
         elif isinstance(module, nn.Linear) and module is getattr(self, "lm_head", None):
             # torch's default nn.Linear init, as moeut's output head
             if _needs_init(module.weight):
@@ -404,9 +640,11 @@ class MoEUTModel(MoEUTPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        layer_cls = MoEUTLayer if config.arch == "moeut" else MoEUTDenseLayer
+        layer_cls = {"moeut": MoEUTLayer, "dense": MoEUTDenseLayer, "sut": SUTLayer}[config.arch]
         self.layers = nn.ModuleList(layer_cls(config) for _ in range(config.group_size))
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # post-LN (and SUT, which is post-LN): input LayerNorm without parameters, no output LayerNorm
+        self.post_ln = config.arch == "sut" or (config.arch == "moeut" and config.norm_placement == "post")
+        self.norm = nn.Identity() if self.post_ln else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -424,6 +662,8 @@ class MoEUTModel(MoEUTPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.post_ln:
+            h = F.layer_norm(h * math.sqrt(cfg.hidden_size), (cfg.hidden_size,), eps=cfg.layer_norm_eps)
         bsz, length = h.shape[:2]
         use_cache = use_cache if use_cache is not None else getattr(cfg, "use_cache", True)
         if output_hidden_states is None:
@@ -440,16 +680,22 @@ class MoEUTModel(MoEUTPreTrainedModel):
         positions = _positions(bsz, length, past, attention_mask, position_ids, h.device)
         rope = rope_tables(positions, cfg.n_rotate, cfg.rope_base)
         mask = _attention_mask(bsz, length, past, attention_mask, h.device)
+        if cfg.arch == "sut":  # relative positions only: no RoPE, position_ids are not used
+            h, all_hidden, aux_loss, applied = _sut_stack(self, h, mask, cache, output_hidden_states)
+            return MoEUTModelOutput(last_hidden_state=h, cache=cache, hidden_states=all_hidden, aux_loss=aux_loss,
+                                    router_logits=applied if output_router_logits else None)
 
         all_hidden = (h,) if output_hidden_states else None
         routing = [[] for _ in range(cfg.group_size)]  # per distinct layer g: (logits_v, logits_o, logits_ff)
-        for r in range(cfg.n_repeats):
-            for g, layer in enumerate(self.layers):
-                h, logits = layer(h, rope, mask, cache, r * cfg.group_size + g)  # absolute layer application
-                if logits is not None:
-                    routing[g].append(logits)
-                if output_hidden_states:
-                    all_hidden = all_hidden + (h,)
+        applied = []  # the σ-MoE router logits in absolute application order
+        for idx in range(cfg.num_hidden_layers):  # absolute layer application
+            g = cfg.layer_index(idx)
+            h, logits = self.layers[g](h, rope, mask, cache, idx)
+            if logits is not None:
+                routing[g].append(logits)
+                applied.append(logits[2])
+            if output_hidden_states:
+                all_hidden = all_hidden + (h,)
         h = self.norm(h)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (h,)
@@ -460,8 +706,8 @@ class MoEUTModel(MoEUTPreTrainedModel):
                       for rs in routing)
             aux_loss = cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
             router_logits = None
-            if output_router_logits:  # absolute application order r·G + g
-                router_logits = tuple(routing[g][r][2] for r in range(cfg.n_repeats) for g in range(cfg.group_size))
+            if output_router_logits:  # absolute application order
+                router_logits = tuple(applied)
         else:
             aux_loss = torch.zeros((), device=h.device)
             router_logits = None
