@@ -7,6 +7,7 @@
     moeut generate --checkpoint RUN --prompt TEXT [...]    sample with the KV cache (streams)
     moeut export-hf --checkpoint RUN --out DIR              Hugging Face transformers directory
     moeut demo   [--out RUN] [--compare-dense]             the main job: prepare, train, evaluate, sample
+    moeut analyze {residual-norm,expert-usage,...} ...      the paper's analyses: tables, JSON, plots
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats[names[0]] if args.preset else stats, indent=2))
         return 0
-    header = f"{'preset':<13}{'params':>10}{'non-emb':>10}{'active/tok':>12}{'MACs/tok':>11}  context"
+    w = max(13, *(len(n) + 1 for n in stats))
+    header = f"{'preset':<{w}}{'params':>10}{'non-emb':>10}{'active/tok':>12}{'MACs/tok':>11}  context"
     print(header)
     print("-" * len(header))
     for name, s in stats.items():
-        print(f"{name:<13}{_m(s['params_total']):>10}{_m(s['params_non_embedding']):>10}"
+        print(f"{name:<{w}}{_m(s['params_total']):>10}{_m(s['params_non_embedding']):>10}"
               f"{_m(s['active_params_per_token']):>12}{_m(s['macs_per_token']):>11}  {s['macs_context']}")
     if args.preset:
         print("\nconfig: " + json.dumps(stats[args.preset]["config"]))
@@ -57,7 +59,8 @@ _TRAIN_FLAGS = {"preset": "preset", "data": "data", "out": "out", "steps": "step
                 "seq_len": "seq_len", "grad_accum": "grad_accum", "lr": "lr", "weight_decay": "weight_decay",
                 "warmup": "warmup_steps", "clip": "grad_clip", "eval_every": "eval_every",
                 "eval_batches": "eval_batches", "save_every": "save_every", "keep": "keep_checkpoints",
-                "log_every": "log_every", "routing_every": "routing_every", "seed": "seed", "device": "device",
+                "log_every": "log_every", "routing_every": "routing_every",
+                "residual_norm_every": "residual_norm_every", "seed": "seed", "device": "device",
                 "precision": "precision", "backend": "backend"}
 
 
@@ -139,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                            ("keep", int, "checkpoints to keep (default 3)"),
                            ("log_every", int, "metrics line every N steps (default 10)"),
                            ("routing_every", int, "routing statistics every N steps (default 100)"),
+                           ("residual_norm_every", int, "residual and update norm of every layer application "
+                            "every N steps, on one validation batch (default 0 = off)"),
                            ("seed", int, "seed (default 0)"),
                            ("device", str, "auto, cpu, cuda, cuda:N (default auto)"),
                            ("precision", str, "auto, bf16, fp32 (default auto: bf16 on CUDA)"),
@@ -156,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export-hf", help="write a Hugging Face transformers model directory (safetensors)")
     _lazy_arguments(exp, "moeut.integrations.hf.cli", "add_export_arguments", "run_export")
+
+    ana = sub.add_parser("analyze", help="the paper's analyses: residual norms, expert usage, layer similarity, "
+                         "token diversity, sweeps, wall clock and memory, compute")
+    _lazy_arguments(ana, "moeut.analysis.cli", "add_analyze_arguments", "run_analyze")
 
     demo = sub.add_parser("demo", help="the main job: tokenizer + shards, train moeut-tiny, validation "
                           "perplexity, a sample (about 5 minutes on 2 CPU cores)")

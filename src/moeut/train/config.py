@@ -19,6 +19,16 @@ _PRESET_RECIPE: dict[str, dict[str, Any]] = {
     "dense-tiny": dict(warmup_steps=50, grad_clip=0.25),
     "moeut-small": dict(warmup_steps=100, grad_clip=0.25),
     "dense-small": dict(warmup_steps=100, grad_clip=0.25),
+    # baselines and ablations: the same rule (the SUT authors' runs too: 44M no warmup and κ = 0.1,
+    # 244M warmup 4000 and κ = 0.25, the default); the CPU baselines train like moeut-tiny
+    "sigma-moe-44m": dict(warmup_steps=0, grad_clip=0.1),
+    "sut-44m": dict(warmup_steps=0, grad_clip=0.1),
+    "sut-44m-noact": dict(warmup_steps=0, grad_clip=0.1),
+    "moeut-44m-preln": dict(warmup_steps=0, grad_clip=0.1),
+    "moeut-44m-postln": dict(warmup_steps=0, grad_clip=0.1),
+    "sigma-moe-tiny": dict(warmup_steps=50, grad_clip=0.25),
+    "sut-tiny": dict(warmup_steps=50, grad_clip=0.25),
+    "sut-tiny-noact": dict(warmup_steps=50, grad_clip=0.25),
 }
 _DEFAULT_RECIPE = dict(warmup_steps=4000, grad_clip=0.25)
 
@@ -46,6 +56,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # keep the newest K checkpoints
     log_every: int = 10  # metrics line every N steps
     routing_every: int = 100  # routing statistics every N steps; 0 disables
+    residual_norm_every: int = 0  # residual/update norm per layer application every N steps (one val batch); 0 = off
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16", "fp32"
@@ -80,7 +91,8 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
-        for name in ("eval_every", "eval_batches", "save_every", "log_every", "routing_every", "keep_checkpoints"):
+        for name in ("eval_every", "eval_batches", "save_every", "log_every", "routing_every", "residual_norm_every",
+                     "keep_checkpoints"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.precision in ("auto", "bf16", "fp32"), "precision", 'must be "auto", "bf16" or "fp32"')
         self.model_config()  # validates preset and overrides

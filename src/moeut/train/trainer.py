@@ -70,7 +70,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
         logger = MetricsLogger(run_dir, enabled=info.is_main)
         if run_state is not None:
             logger.truncate_after(start_step)
-        stats = model_stats(model_cfg, context=cfg.seq_len)
+        stats = {**model_stats(model_cfg, context=cfg.seq_len), "hardware": _hardware(info.device)}
         if info.is_main:
             _print_header(cfg, model_cfg, stats, info, train_ds, val_ds, autocast, start_step)
 
@@ -97,7 +97,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
             last = {"train_loss": ce, "reg_loss": reg, "lr": lr, "tokens_seen": tokens_seen, "tok_per_s": tok_s}
             if want_routing and counts is not None:
                 last.update(routing_stats(counts))
-            if info.is_main and (done % max(cfg.log_every, 1) == 0 or want_routing or done == cfg.steps):
+            want_norms = cfg.residual_norm_every > 0 and done % cfg.residual_norm_every == 0
+            if want_norms:
+                last.update(_residual_norms(wrapped, val_ds, cfg, autocast, info))
+            if info.is_main and (done % max(cfg.log_every, 1) == 0 or want_routing or want_norms or done == cfg.steps):
                 logger.log(done, last)
             progress.update(1)
             progress.set_postfix(loss=f"{ce:.3f}", reg=f"{reg:+.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
@@ -168,6 +171,36 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
 
 
 @torch.no_grad()
+def _residual_norms(model: torch.nn.Module, val_ds, cfg: TrainConfig, autocast, info: DistInfo) -> dict[str, float]:
+    """Mean residual and update norm of every layer application on the first validation batch (every rank
+    runs the same forward pass, so DDP/FSDP stay in step)."""
+    from moeut.analysis.residual_norm import residual_norm_metrics
+    from moeut.data import validation_batches
+
+    batch = next(iter(validation_batches(val_ds, cfg.seq_len, max(1, cfg.batch_size // cfg.grad_accum),
+                                         max_batches=1)), None)
+    if batch is None:
+        return {}
+    with autocast or contextlib.nullcontext():
+        out = model(batch[:, :-1].to(info.device), output_hidden_states=True)
+    return residual_norm_metrics(out.hidden_states) if out.hidden_states is not None else {}
+
+
+def _hardware(device: torch.device) -> str:
+    """What the run trained on, for the compute analysis: the GPU model and rank count, or the CPU threads."""
+    import platform
+
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return f"{torch.cuda.get_device_name(device)} ×{ranks}"
+
+    n = torch.get_num_threads()
+    return f"cpu {platform.machine()} ({n} thread{'s' if n != 1 else ''})"
+
+
+@torch.no_grad()
 def evaluate_ppl(model: torch.nn.Module, batches, device: torch.device) -> float:
     """Perplexity in fp32 over non-overlapping windows: exp(total NLL / number of targets)."""
     model.eval()
@@ -231,7 +264,8 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, tokenizer_sha25
             raise TrainingError(f"{run_dir} already holds a run ({config_path}); pass --resume to continue "
                                 f"it or choose another --out")
         comparable = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "steps", "eval_every", "save_every",
-                                                                       "keep_checkpoints", "log_every", "device")}
+                                                                       "keep_checkpoints", "log_every", "device",
+                                                                       "residual_norm_every")}
         if old is not None and any(old.get(k) != v for k, v in comparable.items()):
             diff = sorted(k for k, v in comparable.items() if old.get(k) != v)
             raise TrainingError(f"{run_dir} holds a run with a different configuration (fields {diff}); "
@@ -270,7 +304,7 @@ def _write_summary(run_dir: Path, step: int, last: dict[str, Any], val_ppl: floa
     summary = {"step": step, "train_loss": last.get("train_loss"), "reg_loss": last.get("reg_loss"),
                "val_ppl": val_ppl, "tokens_seen": last.get("tokens_seen"), "wall_time_s": wall,
                "tok_per_s": last.get("tok_per_s"), "params_total": stats["params_total"],
-               "active_params_per_token": stats["active_params_per_token"]}
+               "active_params_per_token": stats["active_params_per_token"], "hardware": stats.get("hardware")}
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(run_dir / "summary.json")

@@ -1,0 +1,183 @@
+"""``moeut analyze``: the paper's analyses, one sub-command each (wired into :mod:`moeut.cli`).
+
+    moeut analyze residual-norm    --checkpoint RUN [--compare RUN2 ...] --data DATA --out DIR
+    moeut analyze expert-usage     --checkpoint RUN --data DATA --out DIR [--kind ffn|att_v|att_o]
+    moeut analyze layer-similarity --checkpoint RUN --data DATA --out DIR [--kind ...]
+    moeut analyze token-diversity  --checkpoint RUN --data DATA --out DIR [--top-n 6000]
+    moeut analyze sweep            --sweep expert-size-k|k|group-size|norm-placement|FILE --data DATA --out DIR
+    moeut analyze wallclock        --presets moeut-tiny dense-tiny ... --out DIR
+    moeut analyze compute          --checkpoint RUN [RUN ...] [--presets ...] --out DIR
+
+DATA: a directory written by ``moeut prepare`` (its ``val`` split is read), a split directory, or text
+files (tokenised with the run's tokenizer); default: the validation split the run was trained on. Each
+command prints a table and writes JSON and PNG files into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+_MODEL_ANALYSES = ("residual-norm", "expert-usage", "layer-similarity", "token-diversity")
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", default=None, metavar="DATA",
+                   help="`moeut prepare` directory (val split), split directory, or text files "
+                        "(default: the validation split the run was trained on)")
+    p.add_argument("--batches", type=int, default=8, help="at most this many batches (default 8; 0 = all)")
+    p.add_argument("--max-tokens", type=int, default=None, help="at most this many tokens (default: no limit)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's context)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--backend", default=None, help="expert-matmul backend (default: automatic)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the JSON and PNG files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "The paper's analyses: a table on the terminal, JSON and PNG plots in --out."
+    sub = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+
+    p = sub.add_parser("residual-norm", help="norm of the residual and of each layer's update, per application "
+                       "(App. A.2); --compare puts e.g. the dense baseline next to MoEUT")
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory or checkpoint file")
+    p.add_argument("--compare", action="append", default=[], metavar="RUN", help="another run to show alongside "
+                   "(repeatable)")
+    _data_flags(p)
+    _common(p)
+
+    for name, hlp in (("expert-usage", "how often each expert is selected in each repeat of its shared layer"),
+                      ("layer-similarity", "IoU of a token's expert selections between the repeats of a layer"),
+                      ("token-diversity", "distinct experts per vocabulary item and layer (Fig. 15)")):
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory or checkpoint file")
+        p.add_argument("--kind", default="ffn", choices=("ffn", "att_v", "att_o"),
+                       help="σ-MoE MLP experts (default) or SwitchHead value/output experts")
+        if name == "token-diversity":
+            p.add_argument("--top-n", type=int, default=6000, help="most frequent tokens in the ratio plot "
+                           "(default 6000, as the paper)")
+        _data_flags(p)
+        _common(p)
+
+    p = sub.add_parser("sweep", help="train and evaluate a list of configurations on one token budget "
+                       "(resumable; one run directory each)")
+    p.add_argument("--sweep", required=True, metavar="NAME|FILE",
+                   help="built-in: expert-size-k, k, group-size, norm-placement; or a JSON/YAML sweep file")
+    p.add_argument("--data", required=True, metavar="DIR", help="directory written by `moeut prepare`")
+    p.add_argument("--preset", default="moeut-tiny", help="base preset of the built-in sweeps (default moeut-tiny)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default 200)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
+    p.add_argument("--seq-len", type=int, default=256, help="context (default 256)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3, the demo's)")
+    p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)  # accepted for symmetry, unused
+    _common(p)
+
+    p = sub.add_parser("wallclock", help="time per training iteration and peak memory of presets at the same "
+                       "effective batch (App. A.7)")
+    p.add_argument("--presets", nargs="+", default=["moeut-tiny", "dense-tiny"], metavar="PRESET",
+                   help="presets, optionally NAME:field=value,... (default moeut-tiny dense-tiny)")
+    p.add_argument("--batch-size", type=int, default=16, help="effective batch in sequences (default 16)")
+    p.add_argument("--seq-len", type=int, default=256, help="context (default 256)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step to start with (default 1; "
+                   "doubled on CUDA out-of-memory)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--iters", type=int, default=5, help="timed steps (default 5)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--backend", default=None, help="expert-matmul backend (default: automatic)")
+    _common(p)
+
+    p = sub.add_parser("compute", help="MACs per token, training MACs, tokens, wall time per run; perplexity vs "
+                       "parameters and vs MACs")
+    p.add_argument("--checkpoint", nargs="*", default=[], metavar="RUN", help="run directories")
+    p.add_argument("--presets", nargs="*", default=[], metavar="PRESET", help="presets to list without a run")
+    p.add_argument("--tokens", type=int, default=None, help="token budget for the preset rows' training MACs")
+    p.add_argument("--context", type=int, default=None, help="context for the preset rows (default: the preset's)")
+    _common(p)
+
+
+def _positive(name: str, v: int | None, allow_zero: bool = False) -> None:
+    if v is not None and (v < 0 or (v == 0 and not allow_zero)):
+        raise ValueError(f"--{name} must be {'>= 0' if allow_zero else 'positive'}, got {v}")
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    import sys
+
+    from moeut.runtime import tune_malloc
+
+    tune_malloc()
+    show = not args.no_progress and sys.stderr.isatty()
+    out = Path(args.out)
+    a = args.analysis
+    if a in _MODEL_ANALYSES:
+        res = _run_model_analysis(args, out, show)
+    elif a == "sweep":
+        from moeut.analysis import sweep
+
+        _positive("steps", args.steps)
+        res = sweep.run(args.sweep, args.data, out, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
+                        seq_len=args.seq_len, lr=args.lr, show_progress=not args.no_progress)
+    elif a == "wallclock":
+        from moeut.analysis import wallclock
+        from moeut.analysis.common import resolve_device
+
+        _positive("iters", args.iters)
+        _positive("warmup", args.warmup, allow_zero=True)
+        res = wallclock.run(args.presets, out, batch_size=args.batch_size, seq_len=args.seq_len,
+                            device=str(resolve_device(args.device)), grad_accum=args.grad_accum, warmup=args.warmup,
+                            iters=args.iters, backend=args.backend, show_progress=show)
+    elif a == "compute":
+        from moeut.analysis import compute
+
+        res = compute.run(args.checkpoint, out, presets=args.presets, tokens=args.tokens, context=args.context)
+    else:  # argparse prevents this
+        raise ValueError(f"unknown analysis {a!r}")
+    print()
+    print(res["table"])
+    print("\nwrote " + ", ".join(str(f) for f in res["files"]))
+    return 0
+
+
+def _run_model_analysis(args: argparse.Namespace, out: Path, show: bool) -> dict:
+    from moeut.analysis.common import AnalysisError, load_for_analysis, model_batches
+
+    for name in ("batches", "max_tokens", "batch_size", "seq_len"):
+        _positive(name.replace("_", "-"), getattr(args, name), allow_zero=name == "batches")
+    loaded = load_for_analysis(args.checkpoint, args.device, args.backend)
+
+    def batches_of(m):
+        data = args.data
+        if not data:
+            from moeut.eval.cli import default_ppl_data
+
+            data = default_ppl_data(m.run_dir) if m.run_dir is not None else []
+            if not data:
+                raise AnalysisError(f"no --data given and the validation split {m.name} was trained on was not "
+                                    "found; pass --data DIR (a `moeut prepare` directory) or text files")
+        return model_batches(m, data, seq_len=args.seq_len, batch_size=args.batch_size,
+                             max_batches=args.batches or None, max_tokens=args.max_tokens)
+
+    batches = batches_of(loaded)
+    print(f"moeut analyze {args.analysis}: {loaded.name} ({loaded.cfg.arch}, {loaded.cfg.n_layers} applications of "
+          f"{loaded.cfg.group_size} layers) on {sum(b.numel() for b in batches):,} tokens", flush=True)
+    if args.analysis == "residual-norm":
+        from moeut.analysis import residual_norm
+
+        models = [loaded] + [load_for_analysis(c, args.device, args.backend) for c in args.compare]
+        return residual_norm.run(models, lambda m: batches if m is loaded else batches_of(m), out, show_progress=show)
+    if args.analysis == "expert-usage":
+        from moeut.analysis import expert_usage
+
+        return expert_usage.run(loaded, batches, out, kind=args.kind, show_progress=show)
+    if args.analysis == "layer-similarity":
+        from moeut.analysis import layer_similarity
+
+        return layer_similarity.run(loaded, batches, out, kind=args.kind, show_progress=show)
+    from moeut.analysis import token_diversity
+
+    _positive("top-n", args.top_n)
+    return token_diversity.run(loaded, batches, out, kind=args.kind, top_n=args.top_n, show_progress=show)

@@ -1,0 +1,268 @@
+"""Sweeps (paper, App. A.5 and the ablations): train and evaluate a list of configurations on the same data
+with the same token budget (steps × batch × context), one run directory per configuration, then a table
+and a plot of validation perplexity.
+
+Resumable: a configuration whose run directory already holds a finished run (``summary.json`` at the
+requested step) is not trained again; an interrupted one resumes from its newest checkpoint.
+
+Built-in sweeps (tiny scale, around ``moeut-tiny``: d_model 128, 4 applications of G = 2 layers,
+N_E = 32 experts of d_expert = 128, K = 4):
+
+* ``expert-size-k``: d_expert × K constant (= 512) and N_E · d_expert constant (= 4096), so parameters
+  and MACs stay fixed: 64×8, 128×4, 256×2, 512×1 (the paper's 128×16 … 1024×2 at 244M, scaled down).
+* ``k``: K ∈ {2, 4, 6} at d_expert = 128 (the paper's K ∈ {8, 16, 24} relative to its default 16).
+* ``group-size``: G ∈ {1, 2, 4} (4 applications; more distinct layers = more parameters).
+* ``norm-placement``: peri-LN (MoEUT), pre-LN, post-LN — needs the ``norm_placement`` ModelConfig field.
+
+A sweep file (JSON, or YAML with PyYAML installed) is either a list of runs or
+``{"runs": [...], "train": {...}}``; each run is ``{"name": ..., "preset": ..., "model": {ModelConfig
+overrides}, "train": {TrainConfig overrides}}``. Runs may not change steps, batch size or context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moeut.analysis.common import AnalysisError, format_table, pyplot, save_figure, write_json
+
+_BUDGET_FIELDS = ("steps", "batch_size", "seq_len")
+
+
+@dataclass
+class SweepEntry:
+    name: str
+    preset: str = "moeut-tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SweepEntry":
+        unknown = sorted(set(d) - {"name", "preset", "model", "train"})
+        if unknown or "name" not in d:
+            raise AnalysisError(f"a sweep run needs 'name' and may have 'preset', 'model', 'train'; got keys {sorted(d)}")
+        return cls(name=str(d["name"]), preset=d.get("preset", "moeut-tiny"), model=dict(d.get("model", {})),
+                   train=dict(d.get("train", {})))
+
+
+def _has_model_field(name: str) -> bool:
+    from moeut.model import ModelConfig
+
+    return name in {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def builtin_sweep(name: str, preset: str = "moeut-tiny") -> list[SweepEntry]:
+    if name == "expert-size-k":
+        return [SweepEntry(f"de{de}-k{k}", preset, {"ff_expert_size": de, "ff_k": k, "ff_n_experts": ne})
+                for de, k, ne in [(64, 8, 64), (128, 4, 32), (256, 2, 16), (512, 1, 8)]]
+    if name == "k":
+        return [SweepEntry(f"k{k}", preset, {"ff_k": k}) for k in (2, 4, 6)]
+    if name == "group-size":
+        return [SweepEntry(f"g{g}", preset, {"group_size": g}) for g in (1, 2, 4)]
+    if name == "norm-placement":
+        if not _has_model_field("norm_placement"):
+            raise AnalysisError("the norm-placement sweep needs ModelConfig.norm_placement (the LayerNorm placement "
+                                "ablation), which this version of moeut does not have")
+        return [SweepEntry(f"{p}-ln", preset, {"norm_placement": p}) for p in ("peri", "pre", "post")]
+    raise AnalysisError(f"unknown sweep {name!r}: built-in sweeps are {', '.join(BUILTIN_SWEEPS)}, or give a "
+                        "JSON/YAML file")
+
+
+BUILTIN_SWEEPS = ("expert-size-k", "k", "group-size", "norm-placement")
+
+
+def load_sweep(spec: str, preset: str = "moeut-tiny") -> tuple[list[SweepEntry], dict[str, Any]]:
+    """A built-in sweep name or a sweep file → (runs, shared TrainConfig overrides)."""
+    path = Path(spec)
+    if not path.is_file():
+        if spec.endswith((".json", ".yaml", ".yml")):
+            raise FileNotFoundError(f"sweep file {path} does not exist")
+        return builtin_sweep(spec, preset), {}
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ImportError("YAML sweep files need PyYAML (pip install pyyaml), or write the sweep as JSON") from None
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AnalysisError(f"sweep file {path} is not valid JSON: {e}") from None
+    shared: dict[str, Any] = {}
+    if isinstance(data, dict):
+        shared = dict(data.get("train", {}))
+        data = data.get("runs")
+    if not isinstance(data, list) or not data:
+        raise AnalysisError(f"sweep file {path}: expected a non-empty list of runs (or {{'runs': [...]}})")
+    entries = [SweepEntry.from_dict(d) for d in data]
+    return entries, shared
+
+
+@dataclass
+class SweepRow:
+    name: str
+    preset: str
+    model: dict[str, Any]
+    run_dir: str
+    status: str  # "trained", "resumed", "done earlier"
+    params: int
+    active_params: int
+    macs_per_token: int
+    tokens: int
+    val_ppl: float | None
+    wall_time_s: float | None
+
+
+def _finished(run_dir: Path, steps: int) -> dict[str, Any] | None:
+    p = run_dir / "summary.json"
+    if not p.exists():
+        return None
+    try:
+        s = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+    return s if s.get("step") == steps and s.get("val_ppl") is not None else None
+
+
+def _check_same_config(run_dir: Path, cfg: Any) -> None:
+    """A run directory left by another sweep with the same run name is an error, not a silent reuse."""
+    p = run_dir / "train_config.json"
+    if not p.exists():
+        return
+    try:
+        old = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return
+    new = cfg.to_dict()
+    keys = ("preset", "model_overrides", "batch_size", "seq_len", "lr", "seed", "warmup_steps")
+    diff = [k for k in keys if old.get(k) != new.get(k)]
+    if diff:
+        raise AnalysisError(f"{run_dir} holds a run with different settings ({', '.join(diff)}): choose another --out "
+                            "for this sweep or delete that directory")
+
+
+def run_sweep(entries: Sequence[SweepEntry], data: str | Path, out: str | Path, *, steps: int = 200,
+              batch_size: int = 16, seq_len: int | None = 256, lr: float = 2e-3, train: dict[str, Any] | None = None,
+              show_progress: bool = True, log=print) -> list[SweepRow]:
+    """Train (or resume, or skip when finished) every entry into ``out/<name>``; the rows of the table."""
+    from moeut.model.accounting import model_stats
+    from moeut.train import TrainConfig, TrainingError
+    from moeut.train import train as train_run
+
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise AnalysisError(f"sweep run names must be unique, got {names}")
+    out = Path(out)
+    shared = {"lr": lr, "warmup_steps": min(50, steps // 10), "eval_every": 0, "save_every": max(1, steps // 4),
+              "log_every": max(1, steps // 50), **(train or {})}
+    cfgs = []
+    for e in entries:
+        bad = sorted(set(e.train) & set(_BUDGET_FIELDS))
+        if bad:
+            raise AnalysisError(f"sweep run {e.name!r} changes {bad}: every run of a sweep has the same token budget "
+                                "(set --steps/--batch-size/--seq-len for the whole sweep)")
+        d = {**shared, **e.train, "preset": e.preset, "model_overrides": e.model, "data": str(data),
+             "out": str(out / e.name), "steps": steps, "batch_size": batch_size}
+        if seq_len is not None:
+            d["seq_len"] = seq_len
+        cfgs.append(TrainConfig.from_dict(d))  # validates every configuration before training any
+    rows = []
+    for i, (e, cfg) in enumerate(zip(entries, cfgs)):
+        run_dir = Path(cfg.out)
+        _check_same_config(run_dir, cfg)
+        summary = _finished(run_dir, cfg.steps)
+        if summary is not None:
+            status = "done earlier"
+            log(f"[{i + 1}/{len(entries)}] {e.name}: finished earlier (val ppl {summary['val_ppl']:.2f}), skipped")
+        else:
+            status = "resumed" if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()) else "trained"
+            log(f"[{i + 1}/{len(entries)}] {e.name}: {cfg.preset} + {e.model or 'no overrides'}, "
+                f"{cfg.steps * cfg.batch_size * cfg.seq_len:,} tokens")
+            try:
+                summary = train_run(cfg, resume=True, show_progress=show_progress)
+            except TrainingError as err:
+                raise AnalysisError(f"sweep run {e.name!r} ({run_dir}): {err}") from err
+        model_cfg = json.loads((run_dir / "model_config.json").read_text())
+        from moeut.model import ModelConfig
+
+        stats = model_stats(ModelConfig.from_dict(model_cfg), context=cfg.seq_len)
+        rows.append(SweepRow(name=e.name, preset=e.preset, model=e.model, run_dir=str(run_dir), status=status,
+                             params=stats["params_total"], active_params=stats["active_params_per_token"],
+                             macs_per_token=stats["macs_per_token"], tokens=summary.get("tokens_seen") or 0,
+                             val_ppl=summary.get("val_ppl"), wall_time_s=summary.get("wall_time_s")))
+    return rows
+
+
+def table(rows: Sequence[SweepRow]) -> str:
+    body = [[r.name, ", ".join(f"{k}={v}" for k, v in r.model.items()) or "-", f"{r.params / 1e6:.2f}M",
+             f"{r.active_params / 1e6:.2f}M", f"{r.macs_per_token / 1e6:.2f}M", f"{r.tokens:,}", r.val_ppl,
+             r.wall_time_s, r.status] for r in rows]
+    return format_table(["run", "overrides", "params", "active/tok", "MACs/tok", "tokens", "val ppl", "train s",
+                         "status"], body, ".2f")
+
+
+def _curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    p = run_dir / "metrics.jsonl"
+    if p.exists():
+        for line in p.read_text().splitlines():
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "train_loss" in d and "tokens_seen" in d:
+                xs.append(d["tokens_seen"])
+                ys.append(d["train_loss"])
+    return xs, ys
+
+
+def plot(rows: Sequence[SweepRow], path: str | Path, title: str = "sweep") -> Path:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    names = [r.name for r in rows]
+    ppl = [r.val_ppl if r.val_ppl is not None else float("nan") for r in rows]
+    bars = axes[0].bar(range(len(rows)), ppl, color="tab:blue")
+    for b, v in zip(bars, ppl):
+        axes[0].annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                         fontsize=8)
+    axes[0].set_xticks(range(len(rows)))
+    axes[0].set_xticklabels(names, rotation=20, fontsize=8)
+    axes[0].set_ylabel("validation perplexity")
+    lo = min((v for v in ppl if v == v), default=0)
+    axes[0].set_ylim(lo * 0.9, max((v for v in ppl if v == v), default=1) * 1.05)
+    tokens = rows[0].tokens if rows else 0
+    axes[0].set_title(f"{title}: {tokens:,} tokens per run")
+    for r in rows:
+        xs, ys = _curve(Path(r.run_dir))
+        if xs:
+            axes[1].plot(xs, ys, label=r.name, lw=1)
+    axes[1].set_xlabel("tokens")
+    axes[1].set_ylabel("training loss")
+    axes[1].set_title("training curves")
+    axes[1].grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def run(spec: str, data: str | Path, out: str | Path, *, preset: str = "moeut-tiny", steps: int = 200,
+        batch_size: int = 16, seq_len: int | None = 256, lr: float = 2e-3, show_progress: bool = True
+        ) -> dict[str, Any]:
+    entries, shared = load_sweep(spec, preset)
+    out = Path(out)
+    t0 = time.perf_counter()
+    rows = run_sweep(entries, data, out, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, train=shared,
+                     show_progress=show_progress)
+    title = Path(spec).stem if Path(spec).is_file() else spec
+    j = write_json(out / "sweep.json", {"analysis": "sweep", "sweep": spec, "data": str(data), "steps": steps,
+                                        "batch_size": batch_size, "seq_len": seq_len,
+                                        "token_budget": rows[0].tokens if rows else 0,
+                                        "wall_time_s": time.perf_counter() - t0, "rows": [asdict(r) for r in rows]})
+    png = plot(rows, out / "sweep.png", title)
+    return {"rows": rows, "table": table(rows), "files": [j, png]}

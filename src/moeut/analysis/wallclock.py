@@ -1,0 +1,256 @@
+"""Wall clock and memory of training (paper, App. A.7): time per training iteration after warm-up and
+peak memory, for a list of presets at the same effective batch.
+
+Each preset is measured in a fresh Python process (so one preset's allocations cannot hide another's
+peak) on random tokens: ``warmup`` full optimizer steps (forward, CE + regulariser, backward, AdamW),
+then ``iters`` timed steps (device synchronised around each). Every preset sees the same effective batch
+``batch_size × seq_len``; a step runs ``grad_accum`` micro-batches. On CUDA an out-of-memory error doubles
+the accumulation and retries, as one would to fit a model on a GPU.
+
+Memory, per device:
+
+* CUDA: ``torch.cuda.max_memory_allocated`` over the whole measurement (weights, gradients, AdamW state,
+  activations; not the caching allocator's reserve).
+* CPU: peak resident set size of the process (``getrusage`` ``ru_maxrss``) minus the resident size just
+  before the model was built (after one throwaway step of a narrow copy of the model has paged in the
+  kernels and libraries): weights, gradients, optimizer state, activations and whatever the allocator
+  keeps, as the operating system sees it. glibc is tuned as ``moeut train`` runs (:func:`moeut.runtime.tune_malloc`).
+
+A preset is a name (see ``moeut info``), optionally with ModelConfig overrides:
+``"sut-tiny"``, ``"moeut-tiny:ff_k=2,d_model=160"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from moeut.analysis.common import AnalysisError, format_table, pyplot, save_figure, write_json
+
+_MARK = "WALLCLOCK_RESULT "
+
+
+def parse_preset(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name"`` or ``"name:field=value,field=value"`` → (preset, ModelConfig overrides)."""
+    name, _, rest = spec.partition(":")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        if "=" not in item:
+            raise AnalysisError(f"preset {spec!r}: overrides are field=value pairs separated by commas")
+        k, v = item.split("=", 1)
+        try:
+            overrides[k] = json.loads(v)
+        except json.JSONDecodeError:
+            overrides[k] = v
+    return name, overrides
+
+
+@dataclass
+class WallclockRow:
+    preset: str
+    params: int
+    batch_size: int
+    seq_len: int
+    grad_accum: int
+    ms_per_iter: float
+    ms_std: float
+    tokens_per_s: float
+    peak_memory_bytes: int
+    memory_kind: str  # what peak_memory_bytes measures
+    device: str
+    iters: int
+    warmup: int
+
+
+def _current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _peak_rss() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def measure_here(preset: str, model: dict[str, Any], batch_size: int, seq_len: int, grad_accum: int, device: str,
+                 warmup: int, iters: int, backend: str | None = None, precision: str = "auto",
+                 seed: int = 0) -> dict[str, Any]:
+    """Measure in this process (the worker side; use :func:`measure` for a clean process per preset)."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from moeut.model import ModelConfig, build_model
+
+    dev = torch.device(device)
+    cfg = ModelConfig.from_name(preset, **model)
+    if batch_size % grad_accum:
+        raise AnalysisError(f"grad_accum={grad_accum} must divide batch_size={batch_size}")
+    cuda = dev.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    use_bf16 = precision == "bf16" or (precision == "auto" and cuda)
+
+    def step(net, opt, tokens, grad_accum) -> None:
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        for mb in tokens.chunk(grad_accum):
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = net(mb[:, :-1])
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), mb[:, 1:].flatten())
+            loss = loss + getattr(out, "reg_loss", 0.0)
+            (loss / grad_accum).backward()
+        opt.step()
+
+    if not cuda:  # page in the kernels and libraries with a narrow copy first, so the RSS delta is the run's
+        try:
+            small = build_model(cfg.replace(d_model=16, vocab_size=64), backend=backend)
+            step(small, torch.optim.AdamW(small.parameters()), torch.randint(64, (2, 9)), 1)
+            del small
+        except Exception:  # noqa: BLE001 - an architecture that cannot be narrowed: no pre-warming
+            pass
+        import gc
+
+        gc.collect()
+    rss0 = _current_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    torch.manual_seed(seed)
+    net = build_model(cfg, backend=backend).to(dev)
+    n_params = sum(p.numel() for p in net.parameters())
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(cfg.vocab_size, (batch_size, seq_len + 1), generator=g).to(dev)
+
+    for _ in range(warmup):
+        step(net, opt, tokens, grad_accum)
+    sync()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        step(net, opt, tokens, grad_accum)
+        sync()
+        times.append(time.perf_counter() - t)
+    if cuda:
+        peak, kind = torch.cuda.max_memory_allocated(dev), "cuda max_memory_allocated"
+    else:
+        peak, kind = max(0, _peak_rss() - rss0), "cpu peak RSS - RSS before model build"
+    mean = statistics.fmean(times)
+    return asdict(WallclockRow(preset=preset + (":" + ",".join(f"{k}={v}" for k, v in model.items()) if model else ""),
+                               params=n_params, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
+                               ms_per_iter=mean * 1e3, ms_std=(statistics.stdev(times) * 1e3 if len(times) > 1 else 0.0),
+                               tokens_per_s=batch_size * seq_len / mean, peak_memory_bytes=int(peak), memory_kind=kind,
+                               device=str(dev), iters=iters, warmup=warmup))
+
+
+def measure(spec: str, *, batch_size: int, seq_len: int, device: str = "cpu", grad_accum: int = 1, warmup: int = 2,
+            iters: int = 5, backend: str | None = None, precision: str = "auto", timeout: float | None = None
+            ) -> WallclockRow:
+    """One preset in a fresh process; on CUDA out-of-memory, double ``grad_accum`` and retry."""
+    preset, model = parse_preset(spec)
+    from moeut.model import ModelConfig
+
+    ModelConfig.from_name(preset, **model)  # a clear error for an unknown preset before any process starts
+    while True:
+        job = dict(preset=preset, model=model, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
+                   device=device, warmup=warmup, iters=iters, backend=backend, precision=precision)
+        proc = subprocess.run([sys.executable, "-m", "moeut.analysis.wallclock", json.dumps(job)],
+                              capture_output=True, text=True, timeout=timeout)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_MARK)]
+        if proc.returncode != 0 or not lines:
+            raise AnalysisError(f"measuring {spec} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        res = json.loads(lines[-1][len(_MARK):])
+        if res.get("oom"):
+            if grad_accum >= batch_size:
+                raise AnalysisError(f"{spec}: out of memory even with micro-batches of one sequence")
+            grad_accum *= 2
+            while batch_size % grad_accum:
+                grad_accum += 1
+            continue
+        return WallclockRow(**res)
+
+
+def wallclock(presets: Sequence[str], *, batch_size: int = 16, seq_len: int = 256, device: str = "cpu",
+              grad_accum: int = 1, warmup: int = 2, iters: int = 5, backend: str | None = None,
+              show_progress: bool = False) -> list[WallclockRow]:
+    from moeut.analysis.common import progress
+
+    rows = []
+    for spec in progress(presets, len(presets), "wallclock", show_progress):
+        rows.append(measure(spec, batch_size=batch_size, seq_len=seq_len, device=device, grad_accum=grad_accum,
+                            warmup=warmup, iters=iters, backend=backend))
+    return rows
+
+
+def _short(label: str, n: int = 40) -> str:
+    return label if len(label) <= n else label[:n - 1] + "…"
+
+
+def table(rows: Sequence[WallclockRow]) -> str:
+    base = rows[0].ms_per_iter if rows else 1.0
+    body = [[_short(r.preset), f"{r.params / 1e6:.2f}M", f"{r.batch_size}×{r.seq_len}", r.grad_accum,
+             f"{r.ms_per_iter:.1f} ± {r.ms_std:.1f}", f"{r.ms_per_iter / base:.2f}×", f"{r.tokens_per_s:,.0f}",
+             f"{r.peak_memory_bytes / 2**20:,.0f} MiB"] for r in rows]
+    note = f"\nmemory: {rows[0].memory_kind}; {rows[0].warmup} warm-up + {rows[0].iters} timed steps on {rows[0].device}" if rows else ""
+    return format_table(["model", "params", "batch", "accum", "ms/iter", "rel. time", "tokens/s", "peak memory"],
+                        body) + note
+
+
+def plot(rows: Sequence[WallclockRow], path: str | Path) -> Path:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = [_short(r.preset, 24) for r in rows]
+    axes[0].bar(names, [r.ms_per_iter for r in rows], yerr=[r.ms_std for r in rows], color="tab:orange")
+    axes[0].set_ylabel("ms per training iteration")
+    axes[1].bar(names, [r.peak_memory_bytes / 2**20 for r in rows], color="tab:green")
+    axes[1].set_ylabel(f"peak memory, MiB")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20, labelsize=8)
+    if rows:
+        fig.suptitle(f"batch {rows[0].batch_size}×{rows[0].seq_len} on {rows[0].device} "
+                     f"({rows[0].memory_kind})", fontsize=9)
+    return save_figure(fig, path)
+
+
+def run(presets: Sequence[str], out: str | Path, **kw: Any) -> dict[str, Any]:
+    rows = wallclock(presets, **kw)
+    out = Path(out)
+    j = write_json(out / "wallclock.json", {"analysis": "wallclock", "rows": [asdict(r) for r in rows]})
+    png = plot(rows, out / "wallclock.png")
+    return {"rows": rows, "table": table(rows), "files": [j, png]}
+
+
+def _worker(arg: str) -> int:
+    import torch
+
+    from moeut.runtime import tune_malloc
+
+    tune_malloc()  # as `moeut train`/`moeut demo` run
+
+    job = json.loads(arg)
+    try:
+        res = measure_here(**job)
+    except torch.cuda.OutOfMemoryError:
+        res = {"oom": True}
+    print(_MARK + json.dumps(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))
