@@ -83,6 +83,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     given = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
     if args.fsdp:
         given["fsdp"] = True
+    if args.compile:
+        given["compile"] = True
     if args.model:
         given["model_overrides"] = _parse_overrides(args.model)
     cfg = TrainConfig.from_file(args.config, **given) if args.config else TrainConfig.from_dict(given)
@@ -150,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                            ("backend", str, "expert-matmul backend (default automatic)")]:
         tr.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None, help=hlp)
     tr.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
+    tr.add_argument("--compile", action="store_true",
+                    help="torch.compile the model (whole graph: the expert ops are registered custom ops)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
 

@@ -177,3 +177,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, caps
     assert "training stopped" in err
     path, state = latest_checkpoint(run)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_compiled_training_matches_eager_and_checkpoints_load(tiny_data, tmp_path, monkeypatch):
+    from moeut.train.checkpoint import load_model
+
+    # the plumbing, not inductor's C++ codegen (minutes on 2 cores; tests/ops/test_library.py runs inductor)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, **{**kw, "backend": "aot_eager"}))
+
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    common = dict(steps=3, eval_every=0, save_every=3, routing_every=0)
+    assert main(train_args(tiny_data, eager, **common)) == 0
+    assert main([*train_args(tiny_data, compiled, **common), "--compile"]) == 0
+    want = [m["train_loss"] for m in _metrics(eager) if "train_loss" in m]
+    got = [m["train_loss"] for m in _metrics(compiled) if "train_loss" in m]
+    assert len(got) == 3 and got == pytest.approx(want, rel=1e-4)
+    model = load_model(compiled)  # parameter names without torch.compile's "_orig_mod." prefix
+    assert not any("_orig_mod" in k for k in model.state_dict())
+    assert json.loads((compiled / "summary.json").read_text())["val_ppl"] == pytest.approx(
+        json.loads((eager / "summary.json").read_text())["val_ppl"], rel=1e-3)

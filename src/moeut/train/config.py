@@ -62,6 +62,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16", "fp32"
     backend: str | None = None  # expert-matmul backend (None = automatic)
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard each shared layer, then the root) instead of DDP
+    compile: bool = False  # torch.compile the training forward/backward (the expert ops are custom ops: no breaks)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]

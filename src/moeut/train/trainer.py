@@ -53,6 +53,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
             tokens_seen = run_state.get("tokens_seen", 0)
             model.load_state_dict(run_state["model"])
         wrapped = wrap_model(model, info, cfg.fsdp)  # FSDP2 replaces parameters: build the optimizer after
+        if cfg.compile:  # checkpoints keep reading ``model``: parameter names stay unprefixed
+            wrapped = torch.compile(wrapped)
         optimizer = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                       weight_decay=cfg.weight_decay)
         if run_state is not None:
@@ -265,7 +267,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, tokenizer_sha25
                                 f"it or choose another --out")
         comparable = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "steps", "eval_every", "save_every",
                                                                        "keep_checkpoints", "log_every", "device",
-                                                                       "residual_norm_every")}
+                                                                       "residual_norm_every", "compile")}
         if old is not None and any(old.get(k) != v for k, v in comparable.items()):
             diff = sorted(k for k, v in comparable.items() if old.get(k) != v)
             raise TrainingError(f"{run_dir} holds a run with a different configuration (fields {diff}); "
