@@ -45,7 +45,24 @@ class LMOutput:
         return ce + self.reg_loss
 
 
-class MoEUTLM(nn.Module):
+class LanguageModel(nn.Module):
+    """What every moeut language model offers around its forward pass (MoEUT, dense, SUT): sampling and
+    parameter counts. Subclasses have ``embedding`` and an untied ``lm_head``."""
+
+    def generate(self, prompts, max_new_tokens: int, **kw) -> list[list[int]]:
+        """Sample continuations of token-id prompts with the KV cache; see :func:`moeut.model.generate.generate`."""
+        from moeut.model.generate import generate
+
+        return generate(self, prompts, max_new_tokens, **kw)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embedding.weight.numel() + self.lm_head.weight.numel() + self.lm_head.bias.numel()
+        return n
+
+
+class MoEUTLM(LanguageModel):
     """MoEUT (``cfg.arch == "moeut"``) or the dense pre-LN baseline (``"dense"``) language model.
 
     ``backend`` picks the expert-matmul implementation (see :mod:`moeut.ops`); None = automatic.
@@ -154,18 +171,6 @@ class MoEUTLM(nn.Module):
             "att_o": torch.stack([expert_counts(r.att_o.indices + head_offset, n_att) for r in flat]),
         }
 
-    def generate(self, prompts, max_new_tokens: int, **kw) -> list[list[int]]:
-        """Sample continuations of token-id prompts with the KV cache; see :func:`moeut.model.generate.generate`."""
-        from moeut.model.generate import generate
-
-        return generate(self, prompts, max_new_tokens, **kw)
-
-    # ------------------------------------------------------------ accounting
-    def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.embedding.weight.numel() + self.lm_head.weight.numel() + self.lm_head.bias.numel()
-        return n
 
 
 def _positions(B: int, T: int, past: int, attention_mask: torch.Tensor | None,

@@ -31,6 +31,7 @@ from torch import nn
 from moeut.model.act import ACTState, HaltingGate, expected_depth, halt_step, mix_state
 from moeut.model.cache import KVCache, LayerKV
 from moeut.model.config import ModelConfig
+from moeut.model.lm import LanguageModel
 from moeut.model.moa import MixtureOfAttentionHeads
 from moeut.model.mutual_information import mutual_information_loss
 from moeut.model.routing import Routing, expert_counts
@@ -77,7 +78,7 @@ class SUTLayer(nn.Module):
         return self.ln2(x + upd), kv, SUTLayerRouting(route_att, route_ff, active)
 
 
-class SUTLM(nn.Module):
+class SUTLM(LanguageModel):
     """Sparse Universal Transformer language model, same interface as :class:`moeut.model.lm.MoEUTLM`."""
 
     def __init__(self, cfg: ModelConfig, backend: str | None = None):
@@ -164,15 +165,3 @@ class SUTLM(nn.Module):
             total = total + mutual_information_loss([r.att.logits for r in mine], weights, cfg.mi_loss)
             total = total + mutual_information_loss([r.ffn.logits for r in mine], weights, cfg.mi_loss)
         return cfg.mi_reg * total
-
-    def generate(self, prompts, max_new_tokens: int, **kw) -> list[list[int]]:
-        """Sample continuations with the KV cache; see :func:`moeut.model.generate.generate`."""
-        from moeut.model.generate import generate
-
-        return generate(self, prompts, max_new_tokens, **kw)
-
-    def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.embedding.weight.numel() + self.lm_head.weight.numel() + self.lm_head.bias.numel()
-        return n
