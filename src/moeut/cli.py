@@ -64,19 +64,6 @@ _TRAIN_FLAGS = {"preset": "preset", "data": "data", "out": "out", "steps": "step
                 "precision": "precision", "backend": "backend"}
 
 
-def _parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--model expects FIELD=VALUE (e.g. --model d_model=256), got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from moeut.train import TrainConfig, TrainingError, train
 
@@ -86,7 +73,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.compile:
         given["compile"] = True
     if args.model:
-        given["model_overrides"] = _parse_overrides(args.model)
+        from moeut.model.config import parse_overrides
+
+        given["model_overrides"] = parse_overrides(args.model)
     cfg = TrainConfig.from_file(args.config, **given) if args.config else TrainConfig.from_dict(given)
     for name in ("data", "out"):
         if not getattr(cfg, name):

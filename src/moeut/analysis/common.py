@@ -269,3 +269,10 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     pyplot().close(fig)
     return path
 
+
+
+def accumulate(acc, model, batches, label: str, show_progress: bool):
+    """Feed every batch's routing to an accumulator (``acc.update(routing)``) and return ``acc``."""
+    for tokens in progress(batches, len(batches), label, show_progress):
+        acc.update(require_routing(forward_analysis(model, tokens, routing=True), label.split()[0]))
+    return acc

@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from moeut.analysis.common import (LoadedModel, format_table, forward_analysis, layer_of_application,
-                                   n_experts_of, progress, pyplot, repeat_of_application, require_routing,
-                                   routing_indices, save_figure, write_json)
+from moeut.analysis.common import (LoadedModel, accumulate, format_table, layer_of_application, n_experts_of,
+                                   pyplot, repeat_of_application, routing_indices, save_figure, write_json)
 
 
 class UsageAccumulator:
@@ -94,9 +93,7 @@ class ExpertUsageResult:
 
 def expert_usage(model: torch.nn.Module, batches: Sequence[torch.Tensor], *, kind: str = "ffn",
                  name: str = "model", show_progress: bool = False) -> ExpertUsageResult:
-    acc = UsageAccumulator(model.cfg, kind)
-    for tokens in progress(batches, len(batches), f"expert-usage {name}", show_progress):
-        acc.update(require_routing(forward_analysis(model, tokens, routing=True), "expert-usage"))
+    acc = accumulate(UsageAccumulator(model.cfg, kind), model, batches, f"expert-usage {name}", show_progress)
     return acc.result(name)
 
 

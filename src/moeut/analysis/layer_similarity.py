@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from moeut.analysis.common import (LoadedModel, applications_of_layer, format_table, forward_analysis, n_experts_of,
-                                   progress, pyplot, require_routing, routing_indices, write_json)
+from moeut.analysis.common import (LoadedModel, accumulate, applications_of_layer, format_table, n_experts_of,
+                                   pyplot, routing_indices, write_json)
 
 
 def random_iou(n_experts: int, k: int) -> float:
@@ -110,9 +110,7 @@ class LayerSimilarityResult:
 
 def layer_similarity(model: torch.nn.Module, batches: Sequence[torch.Tensor], *, kind: str = "ffn",
                      name: str = "model", show_progress: bool = False) -> LayerSimilarityResult:
-    acc = SimilarityAccumulator(model.cfg, kind)
-    for tokens in progress(batches, len(batches), f"layer-similarity {name}", show_progress):
-        acc.update(require_routing(forward_analysis(model, tokens, routing=True), "layer-similarity"))
+    acc = accumulate(SimilarityAccumulator(model.cfg, kind), model, batches, f"layer-similarity {name}", show_progress)
     return acc.result(name)
 
 

@@ -39,17 +39,13 @@ _MARK = "WALLCLOCK_RESULT "
 
 def parse_preset(spec: str) -> tuple[str, dict[str, Any]]:
     """``"name"`` or ``"name:field=value,field=value"`` → (preset, ModelConfig overrides)."""
+    from moeut.model.config import ConfigError, parse_overrides
+
     name, _, rest = spec.partition(":")
-    overrides: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        if "=" not in item:
-            raise AnalysisError(f"preset {spec!r}: overrides are field=value pairs separated by commas")
-        k, v = item.split("=", 1)
-        try:
-            overrides[k] = json.loads(v)
-        except json.JSONDecodeError:
-            overrides[k] = v
-    return name, overrides
+    try:
+        return name, parse_overrides(filter(None, rest.split(",")), flag=f"preset {spec!r}:")
+    except ConfigError as e:
+        raise AnalysisError(f"{e}; overrides are field=value pairs separated by commas") from e
 
 
 @dataclass
@@ -219,7 +215,7 @@ def plot(rows: Sequence[WallclockRow], path: str | Path) -> Path:
     axes[0].bar(names, [r.ms_per_iter for r in rows], yerr=[r.ms_std for r in rows], color="tab:orange")
     axes[0].set_ylabel("ms per training iteration")
     axes[1].bar(names, [r.peak_memory_bytes / 2**20 for r in rows], color="tab:green")
-    axes[1].set_ylabel(f"peak memory, MiB")
+    axes[1].set_ylabel("peak memory, MiB")
     for ax in axes:
         ax.tick_params(axis="x", rotation=20, labelsize=8)
     if rows:

@@ -170,5 +170,20 @@ class ModelConfig:
         return cls.from_dict({**PRESETS[name], **overrides})
 
 
+def parse_overrides(items, *, flag: str = "--model") -> dict[str, Any]:
+    """``["field=value", …]`` → ModelConfig overrides; a value is JSON where it parses (numbers, booleans,
+    lists), else the string itself. ``flag`` names the option in the error message."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{flag} expects FIELD=VALUE (e.g. {flag} d_model=256), got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def _divisors(n: int) -> list[int]:
     return [i for i in range(1, n + 1) if n % i == 0]
