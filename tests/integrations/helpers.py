@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from moeut.data.tokenizer import TokenizerConfig, train_tokenizer
-from moeut.model import ModelConfig, MoEUTLM
+from moeut.model import ModelConfig, build_model
 from moeut.train.checkpoint import save_checkpoint
 from tests.data.helpers import make_documents
 
@@ -25,11 +25,12 @@ def make_tokenizer(root: Path):
     return train_tokenizer(make_documents(300), root, TokenizerConfig(vocab_size=400))
 
 
-def make_run(run_dir: Path, tokenizer, arch: str = "moeut", seed: int = 0) -> Path:
-    """Write ``run_dir`` like `moeut train` does: tokenizer files and ``checkpoints/ckpt_*.pt``."""
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, **TINY[arch])
+def make_run(run_dir: Path, tokenizer, arch: str = "moeut", seed: int = 0, cfg: ModelConfig | None = None) -> Path:
+    """Write ``run_dir`` like `moeut train` does: tokenizer files and ``checkpoints/ckpt_*.pt``; the model is
+    ``cfg`` (any arch) or the tiny preset of ``arch``."""
+    cfg = cfg or ModelConfig(vocab_size=tokenizer.vocab_size, **TINY[arch])
     torch.manual_seed(seed)
-    model = MoEUTLM(cfg)
+    model = build_model(cfg)
     with torch.no_grad():  # a sharper next-token distribution: greedy paths far from ties
         model.lm_head.weight.mul_(20)
     tokenizer.save(run_dir)

@@ -10,7 +10,7 @@ from moeut.model import ModelConfig, build_model
 from moeut.train import load_model
 from moeut.train.checkpoint import save_checkpoint
 from tests.integrations.conftest import need_hf
-from tests.integrations.helpers import STEP, TINY
+from tests.integrations.helpers import STEP, TINY, make_run
 
 PROMPTS = [[5, 17, 33, 40], [7], [11, 12, 13, 14, 15, 16, 17]]
 VARIANTS = {
@@ -22,14 +22,7 @@ VARIANTS = {
 
 
 def _run(root, tokenizer, cfg: ModelConfig, seed: int = 0):
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    with torch.no_grad():  # a sharper next-token distribution: greedy paths far from ties
-        model.lm_head.weight.mul_(20)
-    tokenizer.save(root)
-    save_checkpoint(root, STEP, {"model": model.state_dict(), "model_config": cfg.to_json(), "train_config": "{}",
-                                 "tokenizer_sha256": tokenizer.sha256})
-    return root
+    return make_run(root, tokenizer, seed=seed, cfg=cfg)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
