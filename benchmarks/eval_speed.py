@@ -20,7 +20,7 @@ from moeut.eval import SentencePieceEncoder, find_task_data
 from moeut.eval.scoring import score_candidates
 from moeut.eval.zeroshot import choice_candidates, score_choices, score_lambada
 from moeut.runtime import tune_malloc
-from moeut.train import load_model
+from moeut.run import load_run
 
 
 def _sample(task: str, examples: list, n: int) -> list:
@@ -45,8 +45,8 @@ def main() -> None:
     tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.checkpoint, map_location=args.device).to(args.device)
-    enc = SentencePieceEncoder.load(args.checkpoint)
+    run = load_run(args.checkpoint, device=args.device)
+    model, enc = run.model, SentencePieceEncoder(run.tokenizer)
     out = {"checkpoint": args.checkpoint, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
            "device": args.device, "tasks": {}}
     for task in args.tasks.split(","):

@@ -1,16 +1,41 @@
-"""Process-level runtime settings shared by the CLI and the benchmarks."""
+"""Process-level runtime helpers shared by every verb: device resolution, glibc malloc tuning, progress bars."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from moeut.errors import MoeutError
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
+class DeviceError(MoeutError, ValueError):
+    """A requested device does not exist on this machine."""
+
+
+def resolve_device(name: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """The device a verb runs on: ``"auto"``/None is ``cuda:<local_rank>`` when CUDA is available, else the
+    CPU; an explicit CUDA device on a machine without CUDA is an error (never a silent CPU fallback)."""
+    if name is None or name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {str(name)!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
 def tune_malloc() -> bool:
-    """Keep glibc from mmap-ing and unmapping every large tensor (1.3–1.7× faster CPU training here).
+    """Keep glibc from mmap-ing and unmapping every large tensor (see the README's CPU section).
 
     Equivalent to ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``/``MALLOC_TOP_PAD_`` in the
     environment. Returns False (and does nothing) where glibc's ``mallopt`` is unavailable.
@@ -28,3 +53,10 @@ def tune_malloc() -> bool:
     ok &= mallopt(_M_TRIM_THRESHOLD, big)
     ok &= mallopt(_M_TOP_PAD, 2**30)
     return bool(ok)
+
+
+def progress(it: Iterable | None = None, *, enabled: bool = True, **kwargs: Any) -> tqdm:
+    """The one progress bar of every verb: tqdm over ``it`` (or a manual bar when ``it`` is None), disabled
+    (but still usable: ``update``, ``set_postfix``, ``write``, context manager) when ``enabled`` is False.
+    ``kwargs`` go to tqdm (``total``, ``desc``, ``initial``, ``unit``, ``leave``…)."""
+    return tqdm(it, disable=not enabled, dynamic_ncols=True, **kwargs)

@@ -197,7 +197,7 @@ def test_usage_accumulator_counts_attention_experts_per_head():
 def test_plots_without_matplotlib_name_the_extra(monkeypatch):
     import sys
 
-    from moeut.analysis.common import pyplot
+    from moeut.report import pyplot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"moeut\[analysis\]"):

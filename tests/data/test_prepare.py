@@ -6,8 +6,10 @@ import json
 import numpy as np
 import pytest
 
+from moeut.cli.prepare import add_arguments as add_prepare_arguments
+from moeut.cli.prepare import run as run_prepare
 from moeut.data import (DecodeError, EmptyCorpusError, MissingInputError, OutputDirError, TokenDataset, Tokenizer,
-                        add_prepare_arguments, iter_documents, prepare, resolve_inputs, run_prepare, split_documents)
+                        iter_documents, prepare, resolve_inputs, split_documents)
 from moeut.data.sources import SourceOptions
 
 from tests.data.helpers import SMALL_VOCAB, write_text_corpus

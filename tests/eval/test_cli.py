@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from moeut.eval.cli import add_eval_arguments, run_eval
+from moeut.cli.evaluate import add_arguments as add_eval_arguments, run as run_eval
 from tests.conftest import shared_file
 from tests.eval.conftest import write_task_data
 

@@ -73,7 +73,7 @@ def test_generate_until_stops_at_the_stop_string(lm):
 
 def test_a_local_harness_task_runs_end_to_end_offline(tiny_run, tmp_path, monkeypatch):
     from moeut.eval.encoding import SentencePieceEncoder
-    from moeut.train import load_model
+    from tests.run_helpers import load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -87,7 +87,7 @@ def test_a_local_harness_task_runs_end_to_end_offline(tiny_run, tmp_path, monkey
 
 def test_the_blimp_group_runs_on_the_real_files(tiny_run, monkeypatch):
     from moeut.eval.encoding import SentencePieceEncoder
-    from moeut.train import load_model
+    from tests.run_helpers import load_model
     from tests.conftest import shared_file
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

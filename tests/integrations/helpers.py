@@ -8,7 +8,7 @@ import torch
 
 from moeut.data.tokenizer import TokenizerConfig, train_tokenizer
 from moeut.model import ModelConfig, build_model
-from moeut.train.checkpoint import save_checkpoint
+from moeut.run.checkpoint import save_checkpoint
 from tests.data.helpers import make_documents
 
 # odd sizes on purpose: RoPE on 4 of 10 channels, 3 heads, 7 experts, 6 applications of 2 shared layers

@@ -10,8 +10,9 @@ import shutil
 import pytest
 import torch
 
-from moeut.generate_cli import TextStreamer, add_generate_arguments, run_generate
-from moeut.train import load_model
+from moeut.cli.generate import TextStreamer
+from moeut.cli.generate import add_arguments as add_generate_arguments, run as run_generate
+from tests.run_helpers import load_model
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -74,7 +75,7 @@ def test_streamer_waits_for_whole_characters(tokenizer):
 
 def test_errors_name_the_fix(run_dir, tmp_path):
     from moeut.data.tokenizer import TokenizerConfig, train_tokenizer
-    from moeut.integrations.loading import load_run
+    from moeut.run import load_run
     from tests.data.helpers import make_documents
 
     with pytest.raises(ValueError, match="--prompt"):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from moeut.integrations.hf.tokenizer import ROUND_TRIP_TEXTS
-from moeut.train import load_model
+from tests.run_helpers import load_model
 from tests.data.helpers import make_documents
 from tests.integrations.conftest import need_hf
 from tests.integrations.helpers import STEP, TINY, make_run
@@ -289,7 +289,7 @@ def test_loads_where_moeut_is_not_installed(export_dir, run_dir, tokenizer, tmp_
 
 # ------------------------------------------------------------------------------------ back into moeut
 def test_import_back_into_moeut(export_dir, run_dir, tmp_path, capsys):
-    from moeut.generate_cli import add_generate_arguments, run_generate
+    from moeut.cli.generate import add_arguments as add_generate_arguments, run as run_generate
     from moeut.integrations.hf import import_hf, import_hf_run
 
     ref = load_model(run_dir)
@@ -343,7 +343,7 @@ def test_export_cli_and_errors(run_dir, tmp_path, capsys, monkeypatch):
     import argparse
 
     from moeut.integrations.hf import ExportError, export_hf
-    from moeut.integrations.hf.cli import add_export_arguments, run_export
+    from moeut.cli.export_hf import add_arguments as add_export_arguments, run as run_export
 
     p = argparse.ArgumentParser()
     add_export_arguments(p)

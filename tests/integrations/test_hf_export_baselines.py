@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from moeut.model import ModelConfig, build_model
-from moeut.train import load_model
-from moeut.train.checkpoint import save_checkpoint
+from tests.run_helpers import load_model
+from moeut.run.checkpoint import save_checkpoint
 from tests.integrations.conftest import need_hf
 from tests.integrations.helpers import STEP, TINY, make_run
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from moeut.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
+from moeut.run.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                                     save_checkpoint)
 
 
@@ -50,7 +50,7 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
     save_checkpoint(tmp_path, 1, {"w": torch.ones(4)})
     script = textwrap.dedent(f"""
         import time, torch
-        from moeut.train import checkpoint as ck
+        from moeut.run import checkpoint as ck
         real_save = torch.save
         def slow_save(obj, f):
             f.write(b"PK\\x03\\x04 partial bytes")  # start of a zip archive, then hang mid-write

@@ -16,7 +16,7 @@ import torch
 
 from moeut.cli import main
 from moeut.data import prepare
-from moeut.train import latest_checkpoint
+from moeut.run import latest_checkpoint
 from tests.data.helpers import make_documents
 from tests.train.conftest import train_args
 
@@ -180,7 +180,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, caps
 
 
 def test_compiled_training_matches_eager_and_checkpoints_load(tiny_data, tmp_path, monkeypatch):
-    from moeut.train.checkpoint import load_model
+    from tests.run_helpers import load_model
 
     # the plumbing, not inductor's C++ codegen (minutes on 2 cores; tests/ops/test_library.py runs inductor)
     real_compile = torch.compile

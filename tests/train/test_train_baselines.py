@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from moeut.cli import main
-from moeut.eval.cli import add_eval_arguments, run_eval
-from moeut.train import latest_checkpoint
-from moeut.train.checkpoint import list_checkpoints
+from moeut.cli.evaluate import add_arguments as add_eval_arguments, run as run_eval
+from moeut.run import latest_checkpoint
+from moeut.run.checkpoint import list_checkpoints
 from tests.train.conftest import train_args
 
 FAMILIES = {

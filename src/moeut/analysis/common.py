@@ -1,25 +1,28 @@
-"""What every analysis shares: loading a run, turning DATA into token batches, the layer an application
-uses, a forward pass that keeps the residual stream and the routing, tables, JSON and plots.
-
-Nothing here imports matplotlib at module level: :func:`pyplot` loads it (Agg backend) when a plot is drawn.
+"""What every analysis shares: turning DATA into token batches, the layer an application uses, a forward
+pass that keeps the residual stream and the routing. Runs are loaded with :func:`moeut.run.load_run`;
+tables and plots come from :mod:`moeut.report`, JSON from :mod:`moeut.fileio`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-INSTALL_HINT = "pip install 'moeut[analysis]'"
+from moeut.data import EvalWindows, TokenArray, Tokenizer, open_token_stream
+from moeut.errors import MoeutError
+from moeut.run import LoadedRun
+from moeut.runtime import progress
+
+__all__ = ["AnalysisError", "layer_of_application", "repeat_of_application", "applications_of_layer", "open_tokens",
+           "token_batches", "model_batches", "forward_analysis", "require_routing", "routing_indices", "n_experts_of",
+           "accumulate"]
 
 
-class AnalysisError(ValueError):
+class AnalysisError(MoeutError, ValueError):
     """An analysis cannot run on this input; the message names the input and the fix."""
 
 
@@ -54,68 +57,22 @@ def applications_of_layer(cfg: Any, g: int) -> list[int]:
     return sorted(apps, key=lambda i: repeat_of_application(cfg, i))
 
 
-# ----------------------------------------------------------------------------------- loading
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    encoder: Any  # moeut.eval.encoding.SentencePieceEncoder, or None when no tokenizer was found
-    run_dir: Path | None
-    name: str  # a short label (the run directory's name)
-
-    @property
-    def cfg(self) -> Any:
-        return self.model.cfg
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_for_analysis(checkpoint: str | Path, device: str | None = "auto", backend: str | None = None) -> LoadedModel:
-    """The model of a run directory or checkpoint file, in eval mode, with the run's tokenizer when present."""
-    from moeut.eval.cli import run_dir_of
-    from moeut.train import load_model
-
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"--checkpoint {path} does not exist (give a run directory written by "
-                                "`moeut train` or a checkpoint file)")
-    dev = resolve_device(device)
-    model = load_model(path, map_location="cpu", backend=backend).to(dev).eval()
-    run = run_dir_of(path)
-    encoder = None
-    if (run / "tokenizer.model").exists():
-        from moeut.eval.encoding import SentencePieceEncoder
-
-        encoder = SentencePieceEncoder.load(run)
-    return LoadedModel(model=model, encoder=encoder, run_dir=run, name=run.name if run.is_dir() else path.stem)
-
-
 # -------------------------------------------------------------------------------------- data
-def open_tokens(data: Sequence[str | Path] | str | Path, encoder: Any = None, tokenizer_sha256: str | None = None):
+def open_tokens(data: Sequence[str | Path] | str | Path, tokenizer: Tokenizer | None = None,
+                tokenizer_sha256: str | None = None):
     """DATA as one token stream: a ``moeut prepare`` directory (its ``val`` split), a split directory,
     or one or more text files (tokenised with the run's tokenizer, joined with EOS)."""
-    from moeut.eval.perplexity import TokenArray, open_ppl_data
-
     paths = [Path(data)] if isinstance(data, (str, Path)) else [Path(p) for p in data]
     if not paths:
         raise AnalysisError("--data is required: a directory written by `moeut prepare` or text files")
-    for p in paths:
-        if not p.exists():
-            raise FileNotFoundError(f"--data {p} does not exist (give a directory written by `moeut prepare`, "
-                                    "its val/ split, or text files)")
-        if p.is_file() and encoder is None:
-            raise AnalysisError(f"--data {p} is a text file but the checkpoint's run directory has no "
-                                "tokenizer.model to tokenise it; pass prepared shards instead")
+    encode = tokenizer.encode if tokenizer is not None else None
     if len(paths) == 1:
-        return open_ppl_data(paths[0], encoder, tokenizer_sha256)
+        return open_token_stream(paths[0], encode, tokenizer_sha256)
     if any(p.is_dir() for p in paths):
         raise AnalysisError("give either one shard directory or one or more text files as --data, not a mix")
     ids: list[int] = []
     for p in paths:
-        ids += encoder.encode_context(p.read_text(encoding="utf-8")) + [encoder.eos_id]
+        ids += list(open_token_stream(p, encode).tokens) + [tokenizer.eos_id]
     return TokenArray(ids)
 
 
@@ -123,8 +80,6 @@ def token_batches(dataset: Any, seq_len: int, batch_size: int = 8, *, max_batche
                   max_tokens: int | None = None) -> list[torch.Tensor]:
     """Consecutive non-overlapping windows ``[b, seq_len]`` of ``dataset`` (the first of them), limited by
     ``max_batches`` and/or ``max_tokens`` (whichever is reached first)."""
-    from moeut.data import EvalWindows
-
     if seq_len <= 0 or batch_size <= 0:
         raise AnalysisError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
     out: list[torch.Tensor] = []
@@ -147,23 +102,16 @@ def token_batches(dataset: Any, seq_len: int, batch_size: int = 8, *, max_batche
     return out
 
 
-def model_batches(loaded: LoadedModel, data, *, seq_len: int | None = None, batch_size: int = 8,
+def model_batches(loaded: LoadedRun, data, *, seq_len: int | None = None, batch_size: int = 8,
                   max_batches: int | None = 8, max_tokens: int | None = None) -> list[torch.Tensor]:
-    sha = loaded.encoder.tokenizer.sha256 if loaded.encoder is not None else None
-    ds = open_tokens(data, loaded.encoder, sha)
-    vocab = loaded.cfg.vocab_size
+    """Token batches of DATA for the model of ``loaded`` (shards must match its tokenizer)."""
+    sha = loaded.tokenizer.sha256 if loaded.tokenizer is not None else loaded.tokenizer_sha256
+    ds = open_tokens(data, loaded.tokenizer, sha)
+    vocab = loaded.config.vocab_size
     if getattr(ds, "vocab_size", vocab) > vocab:
         raise AnalysisError(f"the data's vocabulary ({ds.vocab_size}) is larger than the model's ({vocab})")
-    return token_batches(ds, seq_len or loaded.cfg.context_length, batch_size, max_batches=max_batches,
+    return token_batches(ds, seq_len or loaded.config.context_length, batch_size, max_batches=max_batches,
                          max_tokens=max_tokens)
-
-
-def progress(it: Iterable, total: int | None, desc: str, enabled: bool = True) -> Iterable:
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, total=total, desc=desc, dynamic_ncols=True)
 
 
 @torch.no_grad()
@@ -201,78 +149,8 @@ def n_experts_of(cfg: Any, kind: str) -> int:
     raise AnalysisError(f"unknown expert kind {kind!r}: choose ffn, att_v or att_o")
 
 
-# ---------------------------------------------------------------------------- output helpers
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], floatfmt: str = ".3f") -> str:
-    """Plain aligned text: first column left-aligned, the others right-aligned."""
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            if math.isnan(v):
-                return "-"
-            return format(v, floatfmt)
-        return str(v)
-
-    body = [[cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[j]) for r in body)) if body else len(h) for j, h in enumerate(headers)]
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in body])
-
-
-def to_jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): to_jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [to_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return to_jsonable(x.tolist())
-    if isinstance(x, np.ndarray):
-        return to_jsonable(x.tolist())
-    if isinstance(x, (np.floating,)):
-        x = float(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(data), indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def pyplot():
-    """matplotlib.pyplot with the non-interactive Agg backend (the 'analysis' extra)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError(f"the plots need matplotlib: {INSTALL_HINT} (or pip install matplotlib)") from None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
-    return path
-
-
-
 def accumulate(acc, model, batches, label: str, show_progress: bool):
     """Feed every batch's routing to an accumulator (``acc.update(routing)``) and return ``acc``."""
-    for tokens in progress(batches, len(batches), label, show_progress):
+    for tokens in progress(batches, total=len(batches), desc=label, enabled=show_progress):
         acc.update(require_routing(forward_analysis(model, tokens, routing=True), label.split()[0]))
     return acc

@@ -16,7 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from moeut.analysis.common import AnalysisError, format_table, pyplot, save_figure, write_json
+from moeut.analysis.common import AnalysisError
+from moeut.model import ModelConfig
+from moeut.model.accounting import model_stats
+from moeut.model.config import parse_preset
+from moeut.run.layout import METRICS, MODEL_CONFIG, SUMMARY, TRAIN_CONFIG, run_dir_of
+from moeut.fileio import atomic_write_json
+from moeut.report import format_table, pyplot, save_figure
 
 TRAIN_MAC_FACTOR = 3
 
@@ -48,24 +54,19 @@ def _read_json(p: Path) -> dict[str, Any]:
 
 def run_row(run_dir: str | Path) -> ComputeRow:
     """The compute row of one run directory (``model_config.json``, ``train_config.json``, ``summary.json``)."""
-    from moeut.model import ModelConfig
-    from moeut.model.accounting import model_stats
-
-    run = Path(run_dir)
-    if run.is_file():  # a checkpoint file: its run directory
-        run = run.parent.parent if run.parent.name == "checkpoints" else run.parent
-    mc = _read_json(run / "model_config.json")
+    run = run_dir_of(run_dir)
+    mc = _read_json(run / MODEL_CONFIG)
     if not mc:
         raise AnalysisError(f"{run} is not a moeut run directory (no model_config.json); pass directories written "
                             "by `moeut train`")
     cfg = ModelConfig.from_dict(mc)
-    tc = _read_json(run / "train_config.json")
-    summary = _read_json(run / "summary.json")
+    tc = _read_json(run / TRAIN_CONFIG)
+    summary = _read_json(run / SUMMARY)
     context = tc.get("seq_len") or cfg.context_length
     stats = model_stats(cfg, context=context)
     tokens = summary.get("tokens_seen")
     if tokens is None:  # fall back to the last logged metrics line
-        mp = run / "metrics.jsonl"
+        mp = run / METRICS
         if mp.exists():
             for line in mp.read_text().splitlines():
                 try:
@@ -84,10 +85,6 @@ def run_row(run_dir: str | Path) -> ComputeRow:
 
 def preset_row(spec: str, tokens: int | None = None, context: int | None = None) -> ComputeRow:
     """A preset's row (no run): MACs per token and, given ``tokens``, the training MACs of that budget."""
-    from moeut.analysis.wallclock import parse_preset
-    from moeut.model import ModelConfig
-    from moeut.model.accounting import model_stats
-
     name, over = parse_preset(spec)
     cfg = ModelConfig.from_name(name, **over)
     stats = model_stats(cfg, context=context)
@@ -152,7 +149,7 @@ def run(runs: Sequence[str | Path], out: str | Path, presets: Sequence[str] = ()
         raise AnalysisError("give run directories (--checkpoint RUN ...) and/or --presets NAME ...")
     rows = [run_row(r) for r in runs] + [preset_row(p, tokens, context) for p in presets]
     out = Path(out)
-    j = write_json(out / "compute.json", {"analysis": "compute", "train_mac_factor": TRAIN_MAC_FACTOR,
+    j = atomic_write_json(out / "compute.json", {"analysis": "compute", "train_mac_factor": TRAIN_MAC_FACTOR,
                                           "rows": [asdict(r) for r in rows]})
     png = plot(rows, out / "compute.png")
     return {"rows": rows, "table": table(rows), "files": [j, png]}

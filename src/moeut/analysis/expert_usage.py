@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 
-from moeut.analysis.common import (LoadedModel, accumulate, format_table, layer_of_application, n_experts_of,
-                                   pyplot, repeat_of_application, routing_indices, save_figure, write_json)
+from moeut.analysis.common import accumulate, layer_of_application, n_experts_of, repeat_of_application, routing_indices
+from moeut.fileio import atomic_write_json
+from moeut.report import format_table, pyplot, save_figure
+from moeut.run import LoadedRun
 
 
 class UsageAccumulator:
@@ -115,10 +117,10 @@ def plot(result: ExpertUsageResult, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def run(loaded: LoadedModel, batches: Sequence[torch.Tensor], out: str | Path, kind: str = "ffn",
+def run(loaded: LoadedRun, batches: Sequence[torch.Tensor], out: str | Path, kind: str = "ffn",
         show_progress: bool = True) -> dict[str, Any]:
     res = expert_usage(loaded.model, batches, kind=kind, name=loaded.name, show_progress=show_progress)
     out = Path(out)
-    j = write_json(out / f"expert_usage_{kind}.json", {"analysis": "expert-usage", **res.to_json()})
+    j = atomic_write_json(out / f"expert_usage_{kind}.json", {"analysis": "expert-usage", **res.to_json()})
     png = plot(res, out / f"expert_usage_{kind}.png")
     return {"result": res, "table": res.table(), "files": [j, png]}

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
-from moeut.analysis.common import (LoadedModel, accumulate, applications_of_layer, format_table, n_experts_of,
-                                   pyplot, routing_indices, write_json)
+from moeut.analysis.common import accumulate, applications_of_layer, n_experts_of, routing_indices
+from moeut.fileio import atomic_write_json
+from moeut.report import format_table, pyplot
+from moeut.run import LoadedRun
 
 
 def random_iou(n_experts: int, k: int) -> float:
@@ -141,10 +143,10 @@ def plot(result: LayerSimilarityResult, path: str | Path) -> Path:
     return path
 
 
-def run(loaded: LoadedModel, batches: Sequence[torch.Tensor], out: str | Path, kind: str = "ffn",
+def run(loaded: LoadedRun, batches: Sequence[torch.Tensor], out: str | Path, kind: str = "ffn",
         show_progress: bool = True) -> dict[str, Any]:
     res = layer_similarity(loaded.model, batches, kind=kind, name=loaded.name, show_progress=show_progress)
     out = Path(out)
-    j = write_json(out / f"layer_similarity_{kind}.json", {"analysis": "layer-similarity", **res.to_json()})
+    j = atomic_write_json(out / f"layer_similarity_{kind}.json", {"analysis": "layer-similarity", **res.to_json()})
     png = plot(res, out / f"layer_similarity_{kind}.png")
     return {"result": res, "table": res.table(), "files": [j, png]}

@@ -15,29 +15,12 @@ from typing import Any
 
 import torch
 
-from moeut.analysis.common import (AnalysisError, LoadedModel, format_table, forward_analysis,
-                                   layer_of_application, progress, pyplot, save_figure)
-
-
-def residual_norm_stats(hidden_states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums over tokens of ‖x_i‖ (``n+1`` entries) and ‖x_{i+1} − x_i‖ (``n`` entries), float64, and nothing
-    else: divide by the number of tokens (``B·T``) for the means."""
-    hs = torch.stack([h.detach().float() for h in hidden_states])  # [n+1, B, T, d]
-    res = hs.norm(dim=-1).double().flatten(1).sum(-1)
-    upd = (hs[1:] - hs[:-1]).norm(dim=-1).double().flatten(1).sum(-1)
-    return res, upd
-
-
-def residual_norm_metrics(hidden_states: Sequence[torch.Tensor]) -> dict[str, float]:
-    """Flat metrics for the training log: ``resnorm/L{i}/residual`` and ``resnorm/L{i}/update`` (means)."""
-    res, upd = residual_norm_stats(hidden_states)
-    n_tok = hidden_states[0].shape[:-1].numel()
-    out: dict[str, float] = {}
-    for i in range(len(upd)):
-        out[f"resnorm/L{i}/residual"] = res[i].item() / n_tok
-        out[f"resnorm/L{i}/update"] = upd[i].item() / n_tok
-    out["resnorm/final"] = res[-1].item() / n_tok
-    return out
+from moeut.analysis.common import AnalysisError, forward_analysis, layer_of_application
+from moeut.fileio import atomic_write_json
+from moeut.model.residual_norm import residual_norm_stats
+from moeut.report import format_table, pyplot, save_figure
+from moeut.run import LoadedRun
+from moeut.runtime import progress
 
 
 @dataclass
@@ -84,7 +67,7 @@ def residual_norms(model: torch.nn.Module, batches: Sequence[torch.Tensor], *, n
                    show_progress: bool = False) -> ResidualNormResult:
     """Mean residual and update norms of every layer application over ``batches`` (token ids ``[B, T]``)."""
     acc = ResidualNormAccumulator(model.cfg.n_layers)
-    for tokens in progress(batches, len(batches), f"residual-norm {name}", show_progress):
+    for tokens in progress(batches, total=len(batches), desc=f"residual-norm {name}", enabled=show_progress):
         out = forward_analysis(model, tokens, hidden=True)
         if out.hidden_states is None:
             raise AnalysisError(f"{name}: the model does not return hidden states (output_hidden_states)")
@@ -135,14 +118,12 @@ def plot(results: Sequence[ResidualNormResult], path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def run(models: Sequence[LoadedModel], batches_of: Any, out: str | Path, show_progress: bool = True
+def run(models: Sequence[LoadedRun], batches_of: Any, out: str | Path, show_progress: bool = True
         ) -> dict[str, Any]:
     """The CLI's work: one result per model (``batches_of(loaded)`` gives its batches), table, JSON, PNG."""
-    from moeut.analysis.common import write_json
-
     results = [residual_norms(m.model, batches_of(m), name=m.name, show_progress=show_progress) for m in models]
     out = Path(out)
     text = table(results)
-    write_json(out / "residual_norm.json", {"analysis": "residual-norm", "results": [r.to_json() for r in results]})
+    atomic_write_json(out / "residual_norm.json", {"analysis": "residual-norm", "results": [r.to_json() for r in results]})
     png = plot(results, out / "residual_norm.png")
     return {"results": results, "table": text, "files": [out / "residual_norm.json", png]}

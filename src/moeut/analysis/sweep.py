@@ -29,7 +29,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moeut.analysis.common import AnalysisError, format_table, pyplot, save_figure, write_json
+from moeut.analysis.common import AnalysisError
+from moeut.model import ModelConfig
+from moeut.model.accounting import model_stats
+from moeut.run import list_checkpoints
+from moeut.run.layout import METRICS, MODEL_CONFIG, SUMMARY, TRAIN_CONFIG
+from moeut.train import TrainConfig, TrainingError
+from moeut.train import train as train_run
+from moeut.fileio import atomic_write_json
+from moeut.report import format_table, pyplot, save_figure
 
 _BUDGET_FIELDS = ("steps", "batch_size", "seq_len")
 
@@ -51,8 +59,6 @@ class SweepEntry:
 
 
 def _has_model_field(name: str) -> bool:
-    from moeut.model import ModelConfig
-
     return name in {f.name for f in dataclasses.fields(ModelConfig)}
 
 
@@ -86,7 +92,7 @@ def load_sweep(spec: str, preset: str = "moeut-tiny") -> tuple[list[SweepEntry],
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
         try:
-            import yaml
+            import yaml  # optional: only YAML sweep files need it
         except ImportError:
             raise ImportError("YAML sweep files need PyYAML (pip install pyyaml), or write the sweep as JSON") from None
         data = yaml.safe_load(text)
@@ -121,7 +127,7 @@ class SweepRow:
 
 
 def _finished(run_dir: Path, steps: int) -> dict[str, Any] | None:
-    p = run_dir / "summary.json"
+    p = run_dir / SUMMARY
     if not p.exists():
         return None
     try:
@@ -133,7 +139,7 @@ def _finished(run_dir: Path, steps: int) -> dict[str, Any] | None:
 
 def _check_same_config(run_dir: Path, cfg: Any) -> None:
     """A run directory left by another sweep with the same run name is an error, not a silent reuse."""
-    p = run_dir / "train_config.json"
+    p = run_dir / TRAIN_CONFIG
     if not p.exists():
         return
     try:
@@ -152,10 +158,6 @@ def run_sweep(entries: Sequence[SweepEntry], data: str | Path, out: str | Path, 
               batch_size: int = 16, seq_len: int | None = 256, lr: float = 2e-3, train: dict[str, Any] | None = None,
               show_progress: bool = True, log=print) -> list[SweepRow]:
     """Train (or resume, or skip when finished) every entry into ``out/<name>``; the rows of the table."""
-    from moeut.model.accounting import model_stats
-    from moeut.train import TrainConfig, TrainingError
-    from moeut.train import train as train_run
-
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise AnalysisError(f"sweep run names must be unique, got {names}")
@@ -182,16 +184,14 @@ def run_sweep(entries: Sequence[SweepEntry], data: str | Path, out: str | Path, 
             status = "done earlier"
             log(f"[{i + 1}/{len(entries)}] {e.name}: finished earlier (val ppl {summary['val_ppl']:.2f}), skipped")
         else:
-            status = "resumed" if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()) else "trained"
+            status = "resumed" if bool(list_checkpoints(run_dir)) else "trained"
             log(f"[{i + 1}/{len(entries)}] {e.name}: {cfg.preset} + {e.model or 'no overrides'}, "
                 f"{cfg.steps * cfg.batch_size * cfg.seq_len:,} tokens")
             try:
                 summary = train_run(cfg, resume=True, show_progress=show_progress)
             except TrainingError as err:
                 raise AnalysisError(f"sweep run {e.name!r} ({run_dir}): {err}") from err
-        model_cfg = json.loads((run_dir / "model_config.json").read_text())
-        from moeut.model import ModelConfig
-
+        model_cfg = json.loads((run_dir / MODEL_CONFIG).read_text())
         stats = model_stats(ModelConfig.from_dict(model_cfg), context=cfg.seq_len)
         rows.append(SweepRow(name=e.name, preset=e.preset, model=e.model, run_dir=str(run_dir), status=status,
                              params=stats["params_total"], active_params=stats["active_params_per_token"],
@@ -210,7 +210,7 @@ def table(rows: Sequence[SweepRow]) -> str:
 
 def _curve(run_dir: Path) -> tuple[list[int], list[float]]:
     xs, ys = [], []
-    p = run_dir / "metrics.jsonl"
+    p = run_dir / METRICS
     if p.exists():
         for line in p.read_text().splitlines():
             try:
@@ -260,7 +260,7 @@ def run(spec: str, data: str | Path, out: str | Path, *, preset: str = "moeut-ti
     rows = run_sweep(entries, data, out, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, train=shared,
                      show_progress=show_progress)
     title = Path(spec).stem if Path(spec).is_file() else spec
-    j = write_json(out / "sweep.json", {"analysis": "sweep", "sweep": spec, "data": str(data), "steps": steps,
+    j = atomic_write_json(out / "sweep.json", {"analysis": "sweep", "sweep": spec, "data": str(data), "steps": steps,
                                         "batch_size": batch_size, "seq_len": seq_len,
                                         "token_budget": rows[0].tokens if rows else 0,
                                         "wall_time_s": time.perf_counter() - t0, "rows": [asdict(r) for r in rows]})

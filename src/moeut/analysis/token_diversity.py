@@ -19,8 +19,11 @@ from typing import Any
 
 import torch
 
-from moeut.analysis.common import (LoadedModel, format_table, forward_analysis, layer_of_application, n_experts_of,
-                                   progress, pyplot, require_routing, routing_indices, save_figure, write_json)
+from moeut.analysis.common import forward_analysis, layer_of_application, n_experts_of, require_routing, routing_indices
+from moeut.fileio import atomic_write_json
+from moeut.report import format_table, pyplot, save_figure
+from moeut.run import LoadedRun
+from moeut.runtime import progress
 
 
 class DiversityAccumulator:
@@ -97,7 +100,7 @@ class TokenDiversityResult:
 def token_diversity(model: torch.nn.Module, batches: Sequence[torch.Tensor], *, kind: str = "ffn", top_n: int = 6000,
                     name: str = "model", show_progress: bool = False) -> TokenDiversityResult:
     acc = DiversityAccumulator(model.cfg, kind)
-    for tokens in progress(batches, len(batches), f"token-diversity {name}", show_progress):
+    for tokens in progress(batches, total=len(batches), desc=f"token-diversity {name}", enabled=show_progress):
         acc.update(tokens, require_routing(forward_analysis(model, tokens, routing=True), "token-diversity"))
     return acc.result(name, top_n)
 
@@ -134,10 +137,10 @@ def plot(result: TokenDiversityResult, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def run(loaded: LoadedModel, batches: Sequence[torch.Tensor], out: str | Path, kind: str = "ffn", top_n: int = 6000,
+def run(loaded: LoadedRun, batches: Sequence[torch.Tensor], out: str | Path, kind: str = "ffn", top_n: int = 6000,
         show_progress: bool = True) -> dict[str, Any]:
     res = token_diversity(loaded.model, batches, kind=kind, top_n=top_n, name=loaded.name, show_progress=show_progress)
     out = Path(out)
-    j = write_json(out / f"token_diversity_{kind}.json", {"analysis": "token-diversity", **res.to_json()})
+    j = atomic_write_json(out / f"token_diversity_{kind}.json", {"analysis": "token-diversity", **res.to_json()})
     png = plot(res, out / f"token_diversity_{kind}.png")
     return {"result": res, "table": res.table(), "files": [j, png]}

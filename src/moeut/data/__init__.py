@@ -15,17 +15,18 @@ Only the light modules are imported eagerly; ``sentencepiece``, ``pyarrow`` and 
 from moeut.data.corpus import INSTALL_COMMAND, default_corpus_dir, default_corpus_files, default_corpus_sources
 from moeut.data.errors import (DataError, DecodeError, DependencyError, EmptyCorpusError, InputFormatError,
                                MissingInputError, OutputDirError, ShardError, TokenizerError, TokenizerMismatchError)
-from moeut.data.prepare import PrepareResult, add_prepare_arguments, prepare, run_prepare, split_documents
+from moeut.data.prepare import PrepareResult, prepare, split_documents
 from moeut.data.sampler import BatchSampler, EvalWindows, FeistelPermutation, validation_batches
 from moeut.data.shards import META_FILE, ShardInfo, ShardWriter, SplitMeta, TokenDataset, token_dtype
 from moeut.data.sources import (DocumentSource, HFDatasetSource, JsonlSource, ParquetSource, SourceOptions,
                                 TextFileSource, iter_documents, resolve_inputs)
+from moeut.data.streams import TokenArray, open_token_stream
 from moeut.data.tokenizer import Tokenizer, TokenizerConfig, TrainingSample, train_tokenizer
 
 __all__ = [
-    "prepare", "run_prepare", "add_prepare_arguments", "PrepareResult", "split_documents",
+    "prepare", "PrepareResult", "split_documents",
     "Tokenizer", "TokenizerConfig", "TrainingSample", "train_tokenizer",
-    "TokenDataset", "ShardWriter", "SplitMeta", "ShardInfo", "token_dtype", "META_FILE",
+    "TokenDataset", "TokenArray", "open_token_stream", "ShardWriter", "SplitMeta", "ShardInfo", "token_dtype", "META_FILE",
     "BatchSampler", "EvalWindows", "FeistelPermutation", "validation_batches",
     "DocumentSource", "SourceOptions", "TextFileSource", "JsonlSource", "ParquetSource", "HFDatasetSource",
     "resolve_inputs", "iter_documents",

@@ -6,8 +6,10 @@ Every message names the file (or input) at fault and says what to do about it. A
 
 from __future__ import annotations
 
+from moeut.errors import MissingDependency, MoeutError
 
-class DataError(Exception):
+
+class DataError(MoeutError):
     """Base class of every error raised by :mod:`moeut.data`."""
 
 
@@ -32,7 +34,7 @@ class DecodeError(InputFormatError, UnicodeError):
         self.offset = offset
 
 
-class DependencyError(DataError, ImportError):
+class DependencyError(DataError, MissingDependency):
     """An optional dependency (``datasets``, ``pyarrow``, ``sentencepiece``, the default corpus) is missing."""
 
 

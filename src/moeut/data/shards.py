@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from moeut.data._io import atomic_write_json, read_json, sha256_file
 from moeut.data.errors import ShardError, TokenizerMismatchError
+from moeut.fileio import atomic_write_json, read_json, sha256_file
 
 SHARD_FORMAT = "moeut-tokens"
 SHARD_FORMAT_VERSION = 1

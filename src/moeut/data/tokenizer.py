@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeut.data._io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from moeut.data.errors import DependencyError, EmptyCorpusError, TokenizerError, TokenizerMismatchError
+from moeut.fileio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 TOKENIZER_MODEL = "tokenizer.model"
 TOKENIZER_JSON = "tokenizer.json"

@@ -33,9 +33,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 import torch
 from tqdm.auto import tqdm
 
-from moeut.eval.cli import run_dir_of
 from moeut.eval.encoding import Encoder, SentencePieceEncoder
 from moeut.eval.scoring import score_candidates
+from moeut.run import load_run
 
 HARNESS_TASKS_DIR = Path(__file__).with_name("harness_tasks")
 # moeut task name → the lm-eval task (or group) shipped in HARNESS_TASKS_DIR
@@ -46,25 +46,26 @@ HARNESS_TASKS = {"lambada": "lambada_openai", "blimp": "blimp", "hellaswag": "he
 @register_model("moeut")
 class MoEUTHarnessLM(TemplateLM):
     """A moeut checkpoint for lm-eval. ``pretrained``: a run directory or checkpoint file (its run
-    directory must hold ``tokenizer.model``, else pass ``tokenizer``). Or pass a loaded ``model`` and
+    directory must hold ``tokenizer.model``, else pass ``tokenizer``; loaded by :func:`moeut.run.load_run`, so
+    a tokenizer other than the run's needs ``allow_tokenizer_mismatch=True``). Or pass a loaded ``model`` and
     ``encoder`` (an :class:`~moeut.eval.encoding.Encoder`) directly."""
 
     def __init__(self, pretrained: str | None = None, tokenizer: str | None = None, batch_size: int | str = 64,
                  max_batch_size: int | None = None, device: str | None = None, max_length: int | None = None,
                  max_gen_toks: int = 256, backend: str | None = None, model: torch.nn.Module | None = None,
-                 encoder: Encoder | None = None, **_: Any) -> None:
+                 encoder: Encoder | None = None, allow_tokenizer_mismatch: bool = False, **_: Any) -> None:
         super().__init__()
         if model is None:
             if pretrained is None:
                 raise ValueError("the moeut lm-eval model needs pretrained=RUN_DIR_OR_CHECKPOINT")
-            from moeut.train import load_model
-
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model = load_model(pretrained, map_location=device, backend=backend).to(device)
-        if encoder is None:
-            if tokenizer is None and pretrained is None:
+            run = load_run(pretrained, tokenizer=tokenizer, device=device or "auto", backend=backend,
+                           allow_tokenizer_mismatch=allow_tokenizer_mismatch)
+            model = run.model
+            encoder = encoder or SentencePieceEncoder(run.tokenizer)
+        elif encoder is None:
+            if tokenizer is None:
                 raise ValueError("pass tokenizer=PATH (or an encoder) with a model object")
-            encoder = SentencePieceEncoder.load(tokenizer or run_dir_of(Path(pretrained)))
+            encoder = SentencePieceEncoder.load(tokenizer)
         self.model = model.eval()
         self.encoder = encoder
         self.batch_size = 64 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)

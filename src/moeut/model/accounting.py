@@ -27,13 +27,12 @@ from typing import Any
 
 import torch
 
+from moeut.model.build import build_model
 from moeut.model.config import ModelConfig
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Exact parameter counts of the model built from ``cfg`` (instantiated on the meta device)."""
-    from moeut.model.lm import build_model
-
     with torch.device("meta"):
         model = build_model(cfg)
     total = model.num_params()

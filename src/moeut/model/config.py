@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from moeut.errors import MoeutError
+
 Arch = Literal["moeut", "dense", "sut"]
 ARCHS = ("moeut", "dense", "sut")
 NORM_PLACEMENTS = ("peri", "pre", "post")
@@ -15,7 +17,7 @@ GROUP_ORDERS = ("abab", "aabb")
 MI_LOSS_FORMS = ("code", "paper")
 
 
-class ConfigError(ValueError):
+class ConfigError(MoeutError, ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
@@ -183,6 +185,15 @@ def parse_overrides(items, *, flag: str = "--model") -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def parse_preset(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name"`` or ``"name:field=value,field=value"`` → (preset, ModelConfig overrides)."""
+    name, _, rest = spec.partition(":")
+    try:
+        return name, parse_overrides(filter(None, rest.split(",")), flag=f"preset {spec!r}:")
+    except ConfigError as e:
+        raise ConfigError(f"{e}; overrides are field=value pairs separated by commas") from e
 
 
 def _divisors(n: int) -> list[int]:

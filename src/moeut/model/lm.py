@@ -11,55 +11,19 @@ order A B … A B … (n_layers/G repeats; ``group_order="aabb"``: A A … B B �
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeut.model.base import LanguageModel, LMOutput
 from moeut.model.cache import KVCache
 from moeut.model.config import ModelConfig
 from moeut.model.layer import DenseLayer, LayerRouting, MoEUTLayer
+from moeut.model.masks import attention_mask_for, positions_for
 from moeut.model.regularizer import entropy_of_mean_softmax
-from moeut.model.routing import expert_counts
 from moeut.model.rope import rope_tables
-
-
-@dataclass
-class LMOutput:
-    logits: torch.Tensor  # [B, T, vocab]
-    reg_loss: torch.Tensor  # scalar fp32: γ·Σ_MLP + δ·Σ_attention entropy regularisers (0 for dense)
-    cache: KVCache | None = None  # updated cache when one was passed in
-    # Routing statistics for logging, per layer application (no gradient): "ffn" [n_layers, N_E],
-    # "att_v" and "att_o" [n_layers, H·N_A]. None for the dense baseline.
-    expert_counts: dict[str, torch.Tensor] | None = None
-    # Only when asked for (analyses): the residual stream entering each layer application plus the final
-    # one (n_layers + 1 tensors [B, T, d], before the output LayerNorm), and each application's routing
-    # in application order (None entries for the dense baseline).
-    hidden_states: list[torch.Tensor] | None = None
-    routing: list[LayerRouting | None] | None = None
-
-    def loss(self, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy (fp32) plus the regulariser."""
-        ce = F.cross_entropy(self.logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
-        return ce + self.reg_loss
-
-
-class LanguageModel(nn.Module):
-    """What every moeut language model offers around its forward pass (MoEUT, dense, SUT): sampling and
-    parameter counts. Subclasses have ``embedding`` and an untied ``lm_head``."""
-
-    def generate(self, prompts, max_new_tokens: int, **kw) -> list[list[int]]:
-        """Sample continuations of token-id prompts with the KV cache; see :func:`moeut.model.generate.generate`."""
-        from moeut.model.generate import generate
-
-        return generate(self, prompts, max_new_tokens, **kw)
-
-    def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.embedding.weight.numel() + self.lm_head.weight.numel() + self.lm_head.bias.numel()
-        return n
+from moeut.model.routing import expert_counts
 
 
 class MoEUTLM(LanguageModel):
@@ -123,9 +87,9 @@ class MoEUTLM(LanguageModel):
             raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
         past = cache.length if cache is not None else 0
-        positions = _positions(B, T, past, attention_mask, position_ids, tokens.device)
+        positions = positions_for(B, T, past, attention_mask, position_ids, tokens.device)
         rope = rope_tables(positions, cfg.n_rotate, cfg.rope_base)
-        mask = _attention_mask(B, T, past, attention_mask, tokens.device)
+        mask = attention_mask_for(B, T, past, attention_mask, tokens.device)
 
         h = self.embedding(tokens)
         if self.post_ln:
@@ -170,46 +134,3 @@ class MoEUTLM(LanguageModel):
             "att_v": torch.stack([expert_counts(r.att_v.indices + head_offset, n_att) for r in flat]),
             "att_o": torch.stack([expert_counts(r.att_o.indices + head_offset, n_att) for r in flat]),
         }
-
-
-
-def _positions(B: int, T: int, past: int, attention_mask: torch.Tensor | None,
-               position_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    if position_ids is not None:
-        if position_ids.shape[-1] != T or position_ids.dim() not in (1, 2):
-            raise ValueError(f"position_ids must be [T] or [B, T] with T={T}, got {tuple(position_ids.shape)}")
-        return position_ids.to(device)
-    if attention_mask is not None:
-        # number of real tokens before each position: correct RoPE positions under left padding
-        pos = attention_mask.long().cumsum(-1) - 1
-        return pos.clamp_min(0)[:, -T:]
-    return torch.arange(past, past + T, device=device)
-
-
-def _attention_mask(B: int, T: int, past: int, attention_mask: torch.Tensor | None,
-                    device: torch.device) -> torch.Tensor | None:
-    """Boolean ``[T, S]`` or ``[B, 1, T, S]`` mask (True = may attend), or None for plain causal."""
-    if attention_mask is None and past == 0:
-        return None
-    S = past + T
-    q_pos = torch.arange(past, S, device=device).unsqueeze(-1)
-    k_pos = torch.arange(S, device=device)
-    allowed = k_pos <= q_pos  # causal over absolute positions, [T, S]
-    if attention_mask is None:
-        return allowed
-    if tuple(attention_mask.shape) != (B, S):
-        raise ValueError(f"attention_mask must be [batch, cached + new tokens] = {(B, S)}, "
-                         f"got {tuple(attention_mask.shape)}")
-    allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
-    # a padding query would attend to nothing (NaN); let every query see itself
-    allowed = allowed | (k_pos == q_pos)
-    return allowed.unsqueeze(1)
-
-
-def build_model(cfg: ModelConfig, backend: str | None = None) -> nn.Module:
-    """The language model for ``cfg.arch``: the one place that maps a config to a model class."""
-    if cfg.is_sut:
-        from moeut.model.sut import SUTLM
-
-        return SUTLM(cfg, backend=backend)
-    return MoEUTLM(cfg, backend=backend)

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeut.model.act import ACTState, HaltingGate, expected_depth, halt_step, mix_state
+from moeut.model.base import LanguageModel, LMOutput
 from moeut.model.cache import KVCache, LayerKV
 from moeut.model.config import ModelConfig
-from moeut.model.lm import LanguageModel
+from moeut.model.masks import attention_mask_for
 from moeut.model.moa import MixtureOfAttentionHeads
 from moeut.model.mutual_information import mutual_information_loss
 from moeut.model.routing import Routing, expert_counts
@@ -113,14 +114,12 @@ class SUTLM(LanguageModel):
                 output_hidden_states: bool = False, output_routing: bool = False):
         """As :meth:`moeut.model.lm.MoEUTLM.forward`. ``hidden_states``: the state entering each layer
         application (under ACT the halting-weighted state attention reads) plus the final one."""
-        from moeut.model.lm import LMOutput, _attention_mask
-
         cfg = self.cfg
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
         past = cache.length if cache is not None else 0
-        mask = _attention_mask(B, T, past, attention_mask, tokens.device)
+        mask = attention_mask_for(B, T, past, attention_mask, tokens.device)
         h = F.layer_norm(self.embedding(tokens) * math.sqrt(cfg.d_model), (cfg.d_model,))
 
         new_cache = KVCache() if cache is not None else None

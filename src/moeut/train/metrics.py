@@ -1,13 +1,17 @@
-"""Training metrics: a JSONL file, TensorBoard event files (when installed), routing statistics."""
+"""Training metrics: a JSONL file, TensorBoard event files (when installed), routing statistics, residual norms."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from moeut.model.residual_norm import residual_norm_stats
+from moeut.run.layout import METRICS, TENSORBOARD
 
 
 def routing_stats(counts: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -30,18 +34,31 @@ def routing_stats(counts: dict[str, torch.Tensor]) -> dict[str, float]:
     return stats
 
 
+def residual_norm_metrics(hidden_states: Sequence[torch.Tensor]) -> dict[str, float]:
+    """Flat metrics for the training log: ``resnorm/L{i}/residual`` and ``resnorm/L{i}/update`` (means over
+    tokens of the residual entering application i and of its update), and ``resnorm/final``."""
+    res, upd = residual_norm_stats(hidden_states)
+    n_tok = hidden_states[0].shape[:-1].numel()
+    out: dict[str, float] = {}
+    for i in range(len(upd)):
+        out[f"resnorm/L{i}/residual"] = res[i].item() / n_tok
+        out[f"resnorm/L{i}/update"] = upd[i].item() / n_tok
+    out["resnorm/final"] = res[-1].item() / n_tok
+    return out
+
+
 class MetricsLogger:
     """Appends one JSON line per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS
         self._tb = None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD))
             except ImportError:
                 print("note: TensorBoard logging is off (pip install tensorboard, or the [dev] extra)")
 

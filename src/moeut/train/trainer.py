@@ -9,32 +9,38 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import platform
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
 
+from moeut.data import BatchSampler, TokenDataset, validation_batches
+from moeut.errors import MoeutError
+from moeut.fileio import atomic_write_json, atomic_write_text
 from moeut.model import build_model
 from moeut.model.accounting import model_stats
-from moeut.train.checkpoint import latest_checkpoint, save_checkpoint
+from moeut.model.perplexity import window_nll
+from moeut.run.checkpoint import latest_checkpoint, save_checkpoint
+from moeut.run.layout import CHECKPOINTS, MODEL_CONFIG, SUMMARY, TOKENIZER_JSON, TOKENIZER_MODEL, TRAIN_CONFIG
+from moeut.runtime import progress
 from moeut.train.config import TrainConfig
 from moeut.train.distributed import DistInfo, barrier, init_distributed, shutdown, wrap_model
-from moeut.train.metrics import MetricsLogger, routing_stats
+from moeut.train.metrics import MetricsLogger, residual_norm_metrics, routing_stats
 from moeut.train.schedule import lr_at
+from moeut.train.step import autocast_for, train_step
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MoeutError, RuntimeError):
     """Training cannot start or continue; the message says why and what to do."""
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run described by ``cfg``; returns the final summary (also in summary.json)."""
-    from moeut.data import BatchSampler, TokenDataset, validation_batches
-
     info = init_distributed(cfg.device)
     try:
         run_dir = Path(cfg.out)
@@ -62,7 +68,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
             torch.set_rng_state(run_state["rng_cpu"])
             if info.device.type == "cuda" and "rng_cuda" in run_state:
                 torch.cuda.set_rng_state(run_state["rng_cuda"], info.device)
-        autocast = _autocast(cfg.precision, info.device)
+        autocast = autocast_for(cfg.precision, info.device)
 
         if cfg.batch_size % (info.world_size * cfg.grad_accum):
             raise TrainingError(f"batch_size={cfg.batch_size} must be divisible by world_size×grad_accum="
@@ -77,7 +83,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
             _print_header(cfg, model_cfg, stats, info, train_ds, val_ds, autocast, start_step)
 
         tokens_per_step = cfg.batch_size * cfg.seq_len
-        progress = _progress(start_step, cfg.steps, enabled=show_progress and info.is_main)
+        bar = progress(total=cfg.steps, initial=start_step, desc="train", enabled=show_progress and info.is_main)
         t0, last = time.perf_counter(), {}
         val_ppl = run_state.get("val_ppl") if run_state else None
         step = start_step
@@ -87,16 +93,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             want_routing = cfg.routing_every > 0 and (step + 1) % cfg.routing_every == 0
-            ce, reg, counts = _train_step(wrapped, optimizer, sampler.batch(step), cfg, autocast, info)
+            res = train_step(wrapped, optimizer, sampler.batch(step), grad_accum=cfg.grad_accum,
+                             grad_clip=cfg.grad_clip, autocast=autocast, device=info.device,
+                             distributed=info.distributed)
+            ce, reg, counts = res.ce, res.reg, res.expert_counts
             if not (math.isfinite(ce) and math.isfinite(reg)):
                 raise TrainingError(f"loss became {ce + reg} at step {step + 1}; training stopped. The last "
-                                    f"good checkpoint is kept in {run_dir / 'checkpoints'}: lower --lr or "
+                                    f"good checkpoint is kept in {run_dir / CHECKPOINTS}: lower --lr or "
                                     f"check the data, then --resume")
             tokens_seen += tokens_per_step
             done = step + 1
             elapsed = time.perf_counter() - t0
             tok_s = (done - start_step) * tokens_per_step / max(elapsed, 1e-9)
-            last = {"train_loss": ce, "reg_loss": reg, "lr": lr, "tokens_seen": tokens_seen, "tok_per_s": tok_s}
+            last = {"train_loss": ce, "reg_loss": reg, "lr": lr, "grad_norm": res.grad_norm, "tokens_seen": tokens_seen,
+                    "tok_per_s": tok_s}
             if want_routing and counts is not None:
                 last.update(routing_stats(counts))
             want_norms = cfg.residual_norm_every > 0 and done % cfg.residual_norm_every == 0
@@ -104,17 +114,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
                 last.update(_residual_norms(wrapped, val_ds, cfg, autocast, info))
             if info.is_main and (done % max(cfg.log_every, 1) == 0 or want_routing or want_norms or done == cfg.steps):
                 logger.log(done, last)
-            progress.update(1)
-            progress.set_postfix(loss=f"{ce:.3f}", reg=f"{reg:+.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{ce:.3f}", reg=f"{reg:+.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
 
             is_last = done == cfg.steps
             if (cfg.eval_every and done % cfg.eval_every == 0) or is_last:
                 limit = None if is_last else (cfg.eval_batches or None)  # the final evaluation is complete
                 val_ppl = evaluate_ppl(wrapped, validation_batches(val_ds, cfg.seq_len, cfg.batch_size,
-                                                                   max_batches=limit), info.device)
+                                                                   max_batches=limit))
                 if info.is_main:
                     logger.log(done, {"val_ppl": val_ppl, "val_loss": math.log(val_ppl)})
-                    progress.write(f"step {done}: validation perplexity {val_ppl:.2f}")
+                    bar.write(f"step {done}: validation perplexity {val_ppl:.2f}")
             wall = wall_before + time.perf_counter() - t0
             if (cfg.save_every and done % cfg.save_every == 0) or is_last:
                 state = _checkpoint_state(model, optimizer, cfg, model_cfg, train_ds.tokenizer_sha256, info)
@@ -124,7 +134,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
                 barrier(info)
             if info.is_main and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last):
                 _write_summary(run_dir, done, last, val_ppl, wall, stats)
-        progress.close()
+        bar.close()
         logger.close()
         summary = _read_summary(run_dir) if info.is_main else {}
         if info.is_main and summary:
@@ -135,50 +145,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
         shutdown(info)
 
 
-def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
-                cfg: TrainConfig, autocast: contextlib.AbstractContextManager | None, info: DistInfo,
-                ) -> tuple[float, float, dict[str, torch.Tensor] | None]:
-    """One optimizer step over this rank's rows, in ``grad_accum`` micro-batches. Returns mean CE, reg."""
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    batch = batch.to(info.device, non_blocking=True)
-    micro = batch.chunk(cfg.grad_accum)
-    ce_sum, reg_sum, counts = torch.zeros((), device=info.device), torch.zeros((), device=info.device), None
-    for i, mb in enumerate(micro):
-        sync = i == len(micro) - 1
-        ctx = model.no_sync() if (info.distributed and not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
-        with ctx:
-            with autocast or contextlib.nullcontext():
-                out = model(mb[:, :-1])
-            ce = F.cross_entropy(out.logits.float().flatten(0, 1), mb[:, 1:].flatten())
-            loss = (ce + out.reg_loss) / len(micro)
-            loss.backward()
-        ce_sum += ce.detach() / len(micro)
-        reg_sum += out.reg_loss.detach() / len(micro)
-        if out.expert_counts is not None:
-            counts = out.expert_counts if counts is None else {k: counts[k] + v for k, v in out.expert_counts.items()}
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
-    if info.distributed:  # report the global mean (every rank has the same number of rows)
-        import torch.distributed as dist
-
-        both = torch.stack([ce_sum, reg_sum])
-        dist.all_reduce(both)
-        ce_sum, reg_sum = both / info.world_size
-        if counts is not None:
-            for v in counts.values():
-                dist.all_reduce(v)
-    return ce_sum.item(), reg_sum.item(), counts
-
-
 @torch.no_grad()
 def _residual_norms(model: torch.nn.Module, val_ds, cfg: TrainConfig, autocast, info: DistInfo) -> dict[str, float]:
     """Mean residual and update norm of every layer application on the first validation batch (every rank
     runs the same forward pass, so DDP/FSDP stay in step)."""
-    from moeut.analysis.residual_norm import residual_norm_metrics
-    from moeut.data import validation_batches
-
     batch = next(iter(validation_batches(val_ds, cfg.seq_len, max(1, cfg.batch_size // cfg.grad_accum),
                                          max_batches=1)), None)
     if batch is None:
@@ -190,10 +160,6 @@ def _residual_norms(model: torch.nn.Module, val_ds, cfg: TrainConfig, autocast, 
 
 def _hardware(device: torch.device) -> str:
     """What the run trained on, for the compute analysis: the GPU model and rank count, or the CPU threads."""
-    import platform
-
-    import torch.distributed as dist
-
     if device.type == "cuda":
         ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         return f"{torch.cuda.get_device_name(device)} ×{ranks}"
@@ -202,34 +168,22 @@ def _hardware(device: torch.device) -> str:
     return f"cpu {platform.machine()} ({n} thread{'s' if n != 1 else ''})"
 
 
-@torch.no_grad()
-def evaluate_ppl(model: torch.nn.Module, batches, device: torch.device) -> float:
-    """Perplexity in fp32 over non-overlapping windows: exp(total NLL / number of targets)."""
-    model.eval()
-    nll, n = torch.zeros((), dtype=torch.float64, device=device), 0
-    for batch in batches:
-        batch = batch.to(device)
-        logits = model(batch[:, :-1]).logits.float()
-        nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").double()
-        n += batch[:, 1:].numel()
-    model.train()
-    if n == 0:
+def evaluate_ppl(model: torch.nn.Module, batches) -> float:
+    """Validation perplexity over non-overlapping windows (:func:`moeut.model.perplexity.window_nll`)."""
+    totals = window_nll(model, batches)
+    if totals.tokens == 0:
         raise TrainingError("the validation set holds no complete window of seq_len+1 tokens: use a smaller "
                             "--seq-len or re-run `moeut prepare` with a larger --val-fraction")
-    return math.exp(nll.item() / n)
-
-
-def _autocast(precision: str, device: torch.device):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return None
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return totals.ppl
 
 
 def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, model_cfg,
                       tokenizer_sha256: str, info: DistInfo) -> dict[str, Any]:
     if cfg.fsdp and info.distributed:  # gather full (unsharded) tensors; rank 0 writes them
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+        )
 
         model_sd, optim_sd = get_state_dict(model, optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -248,7 +202,10 @@ def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: d
     if not sharded:
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
@@ -256,7 +213,7 @@ def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: d
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, tokenizer_sha256: str, resume: bool,
                      info: DistInfo) -> dict[str, Any] | None:
     """Check the run directory; on resume, return the newest loadable checkpoint's state."""
-    config_path = run_dir / "train_config.json"
+    config_path = run_dir / TRAIN_CONFIG
     if config_path.exists():
         try:
             old = json.loads(config_path.read_text())
@@ -289,14 +246,12 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, tokenizer_sha25
     barrier(info)  # every rank has checked the directory before rank 0 writes to it
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("tokenizer.model", "tokenizer.json"):  # the run is self-contained for generate/eval
+        for name in (TOKENIZER_MODEL, TOKENIZER_JSON):  # the run is self-contained for generate/eval
             src = Path(cfg.data) / name
             if src.exists() and not (run_dir / name).exists():
                 shutil.copyfile(src, run_dir / name)
-        for path, text in ((config_path, cfg.to_json()), (run_dir / "model_config.json", model_cfg.to_json())):
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+        for path, text in ((config_path, cfg.to_json()), (run_dir / MODEL_CONFIG, model_cfg.to_json())):
+            atomic_write_text(path, text)
     barrier(info)
     return state
 
@@ -307,13 +262,11 @@ def _write_summary(run_dir: Path, step: int, last: dict[str, Any], val_ppl: floa
                "val_ppl": val_ppl, "tokens_seen": last.get("tokens_seen"), "wall_time_s": wall,
                "tok_per_s": last.get("tok_per_s"), "params_total": stats["params_total"],
                "active_params_per_token": stats["active_params_per_token"], "hardware": stats.get("hardware")}
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(run_dir / "summary.json")
+    atomic_write_json(run_dir / SUMMARY, summary)
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:
-    p = run_dir / "summary.json"
+    p = run_dir / SUMMARY
     return json.loads(p.read_text()) if p.exists() else {}
 
 
@@ -336,19 +289,3 @@ def _print_header(cfg: TrainConfig, model_cfg, stats: dict[str, Any], info: Dist
         f"run        {cfg.out}" + (f" (resuming at step {start_step})" if start_step else ""),
     ]
     print("\n".join(lines), flush=True)
-
-
-class _NoProgress:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kw: Any) -> None: ...
-    def write(self, s: str) -> None:
-        print(s, flush=True)
-    def close(self) -> None: ...
-
-
-def _progress(start: int, total: int, enabled: bool):
-    if not enabled:
-        return _NoProgress()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeut.integrations.hf.export import (ExportError, export_hf, from_hf_state_dict, hf_config_dict, import_hf,
-                                          import_hf_run, model_config_from_hf, to_hf_state_dict, verify_export)
+from moeut.integrations.hf.export import ExportError, export_hf, hf_config_dict, import_hf, import_hf_run, verify_export
+from moeut.run.hf_format import from_hf_state_dict, model_config_from_hf, to_hf_state_dict
 
 __all__ = ["export_hf", "import_hf", "import_hf_run", "verify_export", "register", "ExportError",
            "hf_config_dict", "model_config_from_hf", "to_hf_state_dict", "from_hf_state_dict",

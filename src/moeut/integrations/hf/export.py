@@ -13,45 +13,37 @@ An exported directory holds
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from moeut.data import Tokenizer
+from moeut.integrations.hf.tokenizer import check_round_trip, write_tokenizer_files
+from moeut.run import list_checkpoints, load_run, write_model_run
+from moeut.run.hf_format import (HF_NAMES, WEIGHTS, WEIGHTS_INDEX, HFFormatError, load_hf_model,
+                                 need, to_hf_state_dict)
+from moeut.run.layout import HF_CONFIG, TOKENIZER_MODEL
+from moeut.version import __version__
+
 HERE = Path(__file__).resolve().parent
 CODE_FILES = ("configuration_moeut.py", "modeling_moeut.py")
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 AUTO_MAP = {
     "AutoConfig": "configuration_moeut.MoEUTConfig",
     "AutoModel": "modeling_moeut.MoEUTModel",
     "AutoModelForCausalLM": "modeling_moeut.MoEUTForCausalLM",
 }
-# moeut ModelConfig field -> transformers config name (every other field keeps its name)
-_HF_NAMES = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
-             "d_head": "head_dim", "context_length": "max_position_embeddings"}
-# moeut parameter-name prefix -> transformers prefix
-_PREFIXES = (("embedding.", "model.embed_tokens."), ("layers.", "model.layers."), ("out_norm.", "model.norm."),
-             ("lm_head.", "lm_head."))
 _DTYPES = ("float32", "bfloat16", "float16")
 EXPORTABLE_ARCHS = ("moeut", "dense", "sut")  # what modeling_moeut.py implements
 
 
-class ExportError(ValueError):
+class ExportError(HFFormatError):
     """The export cannot be written or does not reproduce the moeut model; the message says why."""
-
-
-def _need(module: str, what: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        from moeut.data.errors import DependencyError
-
-        raise DependencyError(f"{what} needs the optional Hugging Face dependencies ({e.name} is missing): "
-                              f"pip install 'moeut[hf]'") from e
 
 
 # ----------------------------------------------------------------------------------- config and weights
@@ -60,56 +52,21 @@ def hf_config_dict(cfg, *, bos_id: int | None, eos_id: int | None, pad_id: int |
     """The ``config.json`` of an export of a model with :class:`moeut.ModelConfig` ``cfg``."""
     d: dict[str, Any] = {"architectures": ["MoEUTForCausalLM"], "auto_map": dict(AUTO_MAP), "model_type": "moeut"}
     for key, value in cfg.to_dict().items():
-        d[_HF_NAMES.get(key, key)] = value
+        d[HF_NAMES.get(key, key)] = value
     d.update(layer_norm_eps=1e-5, use_cache=True, output_router_logits=False, tie_word_embeddings=False,
              bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, torch_dtype=dtype)
     try:
-        from importlib.metadata import version
-
         d["transformers_version"] = version("transformers")
-    except Exception:  # transformers not installed: the field is informative only
+    except PackageNotFoundError:  # transformers not installed: the field is informative only
         pass
     d.update(extra or {})
     return d
 
 
-def model_config_from_hf(d: dict[str, Any]):
-    """The :class:`moeut.ModelConfig` of an export's ``config.json`` dict."""
-    import dataclasses
-
-    from moeut.model import ModelConfig
-
-    if d.get("model_type") != "moeut":
-        raise ExportError(f"config.json has model_type {d.get('model_type')!r}, not 'moeut'")
-    fields = {f.name for f in dataclasses.fields(ModelConfig) if f.init}
-    kwargs = {}
-    for name in fields:
-        key = _HF_NAMES.get(name, name)
-        if key in d:
-            kwargs[name] = d[key]
-    return ModelConfig.from_dict(kwargs)
-
-
-def to_hf_state_dict(state: dict[str, Any]) -> dict[str, Any]:
-    """Rename a :class:`moeut.MoEUTLM` state dict to the exported model's names."""
-    return {_rename(k, _PREFIXES): v for k, v in state.items()}
-
-
-def from_hf_state_dict(state: dict[str, Any]) -> dict[str, Any]:
-    """Rename an exported model's state dict back to :class:`moeut.MoEUTLM` names."""
-    return {_rename(k, [(b, a) for a, b in _PREFIXES]): v for k, v in state.items()}
-
-
-def _rename(key: str, prefixes) -> str:
-    for old, new in prefixes:
-        if key.startswith(old):
-            return new + key[len(old):]
-    raise ExportError(f"unexpected parameter {key!r}: not a MoEUT model state dict")
-
-
 # ------------------------------------------------------------------------------------------------ export
 def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None,
-              dtype: str = "float32", verify: bool = True, overwrite: bool = False) -> Path:
+              dtype: str = "float32", verify: bool = True, overwrite: bool = False,
+              allow_tokenizer_mismatch: bool = False) -> Path:
     """Write the Hugging Face model directory of a run (its newest checkpoint) or of one checkpoint file.
 
     ``dtype``: the weights' storage type (``float32`` keeps the trained fp32 weights exactly). ``verify``
@@ -117,23 +74,17 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | P
     a left-padded batch) and that ``AutoTokenizer`` encodes and decodes like the SentencePiece model;
     a mismatch raises :class:`ExportError`. Returns ``out_dir``.
     """
-    import torch
-
-    import moeut
-    from moeut.integrations.hf.tokenizer import write_tokenizer_files
-    from moeut.integrations.loading import load_run
-
-    safetensors_torch = _need("safetensors.torch", "export-hf")
-    _need("tokenizers", "export-hf")
+    safetensors_torch = need("safetensors.torch", "export-hf")
+    need("tokenizers", "export-hf")
     if verify:
-        _need("transformers", "checking the export (pass --no-verify to skip it)")
+        need("transformers", "checking the export (pass --no-verify to skip it)")
     if dtype not in _DTYPES:
         raise ExportError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir} exists and is not empty; choose another --out or pass --force to overwrite")
 
-    run = load_run(checkpoint, tokenizer=tokenizer)
+    run = load_run(checkpoint, tokenizer=tokenizer, device="cpu", allow_tokenizer_mismatch=allow_tokenizer_mismatch)
     model, tok = run.model, run.tokenizer
     if model.cfg.arch not in EXPORTABLE_ARCHS:
         raise ExportError(f"{checkpoint}: arch {model.cfg.arch!r} has no exported modeling code "
@@ -155,9 +106,9 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | P
            (("bos_id", tok.bos_id), ("eos_id", tok.eos_id), ("pad_id", tok.pad_id))}
     if ids["pad_id"] is None:
         ids["pad_id"] = ids["eos_id"]
-    extra = {"moeut_version": moeut.__version__, "moeut_step": run.step, "moeut_tokenizer_sha256": tok.sha256}
+    extra = {"moeut_version": __version__, "moeut_step": run.step, "moeut_tokenizer_sha256": tok.sha256}
     config = hf_config_dict(model.cfg, dtype=dtype, extra=extra, **ids)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": ids["bos_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"]}
     if "transformers_version" in config:
         generation["transformers_version"] = config["transformers_version"]
@@ -173,13 +124,12 @@ def verify_export(out_dir: str | Path, model, sentencepiece_model: str | Path, *
     """Load ``out_dir`` with transformers (the package's copy of the exported classes, in fp32; nothing is
     registered) and compare its logits with ``model``'s on a left-padded batch, and ``AutoTokenizer`` with the
     SentencePiece model."""
-    import torch
+    # transformers is optional (the 'hf' extra); the two code files import it at their top
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from moeut.integrations.hf.configuration_moeut import MoEUTConfig
     from moeut.integrations.hf.modeling_moeut import MoEUTForCausalLM
-    from moeut.integrations.hf.tokenizer import check_round_trip
 
     out_dir = Path(out_dir)
     bar = hf_logging.is_progress_bar_enabled()
@@ -190,7 +140,7 @@ def verify_export(out_dir: str | Path, model, sentencepiece_model: str | Path, *
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    ref = _rounded_like(model, json.loads((out_dir / "config.json").read_text()).get("torch_dtype", "float32"))
+    ref = _rounded_like(model, json.loads((out_dir / HF_CONFIG).read_text()).get("torch_dtype", "float32"))
     gen = torch.Generator().manual_seed(0)
     vocab = model.cfg.vocab_size
     tokens = torch.randint(0, vocab, (2, 12), generator=gen)
@@ -213,17 +163,11 @@ def verify_export(out_dir: str | Path, model, sentencepiece_model: str | Path, *
 
 
 def _is_v5() -> bool:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0]) >= 5
+    return int(version("transformers").split(".")[0]) >= 5
 
 
 def _rounded_like(model, dtype: str):
     """``model`` itself for fp32 exports; else an fp32 copy with weights rounded through ``dtype``."""
-    import copy
-
-    import torch
-
     if dtype == "float32":
         return model.eval()
     ref = copy.deepcopy(model).float().eval()
@@ -265,60 +209,21 @@ in `loss` (the training objective).
 
 
 # ------------------------------------------------------------------------------------------------ import
-def _load_weights(hf_dir: Path) -> dict[str, Any]:
-    safetensors_torch = _need("safetensors.torch", "loading an exported model")
-    if (hf_dir / WEIGHTS).is_file():
-        return safetensors_torch.load_file(str(hf_dir / WEIGHTS))
-    index = hf_dir / WEIGHTS_INDEX
-    if index.is_file():  # sharded (e.g. saved by transformers' save_pretrained)
-        state: dict[str, Any] = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(safetensors_torch.load_file(str(hf_dir / shard)))
-        return state
-    raise FileNotFoundError(f"{hf_dir} holds no {WEIGHTS} (or {WEIGHTS_INDEX}); is it a `moeut export-hf` directory?")
-
-
-def import_hf(hf_dir: str | Path, *, backend: str | None = None):
-    """A :class:`moeut.MoEUTLM` (fp32, eval mode) with the weights of an exported (or transformers-saved)
-    MoEUT directory. Needs safetensors, not transformers."""
-    import torch
-
-    from moeut.model import build_model
-
-    hf_dir = Path(hf_dir)
-    cfg_path = hf_dir / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} does not exist; pass a directory written by `moeut export-hf`")
-    model = build_model(model_config_from_hf(json.loads(cfg_path.read_text())), backend=backend)
-    state = {k: v.to(torch.float32) for k, v in from_hf_state_dict(_load_weights(hf_dir)).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ExportError(f"{hf_dir}: the weights do not fit the config (missing {sorted(missing)[:5]}, "
-                          f"unexpected {sorted(unexpected)[:5]})")
-    return model.eval()
+def import_hf(hf_dir: str | Path, *, backend: str | None = None) -> torch.nn.Module:
+    """A moeut model (fp32, eval mode) with the weights of an exported (or transformers-saved) MoEUT
+    directory. Needs safetensors, not transformers."""
+    return load_hf_model(hf_dir, backend=backend)[0]
 
 
 def import_hf_run(hf_dir: str | Path, run_dir: str | Path) -> Path:
     """Turn an exported directory back into a moeut run directory (``tokenizer.model`` + ``tokenizer.json``,
-    ``model_config.json``, ``checkpoints/ckpt_<step>.pt``) that :func:`moeut.train.load_model`,
-    ``moeut generate`` and evaluation read. The checkpoint has no optimizer state (it cannot be resumed).
-    Returns the checkpoint path."""
-    from moeut.data import Tokenizer
-    from moeut.train.checkpoint import list_checkpoints, save_checkpoint
-
+    ``model_config.json``, ``checkpoints/ckpt_<step>.pt``) that every verb reads (:func:`moeut.run.load_run`).
+    The checkpoint has no optimizer state (it cannot be resumed). Returns the checkpoint path."""
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if list_checkpoints(run_dir):
         raise ExportError(f"{run_dir} already holds checkpoints; choose another directory")
-    model = import_hf(hf_dir)
-    hf_cfg = json.loads((hf_dir / "config.json").read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tok_file = hf_dir / "tokenizer.model"
-    sha = None
-    if tok_file.is_file():
-        tok = Tokenizer(tok_file)
-        tok.save(run_dir)
-        sha = tok.sha256
-    (run_dir / "model_config.json").write_text(model.cfg.to_json())
-    step = int(hf_cfg.get("moeut_step") or 0)
-    return save_checkpoint(run_dir, step, {"model": model.state_dict(), "model_config": model.cfg.to_json(),
-                                           "tokenizer_sha256": sha, "imported_from": str(hf_dir)}, keep=0)
+    model, hf_cfg = load_hf_model(hf_dir)
+    tok_file = hf_dir / TOKENIZER_MODEL
+    tok = Tokenizer(tok_file) if tok_file.is_file() else None
+    return write_model_run(run_dir, model, tokenizer=tok, step=int(hf_cfg.get("moeut_step") or 0),
+                           extra={"imported_from": str(hf_dir)})

@@ -1,4 +1,4 @@
-"""``moeut analyze``: the paper's analyses, one sub-command each (wired into :mod:`moeut.cli`).
+"""``moeut analyze``: the paper's analyses, one sub-command each.
 
     moeut analyze residual-norm    --checkpoint RUN [--compare RUN2 ...] --data DATA --out DIR
     moeut analyze expert-usage     --checkpoint RUN --data DATA --out DIR [--kind ffn|att_v|att_o]
@@ -16,8 +16,18 @@ command prints a table and writes JSON and PNG files into ``--out``.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from moeut.analysis import compute, expert_usage, layer_similarity, residual_norm, sweep, token_diversity
+from moeut.analysis.common import AnalysisError, model_batches
+from moeut.cli.common import add_run_flags, load_run_from_args, positive
+from moeut.run import trained_val_split
+from moeut.runtime import resolve_device, tune_malloc
+from moeut.train import wallclock
+
+HELP = ("the paper's analyses: residual norms, expert usage, layer similarity, token diversity, sweeps, wall clock "
+        "and memory, compute")
 _MODEL_ANALYSES = ("residual-norm", "expert-usage", "layer-similarity", "token-diversity")
 
 
@@ -29,8 +39,7 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="at most this many tokens (default: no limit)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's context)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
-    p.add_argument("--backend", default=None, help="expert-matmul backend (default: automatic)")
+    add_run_flags(p, checkpoint=False)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -38,7 +47,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "The paper's analyses: a table on the terminal, JSON and PNG plots in --out."
     sub = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
 
@@ -99,16 +108,7 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     _common(p)
 
 
-def _positive(name: str, v: int | None, allow_zero: bool = False) -> None:
-    if v is not None and (v < 0 or (v == 0 and not allow_zero)):
-        raise ValueError(f"--{name} must be {'>= 0' if allow_zero else 'positive'}, got {v}")
-
-
-def run_analyze(args: argparse.Namespace) -> int:
-    import sys
-
-    from moeut.runtime import tune_malloc
-
+def run(args: argparse.Namespace) -> int:
     tune_malloc()
     show = not args.no_progress and sys.stderr.isatty()
     out = Path(args.out)
@@ -116,26 +116,19 @@ def run_analyze(args: argparse.Namespace) -> int:
     if a in _MODEL_ANALYSES:
         res = _run_model_analysis(args, out, show)
     elif a == "sweep":
-        from moeut.analysis import sweep
-
-        _positive("steps", args.steps)
+        positive("steps", args.steps)
         res = sweep.run(args.sweep, args.data, out, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
                         seq_len=args.seq_len, lr=args.lr, show_progress=not args.no_progress)
     elif a == "wallclock":
-        from moeut.analysis import wallclock
-        from moeut.analysis.common import resolve_device
-
-        _positive("iters", args.iters)
-        _positive("warmup", args.warmup, allow_zero=True)
+        positive("iters", args.iters)
+        positive("warmup", args.warmup, allow_zero=True)
         res = wallclock.run(args.presets, out, batch_size=args.batch_size, seq_len=args.seq_len,
                             device=str(resolve_device(args.device)), grad_accum=args.grad_accum, warmup=args.warmup,
                             iters=args.iters, backend=args.backend, show_progress=show)
     elif a == "compute":
-        from moeut.analysis import compute
-
         res = compute.run(args.checkpoint, out, presets=args.presets, tokens=args.tokens, context=args.context)
     else:  # argparse prevents this
-        raise ValueError(f"unknown analysis {a!r}")
+        raise AnalysisError(f"unknown analysis {a!r}")
     print()
     print(res["table"])
     print("\nwrote " + ", ".join(str(f) for f in res["files"]))
@@ -143,18 +136,14 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def _run_model_analysis(args: argparse.Namespace, out: Path, show: bool) -> dict:
-    from moeut.analysis.common import AnalysisError, load_for_analysis, model_batches
-
     for name in ("batches", "max_tokens", "batch_size", "seq_len"):
-        _positive(name.replace("_", "-"), getattr(args, name), allow_zero=name == "batches")
-    loaded = load_for_analysis(args.checkpoint, args.device, args.backend)
+        positive(name.replace("_", "-"), getattr(args, name), allow_zero=name == "batches")
+    loaded = load_run_from_args(args, require_tokenizer=False)
 
     def batches_of(m):
         data = args.data
         if not data:
-            from moeut.eval.cli import default_ppl_data
-
-            data = default_ppl_data(m.run_dir) if m.run_dir is not None else []
+            data = trained_val_split(m.run_dir)
             if not data:
                 raise AnalysisError(f"no --data given and the validation split {m.name} was trained on was not "
                                     "found; pass --data DIR (a `moeut prepare` directory) or text files")
@@ -162,22 +151,15 @@ def _run_model_analysis(args: argparse.Namespace, out: Path, show: bool) -> dict
                              max_batches=args.batches or None, max_tokens=args.max_tokens)
 
     batches = batches_of(loaded)
-    print(f"moeut analyze {args.analysis}: {loaded.name} ({loaded.cfg.arch}, {loaded.cfg.n_layers} applications of "
-          f"{loaded.cfg.group_size} layers) on {sum(b.numel() for b in batches):,} tokens", flush=True)
+    cfg = loaded.config
+    print(f"moeut analyze {args.analysis}: {loaded.name} ({cfg.arch}, {cfg.n_layers} applications of "
+          f"{cfg.group_size} layers) on {sum(b.numel() for b in batches):,} tokens", flush=True)
     if args.analysis == "residual-norm":
-        from moeut.analysis import residual_norm
-
-        models = [loaded] + [load_for_analysis(c, args.device, args.backend) for c in args.compare]
+        models = [loaded] + [load_run_from_args(args, c, require_tokenizer=False) for c in args.compare]
         return residual_norm.run(models, lambda m: batches if m is loaded else batches_of(m), out, show_progress=show)
     if args.analysis == "expert-usage":
-        from moeut.analysis import expert_usage
-
         return expert_usage.run(loaded, batches, out, kind=args.kind, show_progress=show)
     if args.analysis == "layer-similarity":
-        from moeut.analysis import layer_similarity
-
         return layer_similarity.run(loaded, batches, out, kind=args.kind, show_progress=show)
-    from moeut.analysis import token_diversity
-
-    _positive("top-n", args.top_n)
+    positive("top-n", args.top_n)
     return token_diversity.run(loaded, batches, out, kind=args.kind, top_n=args.top_n, show_progress=show)

@@ -22,30 +22,34 @@ A preset is a name (see ``moeut info``), optionally with ModelConfig overrides:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from moeut.analysis.common import AnalysisError, format_table, pyplot, save_figure, write_json
+import torch
+
+from moeut.errors import MoeutError
+from moeut.fileio import atomic_write_json
+from moeut.model import ModelConfig, build_model
+from moeut.model.config import parse_preset
+from moeut.report import format_table, pyplot, save_figure
+from moeut.runtime import progress, tune_malloc
+from moeut.train.step import autocast_for, train_step
 
 _MARK = "WALLCLOCK_RESULT "
 
 
-def parse_preset(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"name"`` or ``"name:field=value,field=value"`` → (preset, ModelConfig overrides)."""
-    from moeut.model.config import ConfigError, parse_overrides
-
-    name, _, rest = spec.partition(":")
-    try:
-        return name, parse_overrides(filter(None, rest.split(",")), flag=f"preset {spec!r}:")
-    except ConfigError as e:
-        raise AnalysisError(f"{e}; overrides are field=value pairs separated by commas") from e
+class WallclockError(MoeutError, ValueError):
+    """A wall-clock measurement cannot run; the message names the preset and the fix."""
 
 
 @dataclass
@@ -74,8 +78,6 @@ def _current_rss() -> int:
 
 
 def _peak_rss() -> int:
-    import resource
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
@@ -83,36 +85,20 @@ def _peak_rss() -> int:
 def measure_here(preset: str, model: dict[str, Any], batch_size: int, seq_len: int, grad_accum: int, device: str,
                  warmup: int, iters: int, backend: str | None = None, precision: str = "auto",
                  seed: int = 0) -> dict[str, Any]:
-    """Measure in this process (the worker side; use :func:`measure` for a clean process per preset)."""
-    import time
-
-    import torch
-    import torch.nn.functional as F
-
-    from moeut.model import ModelConfig, build_model
-
+    """Measure in this process (the worker side; use :func:`measure` for a clean process per preset).
+    A step is :func:`moeut.train.train_step` (CE + regulariser, backward, clipping at 0.25, AdamW)."""
     dev = torch.device(device)
     cfg = ModelConfig.from_name(preset, **model)
     if batch_size % grad_accum:
-        raise AnalysisError(f"grad_accum={grad_accum} must divide batch_size={batch_size}")
+        raise WallclockError(f"grad_accum={grad_accum} must divide batch_size={batch_size}")
     cuda = dev.type == "cuda"
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize(dev)
 
-    use_bf16 = precision == "bf16" or (precision == "auto" and cuda)
-
     def step(net, opt, tokens, grad_accum) -> None:
-        net.train()
-        opt.zero_grad(set_to_none=True)
-        for mb in tokens.chunk(grad_accum):
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = net(mb[:, :-1])
-            loss = F.cross_entropy(out.logits.float().flatten(0, 1), mb[:, 1:].flatten())
-            loss = loss + getattr(out, "reg_loss", 0.0)
-            (loss / grad_accum).backward()
-        opt.step()
+        train_step(net, opt, tokens, grad_accum=grad_accum, grad_clip=0.25, autocast=autocast_for(precision, dev))
 
     if not cuda:  # page in the kernels and libraries with a narrow copy first, so the RSS delta is the run's
         try:
@@ -121,8 +107,6 @@ def measure_here(preset: str, model: dict[str, Any], batch_size: int, seq_len: i
             del small
         except Exception:  # noqa: BLE001 - an architecture that cannot be narrowed: no pre-warming
             pass
-        import gc
-
         gc.collect()
     rss0 = _current_rss()
     if cuda:
@@ -160,21 +144,19 @@ def measure(spec: str, *, batch_size: int, seq_len: int, device: str = "cpu", gr
             ) -> WallclockRow:
     """One preset in a fresh process; on CUDA out-of-memory, double ``grad_accum`` and retry."""
     preset, model = parse_preset(spec)
-    from moeut.model import ModelConfig
-
     ModelConfig.from_name(preset, **model)  # a clear error for an unknown preset before any process starts
     while True:
         job = dict(preset=preset, model=model, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
                    device=device, warmup=warmup, iters=iters, backend=backend, precision=precision)
-        proc = subprocess.run([sys.executable, "-m", "moeut.analysis.wallclock", json.dumps(job)],
+        proc = subprocess.run([sys.executable, "-m", "moeut.train.wallclock", json.dumps(job)],
                               capture_output=True, text=True, timeout=timeout)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_MARK)]
         if proc.returncode != 0 or not lines:
-            raise AnalysisError(f"measuring {spec} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+            raise WallclockError(f"measuring {spec} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
         res = json.loads(lines[-1][len(_MARK):])
         if res.get("oom"):
             if grad_accum >= batch_size:
-                raise AnalysisError(f"{spec}: out of memory even with micro-batches of one sequence")
+                raise WallclockError(f"{spec}: out of memory even with micro-batches of one sequence")
             grad_accum *= 2
             while batch_size % grad_accum:
                 grad_accum += 1
@@ -185,10 +167,8 @@ def measure(spec: str, *, batch_size: int, seq_len: int, device: str = "cpu", gr
 def wallclock(presets: Sequence[str], *, batch_size: int = 16, seq_len: int = 256, device: str = "cpu",
               grad_accum: int = 1, warmup: int = 2, iters: int = 5, backend: str | None = None,
               show_progress: bool = False) -> list[WallclockRow]:
-    from moeut.analysis.common import progress
-
     rows = []
-    for spec in progress(presets, len(presets), "wallclock", show_progress):
+    for spec in progress(presets, total=len(presets), desc="wallclock", enabled=show_progress):
         rows.append(measure(spec, batch_size=batch_size, seq_len=seq_len, device=device, grad_accum=grad_accum,
                             warmup=warmup, iters=iters, backend=backend))
     return rows
@@ -227,16 +207,12 @@ def plot(rows: Sequence[WallclockRow], path: str | Path) -> Path:
 def run(presets: Sequence[str], out: str | Path, **kw: Any) -> dict[str, Any]:
     rows = wallclock(presets, **kw)
     out = Path(out)
-    j = write_json(out / "wallclock.json", {"analysis": "wallclock", "rows": [asdict(r) for r in rows]})
+    j = atomic_write_json(out / "wallclock.json", {"analysis": "wallclock", "rows": [asdict(r) for r in rows]})
     png = plot(rows, out / "wallclock.png")
     return {"rows": rows, "table": table(rows), "files": [j, png]}
 
 
 def _worker(arg: str) -> int:
-    import torch
-
-    from moeut.runtime import tune_malloc
-
     tune_malloc()  # as `moeut train`/`moeut demo` run
 
     job = json.loads(arg)

@@ -5,8 +5,7 @@
     moeut generate --checkpoint RUN --interactive            # a prompt loop (empty line or EOF ends it)
 
 ``--checkpoint`` is a run directory (newest checkpoint), a checkpoint file, or a directory written by
-``moeut export-hf``. Generation uses the KV cache (:func:`moeut.model.generate.generate`). The flags are
-registered here and the heavy imports happen when the verb runs.
+``moeut export-hf``. Generation uses the KV cache (:func:`moeut.model.generate.generate`).
 """
 
 from __future__ import annotations
@@ -17,11 +16,16 @@ import sys
 import time
 from typing import Any, TextIO
 
+from moeut.cli.common import UsageError, add_run_flags, load_run_from_args
+from moeut.run import LoadedRun
 
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+
+HELP = "sample from a trained model, streaming tokens as they are produced"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Sample continuations of prompts from a trained model, streamed as they are generated."
-    parser.add_argument("--checkpoint", required=True, metavar="RUN",
-                        help="run directory, checkpoint file, or `moeut export-hf` directory")
+    add_run_flags(parser)
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                         help="prompt text (repeatable; an empty prompt starts a new document)")
     parser.add_argument("--interactive", action="store_true", help="read prompts from the terminal in a loop")
@@ -32,9 +36,6 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         "much probability (default: off)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-document token")
-    parser.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer.model (default: the run's)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    parser.add_argument("--backend", default=None, help="expert-matmul backend (default automatic)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON line per prompt (prompt, completion, token ids) instead of streaming")
 
@@ -84,20 +85,12 @@ class TextStreamer:
         self.out.flush()
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _prompt_ids(tokenizer, text: str) -> list[int]:
     ids = tokenizer.encode(text)
     return ids if ids else [tokenizer.eos_id]  # an empty prompt: the start of a new document
 
 
-def generate_text(run, text: str, args: argparse.Namespace, out: TextIO | None) -> dict[str, Any]:
+def generate_text(run: LoadedRun, text: str, args: argparse.Namespace, out: TextIO | None) -> dict[str, Any]:
     """Generate one completion of ``text``; streamed to ``out`` when given. Returns prompt, completion, ids."""
     model, tok = run.model, run.tokenizer
     ids = _prompt_ids(tok, text)
@@ -120,34 +113,32 @@ def generate_text(run, text: str, args: argparse.Namespace, out: TextIO | None) 
             "seconds": dt}
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from moeut.integrations.loading import load_run
-
+def run(args: argparse.Namespace) -> int:
     if not args.prompt and not args.interactive:
-        raise ValueError("nothing to do: pass --prompt TEXT (repeatable) or --interactive")
+        raise UsageError("nothing to do: pass --prompt TEXT (repeatable) or --interactive")
     if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k is not None and args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
-    run = load_run(args.checkpoint, tokenizer=args.tokenizer, device=_device(args.device), backend=args.backend)
+        raise UsageError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
+    loaded = load_run_from_args(args)
 
     def one(text: str) -> None:
         if args.json:
-            res = generate_text(run, text, args, None)
+            res = generate_text(loaded, text, args, None)
             print(json.dumps({k: res[k] for k in ("prompt", "completion", "prompt_ids", "new_ids", "stopped_at_eos")},
                              ensure_ascii=False), flush=True)
         else:
-            generate_text(run, text, args, sys.stdout)
+            generate_text(loaded, text, args, sys.stdout)
 
     for text in args.prompt:
         one(text)
     if args.interactive:
         if not args.json:
-            print(f"moeut generate: {run.source} ({run.model.num_params() / 1e6:.1f}M parameters). "
+            print(f"moeut generate: {loaded.source} ({loaded.model.num_params() / 1e6:.1f}M parameters). "
                   f"Enter a prompt; an empty line or Ctrl-D ends.", file=sys.stderr)
         while True:
             try:

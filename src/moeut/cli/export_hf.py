@@ -1,20 +1,22 @@
-"""``moeut export-hf``: write a Hugging Face model directory from a run (flags registered here, imports lazy)."""
+"""``moeut export-hf``: write a Hugging Face model directory from a run, or (``--to-run``) turn one back into a run."""
 
 from __future__ import annotations
 
 import argparse
 
+from moeut.cli.common import add_run_flags
+from moeut.integrations.hf.export import export_hf, import_hf_run
 
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+HELP = "write a Hugging Face transformers model directory (safetensors)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Write a Hugging Face transformers model directory (config.json, model.safetensors, "
                           "self-contained modeling code, tokenizer files) from a moeut run; or, with "
                           "--to-run, turn such a directory back into a moeut run directory.")
-    parser.add_argument("--checkpoint", required=True, metavar="RUN",
-                        help="run directory (its newest checkpoint), a checkpoint file, or — with --to-run — "
-                             "an exported directory")
+    add_run_flags(parser, device=False, checkpoint_help="run directory (its newest checkpoint), a checkpoint file, "
+                  "or — with --to-run — an exported directory")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory to write")
-    parser.add_argument("--tokenizer", default=None, metavar="PATH",
-                        help="SentencePiece tokenizer.model (default: the run's)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="storage type of the weights (default float32, the trained weights exactly)")
     parser.add_argument("--no-verify", action="store_true",
@@ -24,16 +26,15 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="import: --checkpoint is an exported directory, --out the moeut run directory to write")
 
 
-def run_export(args: argparse.Namespace) -> int:
-    from moeut.integrations.hf.export import export_hf, import_hf_run
-
+def run(args: argparse.Namespace) -> int:
     if args.to_run:
         path = import_hf_run(args.checkpoint, args.out)
         print(f"wrote the moeut run {args.out} (checkpoint {path}); use it with "
               f"`moeut generate --checkpoint {args.out}`")
         return 0
     out = export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
-                    verify=not args.no_verify, overwrite=args.force)
+                    verify=not args.no_verify, overwrite=args.force,
+                    allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
     checked = "" if args.no_verify else " (verified: logits match moeut's, tokenizer round-trips)"
     print(f"wrote the Hugging Face model directory {out}{checked}\n"
           f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True) and "

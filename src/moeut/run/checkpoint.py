@@ -16,21 +16,24 @@ from typing import Any
 
 import torch
 
+from moeut.errors import MoeutError
+from moeut.run.layout import CHECKPOINTS
+
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MoeutError, RuntimeError):
     """A checkpoint is missing, corrupt or from an incompatible run; the message says which file."""
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"ckpt_{step:08d}.pt"
+    return Path(run_dir) / CHECKPOINTS / f"ckpt_{step:08d}.pt"
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint files of a run, oldest first (temporary files of interrupted saves are ignored)."""
-    d = Path(run_dir) / "checkpoints"
+    d = Path(run_dir) / CHECKPOINTS
     if not d.is_dir():
         return []
     return sorted((p for p in d.iterdir() if _NAME.match(p.name)), key=lambda p: p.name)
@@ -94,23 +97,3 @@ def _fsync_dir(d: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", backend: str | None = None):
-    """The model of a run directory (its newest loadable checkpoint) or of one checkpoint file."""
-    import json
-
-    from moeut.model import ModelConfig, build_model
-
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path, map_location)
-        if found is None:
-            raise CheckpointError(f"{path} holds no loadable checkpoint (expected {path}/checkpoints/ckpt_*.pt); "
-                                  f"train a model with `moeut train --out {path}` first")
-        path, state = found
-    else:
-        state = load_checkpoint(path, map_location)
-    model = build_model(ModelConfig.from_dict(json.loads(state["model_config"])), backend=backend)
-    model.load_state_dict(state["model"])
-    return model.to(map_location).eval()

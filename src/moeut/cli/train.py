@@ -1,0 +1,76 @@
+"""``moeut train``: train (or resume) a model on data written by ``moeut prepare``, with the paper's recipe."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moeut.cli.common import UsageError
+from moeut.model.config import parse_overrides
+from moeut.train import TrainConfig, TrainingError, train
+
+HELP = "train a model on data written by `moeut prepare` (the paper's recipe)"
+
+# flag → TrainConfig field, for the flags that map one to one
+_FLAGS = {"preset": "preset", "data": "data", "out": "out", "steps": "steps", "batch_size": "batch_size",
+          "seq_len": "seq_len", "grad_accum": "grad_accum", "lr": "lr", "weight_decay": "weight_decay",
+          "warmup": "warmup_steps", "clip": "grad_clip", "eval_every": "eval_every",
+          "eval_batches": "eval_batches", "save_every": "save_every", "keep": "keep_checkpoints",
+          "log_every": "log_every", "routing_every": "routing_every",
+          "residual_norm_every": "residual_norm_every", "seed": "seed", "device": "device",
+          "precision": "precision", "backend": "backend"}
+
+
+def add_arguments(tr: argparse.ArgumentParser) -> None:
+    tr.add_argument("--config", help="JSON file with TrainConfig fields; command-line flags override it")
+    tr.add_argument("--preset", help="model preset (default moeut-tiny); see `moeut info`")
+    tr.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a ModelConfig field, e.g. --model d_model=256 (repeatable)")
+    tr.add_argument("--data", help="directory written by `moeut prepare`")
+    tr.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, summary.json, tensorboard/)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    for flag, typ, hlp in [("steps", int, "optimizer steps (default 1000)"),
+                           ("batch_size", int, "global batch in sequences (default 16)"),
+                           ("seq_len", int, "context length (default: the preset's)"),
+                           ("grad_accum", int, "micro-batches per step (default 1)"),
+                           ("lr", float, "peak learning rate (default 2.5e-4)"),
+                           ("weight_decay", float, "AdamW weight decay (default 0.01)"),
+                           ("warmup", int, "warmup steps (default per preset)"),
+                           ("clip", float, "gradient clipping norm κ (default per preset; 0 = off)"),
+                           ("eval_every", int, "validate every N steps (default 200)"),
+                           ("eval_batches", int, "validation batches (default 0 = all)"),
+                           ("save_every", int, "checkpoint every N steps (default 500)"),
+                           ("keep", int, "checkpoints to keep (default 3)"),
+                           ("log_every", int, "metrics line every N steps (default 10)"),
+                           ("routing_every", int, "routing statistics every N steps (default 100)"),
+                           ("residual_norm_every", int, "residual and update norm of every layer application "
+                            "every N steps, on one validation batch (default 0 = off)"),
+                           ("seed", int, "seed (default 0)"),
+                           ("device", str, "auto, cpu, cuda, cuda:N (default auto)"),
+                           ("precision", str, "auto, bf16, fp32 (default auto: bf16 on CUDA)"),
+                           ("backend", str, "expert-matmul backend (default automatic)")]:
+        tr.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None, help=hlp)
+    tr.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
+    tr.add_argument("--compile", action="store_true",
+                    help="torch.compile the model (whole graph: the expert ops are registered custom ops)")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    given = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag) is not None}
+    if args.fsdp:
+        given["fsdp"] = True
+    if args.compile:
+        given["compile"] = True
+    if args.model:
+        given["model_overrides"] = parse_overrides(args.model)
+    cfg = TrainConfig.from_file(args.config, **given) if args.config else TrainConfig.from_dict(given)
+    for name in ("data", "out"):
+        if not getattr(cfg, name):
+            raise UsageError(f"--{name} is required (on the command line or in the --config file)")
+    try:
+        train(cfg, resume=args.resume, show_progress=not args.no_progress)
+    except TrainingError as e:
+        print(f"moeut train: error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,49 @@
+"""What every moeut language model shares (MoEUT, dense, SUT): the output of a forward pass and the methods
+around it (sampling, parameter counts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeut.model.cache import KVCache
+from moeut.model.generate import generate
+from moeut.model.layer import LayerRouting
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # [B, T, vocab]
+    reg_loss: torch.Tensor  # scalar fp32: γ·Σ_MLP + δ·Σ_attention entropy regularisers (0 for dense)
+    cache: KVCache | None = None  # updated cache when one was passed in
+    # Routing statistics for logging, per layer application (no gradient): "ffn" [n_layers, N_E],
+    # "att_v" and "att_o" [n_layers, H·N_A]. None for the dense baseline.
+    expert_counts: dict[str, torch.Tensor] | None = None
+    # Only when asked for (analyses): the residual stream entering each layer application plus the final
+    # one (n_layers + 1 tensors [B, T, d], before the output LayerNorm), and each application's routing
+    # in application order (None entries for the dense baseline).
+    hidden_states: list[torch.Tensor] | None = None
+    routing: list[LayerRouting | None] | None = None
+
+    def loss(self, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy (fp32) plus the regulariser."""
+        ce = F.cross_entropy(self.logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
+        return ce + self.reg_loss
+
+
+class LanguageModel(nn.Module):
+    """What every moeut language model offers around its forward pass (MoEUT, dense, SUT): sampling and
+    parameter counts. Subclasses have ``embedding`` and an untied ``lm_head``."""
+
+    def generate(self, prompts, max_new_tokens: int, **kw) -> list[list[int]]:
+        """Sample continuations of token-id prompts with the KV cache; see :func:`moeut.model.generate.generate`."""
+        return generate(self, prompts, max_new_tokens, **kw)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embedding.weight.numel() + self.lm_head.weight.numel() + self.lm_head.bias.numel()
+        return n

@@ -1,0 +1,69 @@
+"""One optimizer step of the paper's recipe — the only place it is written (the trainer, the wall-clock
+measurement and the step benchmark all call :func:`train_step`).
+
+    loss = CE(logits, next tokens) + regulariser          averaged over ``grad_accum`` micro-batches
+    ‖g‖ = global gradient norm (before clipping); clip to κ when κ > 0; AdamW step
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@dataclass
+class StepResult:
+    ce: float  # mean next-token cross-entropy over the step's tokens (global mean under DDP/FSDP)
+    reg: float  # mean regulariser
+    grad_norm: float  # total gradient norm before clipping
+    expert_counts: dict[str, torch.Tensor] | None  # routing counts summed over micro-batches (and ranks)
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager | None:
+    """bf16 autocast for ``precision="bf16"``, or ``"auto"`` on CUDA; None = fp32."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return None
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, *,
+               grad_accum: int = 1, grad_clip: float = 0.0,
+               autocast: contextlib.AbstractContextManager | None = None,
+               device: torch.device | None = None, distributed: bool = False) -> StepResult:
+    """One optimizer step over ``batch`` ``[B, T+1]`` (this rank's rows), in ``grad_accum`` micro-batches."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    if device is not None:
+        batch = batch.to(device, non_blocking=True)
+    micro = batch.chunk(grad_accum)
+    zero = torch.zeros((), device=batch.device)
+    ce_sum, reg_sum, counts = zero.clone(), zero.clone(), None
+    for i, mb in enumerate(micro):
+        sync = i == len(micro) - 1
+        no_sync = distributed and not sync and hasattr(model, "no_sync")
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            with autocast or contextlib.nullcontext():
+                out = model(mb[:, :-1])
+            ce = F.cross_entropy(out.logits.float().flatten(0, 1), mb[:, 1:].flatten())
+            loss = (ce + out.reg_loss) / len(micro)
+            loss.backward()
+        ce_sum += ce.detach() / len(micro)
+        reg_sum += out.reg_loss.detach() / len(micro)
+        if out.expert_counts is not None:
+            counts = out.expert_counts if counts is None else {k: counts[k] + v for k, v in out.expert_counts.items()}
+    # max_norm=inf only measures: the scale factor is clamped to exactly 1
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    if distributed:  # report the global mean (every rank has the same number of rows)
+        both = torch.stack([ce_sum, reg_sum])
+        dist.all_reduce(both)
+        ce_sum, reg_sum = both / dist.get_world_size()
+        if counts is not None:
+            for v in counts.values():
+                dist.all_reduce(v)
+    return StepResult(ce=ce_sum.item(), reg=reg_sum.item(), grad_norm=float(grad_norm), expert_counts=counts)
