@@ -87,8 +87,9 @@ def _json_safe(x: Any) -> Any:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from moeut.eval.aggregate import format_table
     from moeut.eval.encoding import SentencePieceEncoder
-    from moeut.eval.evaluate import NOT_FOUND, evaluate, format_table, parse_tasks
+    from moeut.eval.evaluate import NOT_FOUND, evaluate, parse_tasks
     from moeut.runtime import tune_malloc
     from moeut.train import load_model
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moeut.data import META_FILE, EvalWindows, TokenDataset
 from moeut.eval.encoding import Encoder
 
 
@@ -49,10 +50,6 @@ class TokenArray:
         return self.tokens[start:start + length]
 
 
-def count_windows(num_tokens: int, seq_len: int) -> int:
-    return num_tokens // (seq_len + 1)
-
-
 @torch.inference_mode()
 def perplexity(model: torch.nn.Module, dataset, *, seq_len: int | None = None, batch_size: int = 8,
                token_bytes: np.ndarray | None = None, max_windows: int | None = None,
@@ -60,8 +57,6 @@ def perplexity(model: torch.nn.Module, dataset, *, seq_len: int | None = None, b
     """Perplexity of ``dataset`` (a :class:`moeut.data.TokenDataset` or :class:`TokenArray`) over
     non-overlapping ``seq_len + 1`` windows (``seq_len`` defaults to the model's context).
     ``token_bytes[id]``: bytes per token, for bits per byte (NaN without it). ``max_windows`` limits the windows."""
-    from moeut.data import EvalWindows
-
     seq_len = seq_len or model.cfg.context_length
     windows = EvalWindows(dataset, batch_size, seq_len)
     device = next(model.parameters()).device
@@ -101,8 +96,6 @@ def open_ppl_data(path: str | Path, encoder: Encoder, tokenizer_sha256: str | No
     """A ``--ppl-data`` argument as a token stream: a text file, a prepared split directory (``meta.json``
     inside), or a ``moeut prepare`` output directory (its ``val`` split). Shards must be made with the
     model's tokenizer (checked when ``tokenizer_sha256`` is given)."""
-    from moeut.data import META_FILE, TokenDataset
-
     path = Path(path)
     if path.is_dir():
         if not (path / META_FILE).exists() and (path / "val" / META_FILE).exists():
