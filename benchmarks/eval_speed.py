@@ -16,9 +16,10 @@ import time
 
 import torch
 
-from moeut.eval import SentencePieceEncoder, find_task_data
-from moeut.eval.scoring import score_candidates
-from moeut.eval.zeroshot import choice_candidates, score_choices, score_lambada
+from moeut.eval import SentencePieceEncoder, find_task_files, load_examples
+from moeut.eval.candidates import choice_candidates
+from moeut.eval.evaluate import score_lambada
+from moeut.eval.scoring import score_candidates, score_choices
 from moeut.runtime import tune_malloc
 from moeut.run import load_run
 
@@ -50,7 +51,7 @@ def main() -> None:
     out = {"checkpoint": args.checkpoint, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
            "device": args.device, "tasks": {}}
     for task in args.tasks.split(","):
-        everything = find_task_data(task, args.data_dir).examples()
+        everything = load_examples(find_task_files(task, args.data_dir))
         examples = _sample(task, everything, args.n)
         score_choices(model, enc, examples[:4], batch_size=args.batch_size) if task != "lambada" else None  # warm-up
         t0 = time.perf_counter()

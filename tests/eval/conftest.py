@@ -33,8 +33,6 @@ class CharEncoder:
     def decode_continuation(self, ids) -> str:
         return "".join(ALPHABET[int(i)] for i in ids)
 
-    decode = decode_continuation
-
     def token_bytes(self) -> np.ndarray:
         out = np.ones(self.vocab_size, dtype=np.int64)
         out[:2] = 0

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from moeut.eval.encoding import SentencePieceEncoder, encode_pair
+from moeut.eval.candidates import encode_pair
+from moeut.eval.encoding import SentencePieceEncoder
 
 
 def test_continuation_tokens_match_running_text(tiny_run):

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from moeut.eval.scoring import lm_eval_choice, paper_correct, score_candidates, strict_winner
-from moeut.eval.tasks import Choice, Cloze
-from moeut.eval.zeroshot import average_accuracy, score_choices, score_lambada, summarize_choices
+from moeut.eval import scoring
+from moeut.eval.aggregate import average_accuracy, lm_eval_choice, paper_correct, strict_winner, summarize_choices
+from moeut.eval.evaluate import score_lambada
+from moeut.eval.examples import Choice, Cloze
+from moeut.eval.scoring import _chunks, score_candidates, score_choices
 from moeut.model import MoEUTLM
 from tests.eval.conftest import ids
 from tests.model.helpers import tiny_config
@@ -54,8 +56,6 @@ def _random_questions(rng: random.Random, n: int, vocab: int = 53):
 # (64, 0.25): the defaults; call cost 0: a forward pass per continuation length; fraction 2: no sharing at all
 @pytest.mark.parametrize("call_cost,min_shared", [(64, 0.25), (0, 0.25), (64, 2.0)])
 def test_batched_shared_prefix_scores_equal_each_candidate_run_alone(real_model, monkeypatch, call_cost, min_shared):
-    import moeut.eval.scoring as scoring
-
     monkeypatch.setattr(scoring, "CALL_COST_TOKENS", call_cost)
     monkeypatch.setattr(scoring, "MIN_SHARED_FRACTION", min_shared)
     qs = _random_questions(random.Random(1), 30)
@@ -100,8 +100,6 @@ def test_a_shared_context_is_run_once_per_question(bigram):
 
 
 def test_rows_are_split_into_forward_passes_only_when_padding_costs_more_than_a_call():
-    from moeut.eval.scoring import _chunks
-
     assert _chunks([3, 4, 3, 4], call_cost=64) == ([[0, 2, 1, 3]], 4 * 4 + 64)
     assert _chunks([2, 100, 3, 90], call_cost=64) == ([[0, 2], [3, 1]], 2 * 3 + 2 * 100 + 2 * 64)
     assert sorted(r for c in _chunks([5, 1, 9, 9, 2, 7], call_cost=0)[0] for r in c) == list(range(6))

@@ -2,12 +2,14 @@
 
 moeut's tokenizer is SentencePiece with a *dummy prefix*: ``encode("world")`` tokenises ``"▁world"``, as a
 document start, and ``encode(" world")`` gives ``"▁▁" "w" "or" "ld"``, which never occurs in running text.
-The paper's protocol tokenises context and continuation separately and concatenates them; the authors'
+The paper's protocol tokenises context and continuation separately and concatenates them
+(:func:`moeut.eval.candidates.encode_pair`); the authors'
 tokenizer collapsed whitespace, so their continuation ``" world"`` became ``"▁world"``. We get the same
 tokens by encoding continuations with a copy of the model whose dummy prefix is switched off (a one-field
 change of its ``NormalizerSpec``): ``" world"`` → ``"▁world"``, ``"s"`` → ``"s"``, ``"\\n"`` → ``"<0x0A>"``.
 
-Anything with ``encode_context``, ``encode_continuation``, ``decode_continuation`` and ``token_bytes``
+This is the bottom of :mod:`moeut.eval`: every step above uses it, it uses none of them. Anything with
+``encode_context``, ``encode_continuation``, ``decode_continuation`` and ``token_bytes``
 (an :class:`Encoder`) can drive the evaluation; tests use a character-level one.
 """
 
@@ -18,6 +20,9 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import sentencepiece as spm
+
+from moeut.data import Tokenizer
 
 # A serialized ModelProto with this appended merges ``normalizer_spec { add_dummy_prefix: false }`` into it:
 # field 3 (normalizer_spec, length-delimited, 2 bytes) holding field 3 (add_dummy_prefix, varint) = 0.
@@ -41,9 +46,7 @@ class Encoder(Protocol):
 class SentencePieceEncoder:
     """Wraps a :class:`moeut.data.Tokenizer` for evaluation (see the module docstring)."""
 
-    def __init__(self, tokenizer) -> None:
-        import sentencepiece as spm
-
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.eos_id = int(tokenizer.eos_id)
         self.vocab_size = int(tokenizer.vocab_size)
@@ -54,8 +57,6 @@ class SentencePieceEncoder:
 
     @classmethod
     def load(cls, path: str | Path) -> SentencePieceEncoder:
-        from moeut.data import Tokenizer
-
         return cls(Tokenizer.load(path))
 
     def encode_context(self, text: str) -> list[int]:
@@ -69,9 +70,6 @@ class SentencePieceEncoder:
     def decode_continuation(self, ids: Sequence[int]) -> str:
         """Inverse of :meth:`encode_continuation` (keeps a leading space)."""
         return self._cont.decode([int(i) for i in ids])
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids)
 
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes each token stands for (``▁`` = a space, ``<0xNN>`` = 1, control pieces 0): bits per byte."""
@@ -88,12 +86,3 @@ class SentencePieceEncoder:
             self._bytes = out
         return self._bytes
 
-
-def encode_pair(encoder: Encoder, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Context and continuation tokenised separately; whitespace at the end of the context moves to the
-    continuation (so ``"… the " + "dog"`` is scored as ``"… the" + " dog"``, one ``▁dog`` token)."""
-    stripped = context.rstrip()
-    if len(stripped) < len(context):
-        continuation = context[len(stripped):] + continuation
-        context = stripped
-    return encoder.encode_context(context), encoder.encode_continuation(continuation)

@@ -16,6 +16,7 @@ encoded, the continuation is the difference); an empty context becomes EOS, moeu
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ try:
     import lm_eval
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import normalize_gen_kwargs
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_table
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     from moeut.data.errors import DependencyError
 
@@ -34,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moeut.eval.encoding import Encoder, SentencePieceEncoder
+from moeut.eval.files import find_task_files
 from moeut.eval.scoring import score_candidates
 from moeut.run import load_run
 
@@ -124,8 +129,6 @@ class MoEUTHarnessLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole strings: lm-eval's disjoint rolling windows of the model's context, the
         first conditioned on EOS."""
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
         windows, owner = [], []
         for r, req in enumerate(requests):
             (string,) = req.args
@@ -144,8 +147,6 @@ class MoEUTHarnessLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, with ``do_sample``) continuations with the KV cache, cut at the first stop string."""
-        from lm_eval.models.utils import normalize_gen_kwargs
-
         out: list[str | None] = [None] * len(requests)
         by_kwargs: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -177,8 +178,6 @@ class MoEUTHarnessLM(TemplateLM):
 def task_manager(data_dir: str | Path | None = None, include_defaults: bool = False):
     """An lm-eval ``TaskManager`` that sees moeut's local task YAMLs (and lm-eval's own only when
     ``include_defaults``: indexing them takes seconds, and they download their data from the Hub)."""
-    from lm_eval.tasks import TaskManager
-
     return TaskManager(include_path=str(HARNESS_TASKS_DIR), include_defaults=include_defaults,
                        metadata={"moeut_data_dir": None if data_dir is None else str(data_dir)})
 
@@ -190,10 +189,8 @@ def harness_task_names(tasks: Sequence[str], data_dir: str | Path | None = None)
     for t in tasks:
         name = HARNESS_TASKS.get(t, t)
         if name == "blimp":
-            from moeut.eval.data import find_task_data
-
             shipped = {p.stem for p in (HARNESS_TASKS_DIR / "blimp").glob("*.yaml") if not p.name.startswith("_")}
-            present = sorted(p.stem for p in Path(find_task_data("blimp", data_dir).source).glob("*.jsonl"))
+            present = sorted(p.stem for p in Path(find_task_files("blimp", data_dir).source).glob("*.jsonl"))
             if not shipped <= set(present):
                 out += [f"blimp_{p}" for p in present if p in shipped]
                 continue
@@ -215,10 +212,6 @@ def run_harness(tasks: Sequence[str], *, checkpoint: str | Path | None = None, m
     """``lm_eval.simple_evaluate`` on ``tasks`` with the moeut model, offline; prints lm-eval's table and
     returns its results dict. Task names may be moeut's (``lambada``) or lm-eval's (``lambada_openai``);
     names that are not shipped with moeut come from lm-eval's own registry (which may need the Hub)."""
-    import logging
-
-    from lm_eval.utils import make_table
-
     names = harness_task_names(tasks, data_dir)
     logging.getLogger("lm_eval.api.task").addFilter(_QuietCustomDataset())
     ours = set(HARNESS_TASKS.values()) | {n for n in names if n.startswith("blimp_")}

@@ -2,7 +2,7 @@
 
 Each YAML names one of these functions as its ``custom_dataset``; lm-eval calls it with the task's
 metadata (``moeut_data_dir``, set by :func:`moeut.eval.harness.run_harness`) and ``dataset_kwargs``.
-The files are found exactly as ``moeut eval`` finds them (:func:`moeut.eval.data.find_task_data`), and
+The files are found exactly as ``moeut eval`` finds them (:func:`moeut.eval.files.find_task_files`, :func:`moeut.eval.examples.load_examples`), and
 the documents have the fields the YAML templates use, so the prompts are lm-eval's own:
 
 * ``lambada_openai``: ``{"text"}`` (lm-eval splits at the last space);
@@ -17,23 +17,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moeut.eval.data import find_task_data
-from moeut.eval.tasks import Choice, load_blimp
+from moeut.eval.examples import Choice, load_blimp, load_examples
+from moeut.eval.files import find_task_files
 
 
 def _dataset_dict(docs: list[dict[str, Any]]):
-    import datasets
+    import datasets  # lm-eval's dependency (the optional 'eval' extra): only lm-eval calls this module
 
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
 
 
 def lambada_openai(moeut_data_dir: str | None = None, **_: Any):
-    examples = find_task_data("lambada", moeut_data_dir).examples()
+    examples = load_examples(find_task_files("lambada", moeut_data_dir))
     return _dataset_dict([{"text": ex.context + ex.target} for ex in examples])
 
 
 def blimp(paradigm: str, moeut_data_dir: str | None = None, **_: Any):
-    root = Path(find_task_data("blimp", moeut_data_dir).source)
+    root = Path(find_task_files("blimp", moeut_data_dir).source)
     path = root / f"{paradigm}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"BLiMP paradigm file {path} does not exist")
@@ -43,7 +43,7 @@ def blimp(paradigm: str, moeut_data_dir: str | None = None, **_: Any):
 
 def _choices(task: str, moeut_data_dir: str | None) -> list[dict[str, Any]]:
     out = []
-    for ex in find_task_data(task, moeut_data_dir).examples():
+    for ex in load_examples(find_task_files(task, moeut_data_dir)):
         ex: Choice
         query = ex.context
         if task == "piqa" and "goal" in ex.info:  # lm-eval does not strip the goal

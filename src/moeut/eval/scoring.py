@@ -1,6 +1,7 @@
-"""Log-probabilities of candidate token sequences, batched, with each question's shared prefix run once.
+"""Step 4 of a task's walk: log-probabilities of candidate token sequences, batched, with each question's
+shared prefix run once through the KV cache.
 
-A *question* is a list of candidates ``(tokens, score_from)``: score ``tokens[score_from:]``, each token
+A *question* is a list of candidates ``(tokens, score_from)`` (:mod:`moeut.eval.candidates`): score ``tokens[score_from:]``, each token
 given the tokens before it (the first token of a sequence is never scored, so ``score_from >= 1``). Every
 candidate is scored as if run alone from scratch; the batching below only avoids repeated work:
 
@@ -27,7 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-Candidate = tuple[Sequence[int], int]  # (tokens, index of the first scored token)
+from moeut.eval.candidates import Candidate, choice_candidates, cloze_candidate
+from moeut.eval.encoding import Encoder
+from moeut.eval.examples import Choice, Cloze
+from moeut.model.cache import KVCache
 
 
 @dataclass
@@ -95,11 +99,11 @@ def _prepare(question: Sequence[Candidate], max_length: int | None) -> _Prepared
     return _Prepared(seqs, starts, shared, truncated)
 
 
-# A forward pass costs about as much as this many extra (padding) tokens: moeut-tiny on one CPU core
-# runs ~5.5k tokens/s once a batch holds ~1k tokens, and a call has ~10-20 ms of fixed cost.
+# A forward pass costs about as much as this many extra (padding) tokens (its fixed cost per call; tuned on
+# CPU with benchmarks/eval_speed.py).
 CALL_COST_TOKENS = 64
-# Below this fraction of tokens saved, sharing prefixes is not worth its second pass (BLiMP saves ~19 %
-# and ran 20 % slower with sharing; PIQA saves 31 %, HellaSwag 47 %, ARC-Easy 65 %).
+# Below this fraction of tokens saved, sharing prefixes is not worth its second pass (BLiMP's short sentence
+# pairs fall below it; PIQA, HellaSwag and ARC-Easy are well above).
 MIN_SHARED_FRACTION = 0.25
 
 
@@ -188,8 +192,6 @@ def _target_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[np.nda
 
 
 def _score_batch(model, qs: list[_Prepared], device: torch.device, pad_id: int) -> list[list[TokenScores]]:
-    from moeut.model.cache import KVCache
-
     qs = _share_prefixes(qs)
     Lmax = max(q.prefix for q in qs)
     rows = [(qi, ci) for qi, q in enumerate(qs) for ci in range(len(q.seqs))]
@@ -252,25 +254,59 @@ def _score_batch(model, qs: list[_Prepared], device: torch.device, pad_id: int) 
     return results
 
 
-# ----------------------------------------------------------------------------- rules
+# ----------------------------------------------------------------------------- one task's examples
 
 
-def strict_winner(scores: Sequence[float]) -> int | None:
-    """The candidate whose score is strictly higher than every other one, or None (a tie at the top)."""
-    if len(scores) == 0:
-        return None
-    best = int(np.argmax(scores))
-    top = scores[best]
-    if any(s >= top for j, s in enumerate(scores) if j != best):
-        return None
-    return best
+@dataclass
+class ChoiceScores:
+    """One question: per candidate, the summed log-probability of its scored tokens, their number, and the
+    characters of the choice (for ``acc_norm``)."""
+
+    total: np.ndarray  # float64 [n_choices]
+    tokens: np.ndarray  # int64
+    chars: np.ndarray  # int64
+    truncated: bool = False
+
+    def paper_scores(self, how: str) -> np.ndarray:
+        if how == "sum":
+            return self.total
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.tokens > 0, self.total / np.maximum(self.tokens, 1), -np.inf)
 
 
-def paper_correct(scores: Sequence[float], gold: int) -> bool:
-    """The paper's rule: correct only if the gold candidate's score beats every other one strictly."""
-    return strict_winner(scores) == gold
+def score_choices(model: torch.nn.Module, encoder: Encoder, examples: Sequence[Choice], *, batch_size: int = 64,
+                  max_length: int | None = None,
+                  progress: Callable[[list[int]], None] | None = None) -> list[ChoiceScores]:
+    questions = [choice_candidates(encoder, ex) for ex in examples]
+    scored = score_candidates(model, questions, batch_size=batch_size, max_length=max_length,
+                              pad_id=encoder.eos_id, progress=progress)
+    out = []
+    for ex, cands in zip(examples, scored):
+        out.append(ChoiceScores(total=np.array([c.total for c in cands], dtype=np.float64),
+                                tokens=np.array([c.n for c in cands], dtype=np.int64),
+                                chars=np.array([len(ch) - ch.startswith(" ") for ch in ex.choices], dtype=np.int64),
+                                truncated=any(c.truncated for c in cands)))
+    return out
 
 
-def lm_eval_choice(scores: Sequence[float]) -> int:
-    """lm-evaluation-harness's rule: ``argmax`` (the first of tied candidates wins)."""
-    return int(np.argmax(scores))
+@dataclass
+class ClozeScores:
+    """One LAMBADA passage: its target's :class:`TokenScores`, and whether the argmax predictions at the
+    target's positions (teacher forced) decode to exactly the target."""
+
+    target: TokenScores
+    correct: bool
+
+
+def score_clozes(model: torch.nn.Module, encoder: Encoder, examples: Sequence[Cloze], *, batch_size: int = 64,
+                 max_length: int | None = None,
+                 progress: Callable[[list[int]], None] | None = None) -> list[ClozeScores]:
+    questions, targets = [], []
+    for ex in examples:
+        question, target = cloze_candidate(encoder, ex)
+        questions.append(question)
+        targets.append(target)
+    scored = score_candidates(model, questions, batch_size=batch_size, max_length=max_length,
+                              pad_id=encoder.eos_id, progress=progress)
+    return [ClozeScores(target=s, correct=encoder.decode_continuation(s.greedy.tolist()) == target)
+            for (s,), target in zip(scored, targets)]

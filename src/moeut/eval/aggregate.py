@@ -1,11 +1,9 @@
-"""Zero-shot scoring of the paper's tasks, and lm-eval-style ``acc``/``acc_norm`` beside it.
+"""Step 5 of a task's walk: scores become the task's result entry, the paper's average, and the table.
 
-The paper's protocol (the authors' evaluation code): no BOS token; the first token of a sequence is
-never scored; context and continuation are tokenised separately and concatenated; each candidate is
-scored from scratch; a candidate wins only if its score is strictly higher than every other (a tie at
-the top is wrong). The score is the summed log-probability of the continuation for BLiMP, and its mean
-per continuation token for CBT, HellaSwag, PIQA and ARC-Easy. LAMBADA is right when the argmax
-predictions at the target word's token positions (teacher forced) decode to exactly the target.
+The paper's rule: a candidate wins only if its score is strictly higher than every other (a tie at the top
+is wrong). The score is the summed log-probability of the continuation for BLiMP, and its mean per
+continuation token for CBT, HellaSwag, PIQA and ARC-Easy (:data:`PAPER_SCORE`). LAMBADA is right when the
+argmax predictions at the target word's token positions decode to exactly the target.
 
 ``acc`` (summed log-probability) and ``acc_norm`` (summed log-probability per character of the choice)
 follow lm-evaluation-harness: plain argmax, the first of tied candidates wins.
@@ -15,63 +13,44 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import torch
 
-from moeut.eval.encoding import Encoder, encode_pair
-from moeut.eval.scoring import lm_eval_choice, paper_correct, score_candidates
-from moeut.eval.tasks import Choice, Cloze
+from moeut.eval.examples import Choice
+from moeut.eval.files import TASKS
+from moeut.eval.scoring import ChoiceScores, ClozeScores
 
 # how the paper scores each multiple-choice task
 PAPER_SCORE = {"blimp": "sum", "cbt": "mean", "hellaswag": "mean", "piqa": "mean", "arc_easy": "mean"}
-ZERO_SHOT_TASKS = ("lambada", "blimp", "cbt", "hellaswag", "piqa", "arc_easy")
 
 
-@dataclass
-class ChoiceScores:
-    """One question: per candidate, the summed log-probability of its scored tokens, their number, and the
-    characters of the choice (for ``acc_norm``)."""
-
-    total: np.ndarray  # float64 [n_choices]
-    tokens: np.ndarray  # int64
-    chars: np.ndarray  # int64
-    truncated: bool = False
-
-    def paper_scores(self, how: str) -> np.ndarray:
-        if how == "sum":
-            return self.total
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(self.tokens > 0, self.total / np.maximum(self.tokens, 1), -np.inf)
+# ----------------------------------------------------------------------------- rules
 
 
-def choice_candidates(encoder: Encoder, ex: Choice) -> list[tuple[list[int], int]]:
-    """Token sequences and first scored positions of a question's candidates. Without a context each
-    choice is a whole document (BLiMP), scored from its second token."""
-    if not ex.context:
-        return [(encoder.encode_context(c), 1) for c in ex.choices]
-    out = []
-    for c in ex.choices:
-        ctx, cont = encode_pair(encoder, ex.context, c)
-        out.append((ctx + cont, len(ctx)))
-    return out
+def strict_winner(scores: Sequence[float]) -> int | None:
+    """The candidate whose score is strictly higher than every other one, or None (a tie at the top)."""
+    if len(scores) == 0:
+        return None
+    best = int(np.argmax(scores))
+    top = scores[best]
+    if any(s >= top for j, s in enumerate(scores) if j != best):
+        return None
+    return best
 
 
-def score_choices(model: torch.nn.Module, encoder: Encoder, examples: Sequence[Choice], *, batch_size: int = 64,
-                  max_length: int | None = None,
-                  progress: Callable[[list[int]], None] | None = None) -> list[ChoiceScores]:
-    questions = [choice_candidates(encoder, ex) for ex in examples]
-    scored = score_candidates(model, questions, batch_size=batch_size, max_length=max_length,
-                              pad_id=encoder.eos_id, progress=progress)
-    out = []
-    for ex, cands in zip(examples, scored):
-        out.append(ChoiceScores(total=np.array([c.total for c in cands], dtype=np.float64),
-                                tokens=np.array([c.n for c in cands], dtype=np.int64),
-                                chars=np.array([len(ch) - ch.startswith(" ") for ch in ex.choices], dtype=np.int64),
-                                truncated=any(c.truncated for c in cands)))
-    return out
+def paper_correct(scores: Sequence[float], gold: int) -> bool:
+    """The paper's rule: correct only if the gold candidate's score beats every other one strictly."""
+    return strict_winner(scores) == gold
+
+
+def lm_eval_choice(scores: Sequence[float]) -> int:
+    """lm-evaluation-harness's rule: ``argmax`` (the first of tied candidates wins)."""
+    return int(np.argmax(scores))
+
+
+# ----------------------------------------------------------------------------- multiple choice
 
 
 def _mean(xs) -> float:
@@ -130,34 +109,73 @@ def summarize_choices(task: str, examples: Sequence[Choice], scores: Sequence[Ch
 # ----------------------------------------------------------------------------- LAMBADA
 
 
-def score_lambada(model: torch.nn.Module, encoder: Encoder, examples: Sequence[Cloze], *, batch_size: int = 64,
-                  max_length: int | None = None, progress: Callable[[list[int]], None] | None = None) -> dict:
+def summarize_lambada(scores: Sequence[ClozeScores]) -> dict:
     """LAMBADA's result entry: ``accuracy`` (the predicted word is exactly the target), the target's
     perplexity (``target_ppl``: exp of the mean over passages of the per-token NLL, as the authors compute
     it), and lm-eval's ``acc`` (every target token is the argmax) and ``ppl`` (exp of minus the mean
     summed log-probability)."""
-    questions, targets = [], []
-    for ex in examples:
-        ctx, cont = encode_pair(encoder, ex.context, ex.target)
-        questions.append([(ctx + cont, len(ctx))])
-        targets.append(encoder.decode_continuation(cont))
-    scored = score_candidates(model, questions, batch_size=batch_size, max_length=max_length,
-                              pad_id=encoder.eos_id, progress=progress)
-    correct, greedy, mean_nll, total_ll = [], [], [], []
-    for (s,), target in zip(scored, targets):
-        correct.append(encoder.decode_continuation(s.greedy.tolist()) == target)
-        greedy.append(s.is_greedy)
-        mean_nll.append(-s.mean)
-        total_ll.append(s.total)
-    return {"accuracy": _mean(correct), "n": len(correct), "target_ppl": math.exp(_mean(mean_nll)),
-            "acc": _mean(greedy), "ppl": math.exp(-_mean(total_ll)),
-            "truncated": sum(s.truncated for (s,) in scored),
+    targets = [s.target for s in scores]
+    return {"accuracy": _mean(s.correct for s in scores), "n": len(targets),
+            "target_ppl": math.exp(_mean(-t.mean for t in targets)), "acc": _mean(t.is_greedy for t in targets),
+            "ppl": math.exp(-_mean(t.total for t in targets)), "truncated": sum(t.truncated for t in targets),
             "score": "argmax predictions at the target's tokens decode to the target word"}
+
+
+# ----------------------------------------------------------------------------- every task
 
 
 def average_accuracy(results: dict[str, dict]) -> dict:
     """The paper's average of the six zero-shot accuracies, over the tasks that were evaluated."""
-    done = [t for t in ZERO_SHOT_TASKS if t in results and results[t].get("accuracy") is not None]
-    missing = [t for t in ZERO_SHOT_TASKS if t not in done]
+    done = [t for t in TASKS if t in results and results[t].get("accuracy") is not None]
+    missing = [t for t in TASKS if t not in done]
     return {"accuracy": _mean(results[t]["accuracy"] for t in done) if done else None, "n": len(done),
             "tasks": done, "not_evaluated": missing}
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def format_row(task: str, r: dict[str, Any]) -> str:
+    if r.get("status"):
+        return f"{task:<10} {r['status']}"
+    if task == "ppl":
+        return f"{task:<10} ppl {_fmt(r['ppl'], '.2f')}  bpb {_fmt(r['bpb'])}  ({r['n']:,} tokens)"
+    extra = ""
+    if task == "lambada":
+        extra = f"target ppl {_fmt(r['target_ppl'], '.1f')}  lm-eval acc {_fmt(r['acc'])}"
+    elif "acc" in r:
+        extra = f"lm-eval acc {_fmt(r['acc'])}  acc_norm {_fmt(r['acc_norm'])}"
+    return f"{task:<10} accuracy {_fmt(r['accuracy'])}  {extra}  (n={r['n']:,})"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as a fixed-width table: the paper's accuracy, lm-eval-style acc/acc_norm, n, wall time."""
+    head = f"{'task':<10} {'accuracy':>9} {'acc':>7} {'acc_norm':>9} {'other':<22} {'n':>8} {'time s':>8} {'ex/s':>8}"
+    lines = [head, "-" * len(head)]
+    for task, r in results.items():
+        if task == "average":
+            continue
+        if r.get("status"):
+            lines.append(f"{task:<10} {r['status']}")
+            continue
+        if task == "ppl":
+            other = f"ppl {r['ppl']:.2f} bpb {_fmt(r['bpb'], '.3f')}"
+            acc = accn = paper = "-"
+        else:
+            paper, acc, accn = _fmt(r.get("accuracy")), _fmt(r.get("acc")), _fmt(r.get("acc_norm"))
+            other = ""
+            if task == "lambada":
+                other, accn = f"target ppl {r['target_ppl']:.1f}", "-"
+            elif task == "arc_easy":
+                other = f"all {r['n_all']}: {_fmt(r['accuracy_all'])}"
+            elif task == "blimp":
+                other = f"{r['n_paradigms']} paradigms"
+        lines.append(f"{task:<10} {paper:>9} {acc:>7} {accn:>9} {other:<22} {r['n']:>8,} {r['wall_s']:>8.1f} "
+                     f"{_fmt(r.get('examples_per_s'), '.1f'):>8}")
+    avg = results.get("average")
+    if avg:
+        lines.append("-" * len(head))
+        lines.append(f"{'average':<10} {_fmt(avg['accuracy']):>9}  over {avg['n']} task(s): {', '.join(avg['tasks'])}"
+                     + (f"; not evaluated: {', '.join(avg['not_evaluated'])}" if avg["not_evaluated"] else ""))
+    return "\n".join(lines)

