@@ -6,4 +6,14 @@ from moeut.model import (PRESETS, ConfigError, KVCache, LMOutput, ModelConfig, M
 __version__ = "0.1.0"
 
 __all__ = ["ModelConfig", "ConfigError", "MoEUTLM", "LMOutput", "KVCache", "PRESETS", "from_reference",
-           "to_reference", "__version__"]
+           "to_reference", "from_paper_checkpoint", "__version__"]
+
+
+def __getattr__(name: str):
+    # moeut.from_paper_checkpoint, resolved on first use: its reader sits on the checkpoint code of moeut.train,
+    # which `import moeut` should not load
+    if name == "from_paper_checkpoint":
+        from moeut.integrations.paper import from_paper_checkpoint
+
+        return from_paper_checkpoint
+    raise AttributeError(f"module 'moeut' has no attribute {name!r}")

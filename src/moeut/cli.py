@@ -6,6 +6,7 @@
     moeut eval   --checkpoint RUN [--tasks ...]            perplexity, zero-shot tasks, lm-eval
     moeut generate --checkpoint RUN --prompt TEXT [...]    sample with the KV cache (streams)
     moeut export-hf --checkpoint RUN --out DIR              Hugging Face transformers directory
+    moeut import-paper CHECKPOINT --out RUN                 a checkpoint released with the paper -> a run
     moeut demo   [--out RUN] [--compare-dense]             the main job: prepare, train, evaluate, sample
     moeut analyze {residual-norm,expert-usage,...} ...      the paper's analyses: tables, JSON, plots
 """
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export-hf", help="write a Hugging Face transformers model directory (safetensors)")
     _lazy_arguments(exp, "moeut.integrations.hf.cli", "add_export_arguments", "run_export")
+
+    imp = sub.add_parser("import-paper", help="a checkpoint released with the MoEUT paper -> a moeut run directory")
+    _lazy_arguments(imp, "moeut.integrations.paper.cli", "add_import_arguments", "run_import")
 
     ana = sub.add_parser("analyze", help="the paper's analyses: residual norms, expert usage, layer similarity, "
                          "token diversity, sweeps, wall clock and memory, compute")
