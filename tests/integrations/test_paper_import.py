@@ -270,3 +270,17 @@ def test_eval_and_generate_run_on_the_imported_run(imported_run, tmp_path, capsy
     assert main(["generate", "--checkpoint", str(imported_run), "--prompt", "It is a truth universally",
                  "--max-new-tokens", "8", "--seed", "0"]) == 0
     assert "It is a truth universally" in capsys.readouterr().out
+
+
+def test_analyze_and_export_hf_accept_the_imported_run(imported_run, tmp_path, capsys):
+    from tests.integrations.conftest import need_hf
+
+    text = tmp_path / "text.txt"
+    text.write_text(shared_file("data/jane_austen/persuasion.txt").read_text()[:3000])
+    assert main(["analyze", "expert-usage", "--checkpoint", str(imported_run), "--data", str(text), "--batches", "1",
+                 "--batch-size", "2", "--out", str(tmp_path / "usage"), "--no-progress"]) == 0
+    assert any((tmp_path / "usage").iterdir())
+    need_hf()
+    # the exporter verifies logits and the tokenizer (release normalisation, unknown pieces) itself
+    assert main(["export-hf", "--checkpoint", str(imported_run), "--out", str(tmp_path / "hf")]) == 0
+    assert "verified" in capsys.readouterr().out
