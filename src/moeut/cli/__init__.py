@@ -6,6 +6,7 @@
     moeut eval   --checkpoint RUN [--tasks ...]            perplexity, zero-shot tasks, lm-eval
     moeut generate --checkpoint RUN --prompt TEXT [...]    sample with the KV cache (streams)
     moeut export-hf --checkpoint RUN --out DIR              Hugging Face transformers directory
+    moeut import-paper CHECKPOINT --out RUN                 a checkpoint released with the paper -> a run
     moeut analyze {residual-norm,expert-usage,...} ...      the paper's analyses: tables, JSON, plots
     moeut demo   [--out RUN] [--compare-dense]             the main job: prepare, train, evaluate, sample
 
@@ -20,11 +21,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from moeut.cli import analyze, demo, evaluate, export_hf, generate, info, prepare, train
+from moeut.cli import analyze, demo, evaluate, export_hf, generate, import_paper, info, prepare, train
 from moeut.errors import MoeutError
 
 VERBS = {"info": info, "prepare": prepare, "train": train, "eval": evaluate, "generate": generate,
-         "export-hf": export_hf, "analyze": analyze, "demo": demo}
+         "export-hf": export_hf, "import-paper": import_paper, "analyze": analyze, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:

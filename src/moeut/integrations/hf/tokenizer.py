@@ -10,7 +10,12 @@ reproduces it:
   not follow another ``▁`` (with whitespace-only pieces allowed; otherwise at every ``▁``);
 * model: BPE with the SentencePiece vocabulary, merges ordered by the score of the merged piece, byte fallback
   (or Unigram with the piece scores for a unigram model);
-* decoder: ``▁`` → space, byte pieces → bytes, fuse, drop the dummy-prefix space.
+* decoder: the unknown piece → SentencePiece's ``unk_surface`` (" ⁇ "), ``▁`` → space, byte pieces → bytes, fuse,
+  drop the dummy-prefix space.
+
+The paper's released tokenizers use SentencePiece's default ``nmt_nfkc`` normalisation with whitespace
+collapsing and no byte fallback (unknown characters become ``<unk>``); the same pipeline reproduces them, the
+``precompiled_charsmap`` of the model applied by ``normalizers.Precompiled``.
 
 No BOS/EOS is added (moeut trains on raw ``encode`` ids). The special pieces (``<unk>``, ``<s>``, ``</s>``,
 ``<pad>``) are special tokens: ``decode(..., skip_special_tokens=True)`` drops them like SentencePiece does;
@@ -113,7 +118,9 @@ def sentencepiece_to_tokenizers(model_path: str | Path):
     # another ▁ when whitespace-only pieces are allowed)
     words = r"▁*[^▁]+|▁+" if trainer.allow_whitespace_only_pieces else r"[^▁]+|▁[^▁]*"
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(words), behavior="isolated")
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    # SentencePiece decodes the unknown piece as its unk_surface (" ⁇ " by default), not as its spelling
+    steps = [decoders.Replace(pieces[unk_id][0], trainer.unk_surface)] if unk_id is not None else []
+    steps += [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if norm.add_dummy_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     tok.decoder = decoders.Sequence(steps)
