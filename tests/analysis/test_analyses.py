@@ -12,7 +12,8 @@ from moeut.analysis.common import (AnalysisError, applications_of_layer, layer_o
                                    routing_indices)
 from moeut.analysis.expert_usage import ExpertUsageResult, UsageAccumulator, expert_usage
 from moeut.analysis.layer_similarity import SimilarityAccumulator, layer_similarity, random_iou
-from moeut.analysis.residual_norm import residual_norm_metrics, residual_norms
+from moeut.analysis.residual_norm import residual_norms
+from moeut.train.metrics import residual_norm_metrics
 from moeut.analysis.token_diversity import DiversityAccumulator, token_diversity
 from moeut.model import ModelConfig, build_model
 from moeut.model.layer import LayerRouting

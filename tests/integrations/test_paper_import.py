@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import moeut
 from moeut.cli import main
 from moeut.integrations.paper import (PaperCheckpointError, UnsafeCheckpointError, UnsupportedVariantError,
-                                      import_paper_run, read_paper_checkpoint, to_paper_checkpoint)
+                                      read_paper_checkpoint, to_paper_checkpoint)
 from moeut.integrations.paper.convert import name_map
 from moeut.model import ModelConfig, build_model
 from moeut.model.regularizer import entropy_of_mean_softmax
