@@ -37,3 +37,38 @@ def test_cvmm_throughput_benchmark_quick_on_cpu():
 
 def test_gpu_check_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
+
+
+def test_gpu_check_dry_run_assembles_gpu_json(tmp_path):
+    """`gpu_check.sh --dry-run` on CPU: every script parses its arguments, the quick runs work, and gpu.json has
+    the issue's keys with exactly five goals (null here: nothing at 244M shapes is measured on CPU)."""
+    env = {**ENV, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "gpu.json").read_text())
+    assert doc["dry_run"] is True and doc["device"] == "cpu" and doc["torch"]
+    assert set(doc["goals"]) == {"kernel_speedup_vs_reference", "kernel_fraction_of_cublas",
+                                 "step_ratio_moeut_244m_vs_dense", "memory_ratio_moeut_244m_vs_dense",
+                                 "step_speedup_vs_reference_model_244m"}
+    assert all(v is None for v in doc["goals"].values()) and set(doc["goals_missing"]) == set(doc["goals"])
+    assert len(doc["rows"]["cvmm_tflops"]) == 4 and doc["rows"]["model_step"]
+
+
+def test_gpu_json_goals_from_rows(tmp_path):
+    """The goal arithmetic on hand-written rows (geometric means and ratios)."""
+    rows = [{"projection": p, "d_in": 1024, "backend": b, "fwd_bwd_ms": ms, "fwd_bwd_ratio_to_dense": r}
+            for p, b, ms, r in [("up", "triton", 1.0, 0.5), ("down", "triton", 2.0, 0.8),
+                                ("up", "moeut_reference", 3.0, 0.1), ("down", "moeut_reference", 8.0, 0.1)]]
+    (tmp_path / "cvmm_tflops.json").write_text(json.dumps({"results": rows}))
+    steps = [{"preset": "moeut-244m", "step_ms": 90.0, "peak_memory_mb": 600},
+             {"preset": "dense-244m", "step_ms": 100.0, "peak_memory_mb": 1000},
+             {"preset": "reference-moeut-244m", "step_ms": 180.0, "peak_memory_mb": 900}]
+    (tmp_path / "model_step.json").write_text(json.dumps({"results": steps, "pairs": []}))
+    subprocess.run([sys.executable, str(BENCH / "gpu_json.py"), str(tmp_path), str(tmp_path / "g.json")],
+                   check=True, capture_output=True)
+    g = json.loads((tmp_path / "g.json").read_text())["goals"]
+    assert g["kernel_speedup_vs_reference"] == round((3.0 * 4.0) ** 0.5, 4)
+    assert g["kernel_fraction_of_cublas"] == round((0.5 * 0.8) ** 0.5, 4)
+    assert g["step_ratio_moeut_244m_vs_dense"] == 0.9 and g["memory_ratio_moeut_244m_vs_dense"] == 0.6
+    assert g["step_speedup_vs_reference_model_244m"] == 2.0

@@ -164,3 +164,15 @@ def test_triton_at_244m_shapes_on_gpu():
         up = make_case(2048, 1, 16, 16, 1024, 128, 387, False, dtype=dtype, device="cuda")
         want = run(*make_case(2048, 1, 16, 16, 1024, 128, 387, False, dtype=torch.float32, device="cuda"), 16, "torch")
         assert_close_all([t.float() for t in run(*up, 16, "triton")], want, **tol)
+
+
+def test_autotune_modes_choose_config_lists():
+    """MOEUT_TRITON_AUTOTUNE: full = every config, pruned = 3 holding the fixed one, off = the fixed one only."""
+    from moeut.ops import triton_kernels as k
+
+    for configs, fixed in ((k._gmm_configs, k._GMM_FIXED), (k._wgrad_configs, k._WGRAD_FIXED)):
+        full, pruned, off = configs("full"), configs("pruned"), configs("off")
+        assert len(full) == 8 and len(pruned) == 3 and len(off) == 1
+        keys = lambda c: (tuple(c.kwargs.values()), c.num_warps, c.num_stages)  # noqa: E731
+        assert {keys(c) for c in pruned} <= {keys(c) for c in full} and keys(off[0]) == keys(pruned[0])
+        assert keys(off[0])[0] + keys(off[0])[1:] == fixed

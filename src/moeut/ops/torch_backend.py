@@ -8,8 +8,9 @@ Two strategies, picked per device and dtype by :func:`strategy`:
 
 1. gather the input row of every sorted slot: ``a = x[perm // (S/G_in)]``                 ``[M, d_in]``
 2. one grouped GEMM: ``y_m = a_m @ W[e_m]`` with ``torch.nn.functional.grouped_mm`` (or
-   ``torch._grouped_mm``), checked once per device/dtype and guarded per call (it refuses row strides
-   that are not multiples of 16 bytes); a loop of ``torch.mm`` over ``weight.unbind(0)`` is its fallback;
+   ``torch._grouped_mm``), checked once per device/dtype (:func:`_grouped_mm_works`). Its layout rules
+   (see "grouped_mm's requirements" below) are met by construction at every width: operands whose row
+   stride is not a multiple of 16 bytes are given a padded row stride, never sent to a loop;
 3. unsort (below). Backward: gather ``g``, two more grouped GEMMs. The gathered ``a`` is kept for backward
    on CPU (``SAVE_GATHERED``), gathered again on GPU.
 
@@ -26,6 +27,30 @@ the up-projection 14.7 vs 17.3 ms, backward of the down-projection 29.5 vs 33.9 
 σ-MoE layer it was 0–5 % faster when the machine was quiet and 10–25 % slower when the host was busy
 (its ~1500 small parallel regions per step each wait for both threads), so it is not the default. On an
 H200 (torch 2.11) grouped_mm was 6× faster than a loop in bf16 and about equal in fp32.
+
+grouped_mm's requirements (torch 2.8-2.13, ``aten/src/ATen/native/GroupedMMUtils.h`` and
+``cuda/GroupedBlas.cpp``), the same on CPU and CUDA unless stated:
+
+* dtypes float32, bfloat16 or float16 for both operands; the output has ``mat_a``'s dtype. (float64 is
+  refused: that dtype takes the loop.)
+* each operand (2-D or 3-D) is row-major (last stride 1) or column-major (second-to-last stride 1), and
+  its *other* inner stride is a multiple of 16 bytes (8 elements in bf16/fp16, 4 in fp32). The outer
+  (expert) stride of a 3-D operand is not checked. Sizes are free: a ``[M, 412]`` view with row stride
+  416 is accepted, and the kernel reads only the 412 columns (torch allocates its own outputs that
+  way, so an output ``[M, N]`` has row stride ``N`` rounded up to 16 bytes).
+* CUDA only: ``data_ptr`` 16-byte aligned (not checked on CPU).
+* ``offs``: 1-D int32 cumulative end offsets, any values (no alignment of group sizes is required;
+  empty groups are allowed).
+* CUDA: the sync-free CUTLASS kernel runs only for bf16 operands and output on sm90/sm100. Other dtypes
+  and devices go to torch's own fallback, which copies ``offs`` to the host (a sync) and loops over
+  ``mm``: no worse than our loop, but not sync-free.
+
+So the misaligned widths of moeut-44m (d_model 412 = 824 B in bf16, SwitchHead d_head 82) are handled
+by layout alone: gathered rows are written straight into buffers with a padded row stride
+(:func:`_aligned_empty`, no extra pass), other operands are copied into one when needed
+(:func:`_aligned`; for the weights that is one copy of ``W`` per call, a few MB, no cache to
+invalidate), and the op's outputs and gradients are returned contiguous. Autograd is unaffected: the
+custom op computes every gradient itself from the logical (unpadded) views.
 
 Unsort: a gather ``y[inv_perm]`` when every slot is its own output group, else the sum of the
 ``S/G_out`` slots of each group: ``index_add_`` on CPU in fp32/fp64 (one pass), gather + ``sum``
@@ -106,23 +131,83 @@ def _grouped_mm_ok(t: torch.Tensor) -> bool:
     return _GROUPED_MM_OK[key]
 
 
+# --------------------------------------------------------------------------- grouped_mm's layouts
+def _row_align(dtype: torch.dtype) -> int:
+    """Elements per 16 bytes: what grouped_mm wants an operand's non-unit inner stride to be a multiple of."""
+    return max(1, 16 // torch.empty(0, dtype=dtype).element_size())
+
+
+def _padded(k: int, dtype: torch.dtype) -> int:
+    a = _row_align(dtype)
+    return -(-k // a) * a
+
+
+def _aligned_empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised ``shape`` tensor whose row stride is ``shape[-1]`` rounded up to 16 bytes (a view
+    of a padded buffer; the padding is never read)."""
+    k = shape[-1]
+    kp = _padded(k, like.dtype)
+    buf = like.new_empty(*shape[:-1], kp)
+    return buf if kp == k else buf[..., :k]
+
+
+def _layout_ok(t: torch.Tensor) -> bool:
+    """Does ``t`` (2-D or 3-D) meet grouped_mm's stride and pointer rules (see the module doc)?"""
+    align = _row_align(t.dtype)
+    if t.device.type != "cpu" and t.data_ptr() % 16:
+        return False
+    s_m, s_n = t.stride(-2), t.stride(-1)
+    if s_n == 1 and s_m >= max(1, t.shape[-1]):
+        return s_m % align == 0
+    if s_m == 1 and s_n >= max(1, t.shape[-2]):
+        return s_n % align == 0
+    return False
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if grouped_mm accepts its layout, else a copy with a padded row stride. A column-major
+    ``t`` (e.g. ``weight.transpose(1, 2)``) is padded along its contiguous dimension and stays column-major."""
+    if _layout_ok(t):
+        return t
+    if t.stride(-2) == 1 and t.stride(-1) != 1:
+        return _aligned(t.transpose(-1, -2)).transpose(-1, -2)
+    out = _aligned_empty(tuple(t.shape), t)
+    out.copy_(t)
+    return out
+
+
+def _gather_rows(src: torch.Tensor, rows: torch.Tensor, aligned: bool) -> torch.Tensor:
+    """``src[rows]`` (``src [R, D]``), written straight into a padded-stride buffer when ``aligned``."""
+    if not aligned:
+        return src.index_select(0, rows)
+    out = _aligned_empty((rows.shape[0], src.shape[1]), src)
+    return torch.index_select(src, 0, rows, out=out)
+
+
+def _scaled(t: torch.Tensor, c: torch.Tensor, aligned: bool) -> torch.Tensor:
+    """``t * c`` as a new tensor, in a padded-stride buffer when ``aligned``."""
+    return torch.mul(t, c, out=_aligned_empty(tuple(t.shape), t)) if aligned else t * c
+
+
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
-    """``[M, K] x [E, K, N] -> [M, N]`` over the expert blocks of ``plan`` (``b`` may be a transposed view)."""
-    if a.shape[0] and _grouped_mm_ok(a):
-        try:
-            return _grouped_mm(a, b, offs=plan.offsets)
-        except RuntimeError:  # e.g. "strides should be multiple of 16 bytes" for odd widths
-            pass
+    """``[M, K] x [E, K, N] -> [M, N]`` over the expert blocks of ``plan`` (``b`` may be a transposed view).
+
+    With grouped_mm available for ``a``'s device/dtype it always runs (operands padded by :func:`_aligned`
+    if their row stride is misaligned; the result may have a padded row stride); else the Python loop.
+    """
+    if _grouped_mm_ok(a):
+        if not a.shape[0]:
+            return a.new_zeros(0, b.shape[2])
+        return _grouped_mm(_aligned(a), _aligned(b), offs=plan.offsets)
     return _loop_mm(a, b, plan)
 
 
 def grouped_mm_wgrad(a: torch.Tensor, g: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
-    """``[M, K], [M, N] -> [E, K, N]``: per-expert ``aᵀ g`` (the weight gradient)."""
-    if a.shape[0] and _grouped_mm_ok(a):
-        try:
-            return _grouped_mm(a.t(), g, offs=plan.offsets)
-        except RuntimeError:
-            pass
+    """``[M, K], [M, N] -> [E, K, N]``: per-expert ``aᵀ g`` (the weight gradient), contiguous."""
+    if _grouped_mm_ok(a):
+        if not a.shape[0]:
+            return a.new_zeros(plan.n_experts, a.shape[1], g.shape[1])
+        return _grouped_mm(_aligned(a).t(), _aligned(g), offs=plan.offsets).contiguous()
     return _loop_mm_wgrad(a, g, plan)
 
 
@@ -265,11 +350,14 @@ def forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor | None, p
     c = None if gates is None else gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1)  # [M, 1]
     if strategy(x) == "loop" and not save_rows:
         return _unsort_reduce(_loop_forward(x2d, rows, weight, plan, c, scale_input), plan, n, g_out), None, None
-    a = x2d.index_select(0, rows)  # [M, d_in], sorted by expert
+    grouped = strategy(x) == "grouped"
+    # [M, d_in], sorted by expert; a padded row stride for grouped_mm unless it is returned (op outputs
+    # are contiguous), in which case grouped_mm pads a copy if the width needs it
+    a = _gather_rows(x2d, rows, aligned=grouped and not save_rows)
     a_in = a
     if scale_input:
         a_in = a * c if save_rows and need_gate_grad else a.mul_(c)  # keep ungated a for ∂c
-    y = grouped_mm(a_in, weight, plan) if strategy(x) == "grouped" else _loop_mm(a_in, weight, plan)
+    y = grouped_mm(a_in, weight, plan) if grouped else _loop_mm(a_in, weight, plan)
     if c is not None and not scale_input:
         y.mul_(c)
     y = _unsort_reduce(y, plan, n, g_out)
@@ -304,18 +392,19 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor | None, a_
             grad_x = _unsort_reduce(t, plan, n, g_in)
         return grad_x, grad_w, grad_c
 
+    grouped = strategy(x) == "grouped"
     if a is None and (a_in is None or need_c or not scale_input):  # not kept: gather again
-        a = x.reshape(n * g_in, d_in).index_select(0, rows_in)
-    mm = grouped_mm if strategy(x) == "grouped" else _loop_mm
-    wgrad = grouped_mm_wgrad if strategy(x) == "grouped" else _loop_mm_wgrad
-    g = g2d.index_select(0, rows_out)  # [M, d_out], contiguous as grouped_mm's CPU backward wants
+        a = _gather_rows(x.reshape(n * g_in, d_in), rows_in, aligned=grouped)
+    mm = grouped_mm if grouped else _loop_mm
+    wgrad = grouped_mm_wgrad if grouped else _loop_mm_wgrad
+    g = _gather_rows(g2d, rows_out, aligned=grouped)  # [M, d_out]
     if need_w:  # ∂L/∂W_e = Σ_m c_m a_mᵀ g_m, with c applied to the narrower side
         if c is None:
             grad_w = wgrad(a, g, plan)
         elif scale_input:
-            grad_w = wgrad(a_in if a_in is not None else a * c, g, plan)
+            grad_w = wgrad(a_in if a_in is not None else _scaled(a, c, grouped), g, plan)
         else:
-            grad_w = wgrad(a, g * c, plan)
+            grad_w = wgrad(a, _scaled(g, c, grouped), plan)
     if need_x or need_c:
         t = mm(g, weight.transpose(1, 2), plan)  # g_m W_eᵀ, [M, d_in]
         if need_c:  # ∂L/∂c_m = (a_m W_e) · g_m = a_m · t_m
@@ -366,14 +455,15 @@ def sigma_moe_forward(x2d: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
         return x2d.new_zeros(n, values.shape[2]), None, x2d.new_zeros(0, keys.shape[2])
     rows = plan.rows(k)
     c = gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1)  # [M, 1]
-    a = x2d.index_select(0, rows)  # [M, d]
-    h = grouped_mm(a, keys, plan).relu_()  # [M, d_e]
+    grouped = _grouped_mm_ok(x2d)
+    a = _gather_rows(x2d, rows, aligned=grouped and not save_rows)  # [M, d] (returned when save_rows)
+    h = grouped_mm(a, keys, plan).relu_()  # [M, d_e], row stride padded by grouped_mm if d_e needs it
     if keys.shape[2] <= values.shape[2]:  # gate the narrower side
-        ys = grouped_mm(h * c, values, plan)
+        ys = grouped_mm(_scaled(h, c, grouped), values, plan)
     else:
         ys = grouped_mm(h, values, plan).mul_(c)
     y = _unsort_reduce(ys, plan, n, 1).view(n, -1)
-    return y, (a if save_rows else None), h
+    return y, (a if save_rows else None), h.contiguous()  # an op output: contiguous, as its fake says
 
 
 def sigma_moe_backward(grad_y: torch.Tensor, x2d: torch.Tensor, a: torch.Tensor | None, h: torch.Tensor,
@@ -390,11 +480,12 @@ def sigma_moe_backward(grad_y: torch.Tensor, x2d: torch.Tensor, a: torch.Tensor 
                 torch.zeros_like(values) if need_values else None, torch.zeros_like(gates) if need_gates else None)
     rows = plan.rows(k)
     c = gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1)
-    g = grad_y.contiguous().index_select(0, rows)  # [M, d]
+    grouped = _grouped_mm_ok(x2d)
+    g = _gather_rows(grad_y.contiguous(), rows, aligned=grouped)  # [M, d]
     grad_x = grad_keys = grad_values = grad_gates = None
     if need_values:
-        grad_values = (grouped_mm_wgrad(h * c, g, plan) if keys.shape[2] <= values.shape[2]
-                       else grouped_mm_wgrad(h, g * c, plan))
+        grad_values = (grouped_mm_wgrad(_scaled(h, c, grouped), g, plan) if keys.shape[2] <= values.shape[2]
+                       else grouped_mm_wgrad(h, _scaled(g, c, grouped), plan))
     if need_x or need_keys or need_gates:
         t = grouped_mm(g, values.transpose(1, 2), plan)  # [M, d_e]
         if need_gates:
@@ -402,7 +493,7 @@ def sigma_moe_backward(grad_y: torch.Tensor, x2d: torch.Tensor, a: torch.Tensor 
         dh = t.mul_(c).mul_(h > 0)
         if need_keys:
             if a is None:
-                a = x2d.index_select(0, rows)
+                a = _gather_rows(x2d, rows, aligned=grouped)
             grad_keys = grouped_mm_wgrad(a, dh, plan)
         if need_x:
             grad_x = _unsort_reduce(grouped_mm(dh, keys.transpose(1, 2), plan), plan, n, 1).view(n, d)

@@ -21,6 +21,8 @@ when ``torch.backends.cuda.matmul.allow_tf32`` says so).
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -124,17 +126,29 @@ def wgrad_kernel(
              acc.to(GW.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
 
 
-def _gmm_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bn, bk, w, st in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3),
-                                  (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3), (256, 64, 8, 3)]]
+# MOEUT_TRITON_AUTOTUNE (read at import): "full" (default) tunes over all configs below; "pruned" over 3 per
+# kernel; "off" uses one fixed config per kernel (no tuning, one compile per key: what a short GPU session
+# can afford, see ../shared/notes/gpu-kernels.md §5 P0).
+AUTOTUNE = os.environ.get("MOEUT_TRITON_AUTOTUNE", "full")
+if AUTOTUNE not in ("full", "pruned", "off"):
+    raise ValueError(f"MOEUT_TRITON_AUTOTUNE must be full, pruned or off, got {AUTOTUNE!r}")
+_GMM_FIXED, _WGRAD_FIXED = (128, 64, 4, 4), (64, 128, 128, 8, 3)
 
 
-def _wgrad_configs() -> list[triton.Config]:
+def _gmm_configs(mode: str = AUTOTUNE) -> list[triton.Config]:
+    full = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3),
+            (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3), (256, 64, 8, 3)]
+    chosen = {"full": full, "pruned": [_GMM_FIXED, (64, 64, 4, 3), (128, 128, 8, 3)], "off": [_GMM_FIXED]}[mode]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st) for bn, bk, w, st in chosen]
+
+
+def _wgrad_configs(mode: str = AUTOTUNE) -> list[triton.Config]:
+    full = [(32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3), (64, 128, 128, 8, 3),
+            (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (128, 64, 64, 8, 3), (64, 128, 64, 8, 4)]
+    chosen = {"full": full, "pruned": [_WGRAD_FIXED, (64, 64, 64, 4, 3), (32, 64, 128, 4, 4)],
+              "off": [_WGRAD_FIXED]}[mode]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bk, bn, w, st in [(32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3),
-                                      (64, 128, 128, 8, 3), (32, 64, 128, 4, 4), (64, 64, 128, 4, 4),
-                                      (128, 64, 64, 8, 3), (64, 128, 64, 8, 4)]]
+            for bm, bk, bn, w, st in chosen]
 
 
 # Tuned launchers: the key holds the matrix widths, flags and the bucketed rows per expert (M_BUCKET),

@@ -1,7 +1,7 @@
 # MoEUT (Csordás et al., "MoEUT: Mixture-of-Experts Universal Transformers", NeurIPS 2024) for Hugging Face
 # transformers. Written by `moeut export-hf`. Self-contained: it imports only torch and transformers (plus the
 # configuration next to it), so an exported directory loads with `trust_remote_code=True` where moeut is not
-# installed. The model math is a plain-PyTorch copy of moeut's; the expert matmul is a sort + per-expert loop.
+# installed. The model math is a plain-PyTorch copy of moeut's; the expert matmul never syncs with the host.
 """MoEUT language model for transformers: ``MoEUTForCausalLM(PreTrainedModel, GenerationMixin)``.
 
 A universal transformer whose ``group_size`` = G distinct layers are applied in order A B … A B …
@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
@@ -50,57 +51,119 @@ _CACHE_FIELD = "cache" if "cache" in getattr(MoeCausalLMOutputWithPast, "__datac
 
 
 # ------------------------------------------------------------------------------------------ expert matmul
+# No host syncs: which way runs is decided from shapes, dtypes and devices only, never from routing values.
+#  * "gather": each slot gathers its expert's weight and one bmm multiplies them, in chunks of at most
+#    GATHER_BUDGET gathered weight elements (a loop whose length is a function of the shapes). Right for a
+#    few slots (decoding); used for everything that needs autograd (each chunk is recomputed in backward,
+#    so memory stays bounded) and wherever grouped_mm would sync.
+#  * "grouped": sort the slots by expert and one torch grouped_mm over expert blocks, with offsets from
+#    searchsorted (on the device). Used without autograd above FEW_SLOTS slots (moeut's own threshold, so
+#    both take the same path and agree to rounding) where grouped_mm runs sync-free: on CPU (fp32/bf16/fp16) and on CUDA in bf16 on
+#    sm90/sm100 (elsewhere torch's grouped_mm itself copies the offsets to the host and loops).
+GATHER_BUDGET = 1 << 22  # elements (16 MiB in fp32)
+FEW_SLOTS = 64
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_sync_free(t):
+    """Does torch's grouped_mm run without a host sync for tensors like ``t`` (device and dtype)?"""
+    if _GROUPED_MM is None or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if t.device.type == "cpu":
+        return True
+    return (t.device.type == "cuda" and t.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(t.device)[0] in (9, 10))
+
+
+def expert_path(m, d_in, d_out, t, needs_grad):
+    """``"gather"`` or ``"grouped"`` for ``m`` slots of ``[d_in, d_out]`` experts on ``t``'s device/dtype."""
+    if needs_grad or m <= FEW_SLOTS or not grouped_mm_sync_free(t):
+        return "gather"
+    return "grouped"
+
+
+def _gather_bmm_chunk(xs, ids, weight):
+    return torch.bmm(xs.unsqueeze(1), weight.index_select(0, ids)).squeeze(1)
+
+
+def _gather_bmm(xs, ids, weight, needs_grad):
+    """``out[m] = xs[m] @ weight[ids[m]]``, at most GATHER_BUDGET gathered weight elements at a time."""
+    step = max(1, GATHER_BUDGET // (weight.shape[1] * weight.shape[2]))
+    if xs.shape[0] <= step and not needs_grad:
+        return _gather_bmm_chunk(xs, ids, weight)
+    outs = []
+    for i in range(0, xs.shape[0], step):
+        args = (xs[i:i + step], ids[i:i + step], weight)
+        outs.append(checkpoint(_gather_bmm_chunk, *args, use_reentrant=False) if needs_grad
+                    else _gather_bmm_chunk(*args))
+    return torch.cat(outs) if outs else xs.new_zeros(0, weight.shape[2])
+
+
+def _row_aligned(t):
+    """``t`` (row-major, 2-D or 3-D) with its row stride rounded up to 16 bytes, as grouped_mm requires."""
+    align = max(1, 16 // t.element_size())
+    k = t.shape[-1]
+    if t.stride(-1) == 1 and t.stride(-2) % align == 0 and t.data_ptr() % 16 == 0:
+        return t
+    kp = -(-k // align) * align
+    buf = t.new_empty(*t.shape[:-1], kp)[..., :k]
+    buf.copy_(t)
+    return buf
+
+
+def _grouped_mm_sorted(a, ids, weight):
+    """``out[m] = a[m] @ weight[ids[m]]`` for ``ids`` sorted ascending: one grouped GEMM, no host sync."""
+    offs = torch.searchsorted(ids, torch.arange(weight.shape[0], device=ids.device, dtype=ids.dtype),
+                              right=True).to(torch.int32)
+    return _GROUPED_MM(_row_aligned(a), _row_aligned(weight), offs=offs)
+
+
 def expert_matmul(x, expert_ids, weight, gates=None, out_groups=None):
     """``out[n, s // (S/G_out)] += gates[n, s] · (x[n, s // (S/G_in)] @ weight[expert_ids[n, s]])``.
 
     ``x [N, G_in, d_in]``, ``expert_ids [N, S]``, ``weight [E, d_in, d_out]``, ``gates [N, S]`` or None;
-    returns ``[N, G_out, d_out]`` (``G_out`` defaults to S without gates, 1 with gates).
-
-    The N·S slots are sorted (stably) by expert; each expert's block is one matmul; the gate scales the
-    narrower side; the slots are then unsorted and summed into their output groups. The order of operations
-    is moeut's CPU one, so the results agree with moeut's to the last bits there.
+    returns ``[N, G_out, d_out]`` (``G_out`` defaults to S without gates, 1 with gates). The gate scales the
+    narrower side; see :func:`expert_path` for how the slots are multiplied (never a host sync).
     """
     n, g_in, d_in = x.shape
     s = expert_ids.shape[1]
-    n_experts, _, d_out = weight.shape
+    d_out = weight.shape[2]
     if out_groups is None:
         out_groups = s if gates is None else 1
     m = n * s
     ids = expert_ids.reshape(-1)
-    _, perm = torch.sort(ids, stable=True)
-    counts = torch.bincount(ids, minlength=n_experts).tolist()
-    a = x.reshape(n * g_in, d_in).index_select(0, torch.div(perm, s // g_in, rounding_mode="floor"))
-    c = None if gates is None else gates.reshape(-1).index_select(0, perm).unsqueeze(1).to(x.dtype)
-    scale_input = c is not None and d_in <= d_out
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (gates is not None and gates.requires_grad))
+    path = expert_path(m, d_in, d_out, x, needs_grad)
+    if path == "grouped":
+        sorted_ids, perm = torch.sort(ids, stable=True)
+    else:
+        sorted_ids, perm = ids, None
+    rows = torch.arange(m, device=x.device) if perm is None else perm
+    a = x.reshape(n * g_in, d_in).index_select(0, torch.div(rows, s // g_in, rounding_mode="floor"))
+    c = None if gates is None else gates.reshape(-1).to(x.dtype)
+    if c is not None:
+        c = (c if perm is None else c.index_select(0, perm)).unsqueeze(1)
+    scale_input = c is not None and d_in <= d_out and path == "grouped"  # (moeut's few-slot path gates outputs)
     if scale_input:
         a = a * c
-    if torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad):
-        blocks, start = [], 0  # autograd: no out= arguments
-        for e, count in enumerate(counts):
-            if count:
-                blocks.append(torch.mm(a[start:start + count], weight[e]))
-                start += count
-        y = torch.cat(blocks) if blocks else a.new_zeros(0, d_out)
-    else:  # each block written in place, as moeut does (the GEMM kernel can depend on where it writes)
-        y = a.new_empty(m, d_out)
-        start = 0
-        for e, count in enumerate(counts):
-            if count:
-                torch.mm(a[start:start + count], weight[e], out=y[start:start + count])
-                start += count
+    if path == "grouped":
+        y = _grouped_mm_sorted(a, sorted_ids, weight)
+    else:
+        y = _gather_bmm(a, ids, weight, needs_grad)
     if c is not None and not scale_input:
         y = y * c
-    if out_groups == s:  # a pure permutation back to slot order
-        inv_perm = torch.empty_like(perm)
-        inv_perm[perm] = torch.arange(m, device=perm.device)
-        return y.index_select(0, inv_perm).view(n, s, d_out)
-    if y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64):
-        out = y.new_zeros(n * out_groups, d_out)
+    if perm is not None and out_groups != s and y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64):
+        out = y.new_zeros(n * out_groups, d_out)  # one pass, in moeut's CPU summation order
         out.index_add_(0, torch.div(perm, s // out_groups, rounding_mode="floor"), y)
         return out.view(n, out_groups, d_out)
-    inv_perm = torch.empty_like(perm)
-    inv_perm[perm] = torch.arange(m, device=perm.device)
-    return y.index_select(0, inv_perm).view(n, out_groups, s // out_groups, d_out).sum(2)
+    if perm is not None:  # back to slot order
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(m, device=perm.device)
+        y = y.index_select(0, inv_perm)
+    if out_groups == s:
+        return y.reshape(n, s, d_out)
+    return y.reshape(n, out_groups, s // out_groups, d_out).sum(2)
 
 
 # --------------------------------------------------------------------------------------- routing & RoPE
