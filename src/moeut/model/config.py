@@ -41,6 +41,9 @@ class ModelConfig:
     # SwitchHead attention (MoEUT only)
     att_n_experts: int = 8  # N_A value/output experts per head [att_n_experts]
     att_k: int = 2  # K_A experts selected per head and token [att_k]
+    # init only: renormalise the V/O experts across the expert axis keeping their std, as the paper's
+    # training code under moe.att.norm_init=1 (set by every ≥126M paper run, not by the 44M ones)
+    att_norm_init: bool = False
     # σ-MoE feed-forward (MoEUT only)
     ff_n_experts: int = 155  # N_E experts [ff_n_experts]
     ff_expert_size: int = 128  # d_expert, width of one expert [ff_expert_size]
@@ -118,6 +121,9 @@ class ModelConfig:
             need(self.norm_placement == "peri", "norm_placement",
                  f'only MoEUT layers take a LayerNorm placement (arch={self.arch!r} has a fixed one: dense is '
                  f'pre-LN, SUT post-LN); leave it at "peri"')
+        need(isinstance(self.att_norm_init, bool), "att_norm_init", "must be true or false")
+        need(not self.att_norm_init or self.arch == "moeut", "att_norm_init",
+             f"only MoEUT layers have SwitchHead V/O experts to renormalise (arch={self.arch!r}); leave it false")
         if self.arch in ("moeut", "sut"):
             for name in ("att_n_experts", "att_k", "ff_n_experts", "ff_expert_size", "ff_k"):
                 need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,

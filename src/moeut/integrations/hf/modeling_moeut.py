@@ -516,9 +516,9 @@ def _needs_init(param):
 
 
 @torch.no_grad()
-def _renorm_rows_keep_std(w):
+def _renorm_over_experts_keep_std(w):
     std = w.std()
-    w.div_(w.norm(dim=1, keepdim=True))
+    w.div_(w.norm(dim=0, keepdim=True))
     w.mul_(std / w.std())
 
 
@@ -570,10 +570,13 @@ class MoEUTPreTrainedModel(PreTrainedModel):
                     nn.init.normal_(p, 0, s / math.sqrt(d))
             if _needs_init(module.o):
                 nn.init.normal_(module.o, 0, s / math.sqrt(module.n_heads * module.d_head))
+            if getattr(cfg, "att_norm_init", False):  # the training code's moe.att.norm_init
+                for p in (module.v, module.o):
+                    if _needs_init(p):
+                        _renorm_over_experts_keep_std(p)
         elif isinstance(module, MoEUTSigmaMoE):
-            if _needs_init(module.expert_sel):
+            if _needs_init(module.expert_sel):  # rows not renormalised, as the paper's training code
                 nn.init.normal_(module.expert_sel, 0, s / math.sqrt(d))
-                _renorm_rows_keep_std(module.expert_sel)
             if _needs_init(module.keys):
                 nn.init.normal_(module.keys, 0, s / math.sqrt(d))
             if _needs_init(module.values):
