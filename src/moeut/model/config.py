@@ -66,7 +66,7 @@ class ModelConfig:
     act_threshold: float = 0.999  # a token freezes once its probability of never halting is < 1 - threshold
     mi_reg: float = 0.001  # weight of the mutual-information router loss (each attention and MLP MoE)
     mi_loss: str = "code"  # "code": H(E|X) + H(E), as the SUT authors' code; "paper": H(E|X) - H(E) = -MI
-    sample_topk: int = 0  # training only: the last sample_topk of the k experts are sampled, not greedy
+    sample_topk: int = 0  # training only: the last sample_topk of the att_k attention experts are sampled
     rel_pos_max: int = 64  # relative-position table of 2·rel_pos_max+1 rows; distances clipped to ±(max-1)
 
     # filled in by __post_init__
@@ -139,8 +139,8 @@ class ModelConfig:
             need(self.mi_reg >= 0, "mi_reg", "must be >= 0 (0 disables the mutual-information loss)")
             need(self.mi_loss in MI_LOSS_FORMS, "mi_loss",
                  'must be "code" (H(E|X) + H(E), the SUT authors\' code) or "paper" (H(E|X) - H(E))')
-            need(isinstance(self.sample_topk, int) and 0 <= self.sample_topk <= min(self.att_k, self.ff_k),
-                 "sample_topk", f"must be an integer in [0, min(att_k, ff_k)] = [0, {min(self.att_k, self.ff_k)}]")
+            need(isinstance(self.sample_topk, int) and 0 <= self.sample_topk <= self.att_k, "sample_topk",
+                 f"must be an integer in [0, att_k] = [0, {self.att_k}] (it samples attention experts only)")
             need(isinstance(self.rel_pos_max, int) and self.rel_pos_max >= 1, "rel_pos_max",
                  "must be a positive integer (relative distances are clipped to ±(rel_pos_max - 1))")
         elif self.arch == "dense":

@@ -27,11 +27,21 @@ from moeut.model.rope import rope_tables
 
 @dataclass
 class LMOutput:
+    """What a moeut language model returns.
+
+    The regulariser and the routing counts are computed only in training mode or when the caller asks for
+    the routing (``output_routing=True``); otherwise (plain evaluation, generation) both are None and
+    nothing is spent on them. The logits never depend on it.
+    """
+
     logits: torch.Tensor  # [B, T, vocab]
-    reg_loss: torch.Tensor  # scalar fp32: γ·Σ_MLP + δ·Σ_attention entropy regularisers (0 for dense)
+    # scalar fp32, the auxiliary loss of the training objective: MoEUT γ·Σ_MLP + δ·Σ_attention entropy
+    # regularisers (a zero tensor for dense), SUT mutual-information + ACT losses. None when not computed.
+    reg_loss: torch.Tensor | None
     cache: KVCache | None = None  # updated cache when one was passed in
     # Routing statistics for logging, per layer application (no gradient): "ffn" [n_layers, N_E],
-    # "att_v" and "att_o" [n_layers, H·N_A]. None for the dense baseline.
+    # "att_v" and "att_o" [n_layers, H·N_A] (SUT: "ffn", "att"). None for the dense baseline and when the
+    # regulariser is not computed.
     expert_counts: dict[str, torch.Tensor] | None = None
     # Only when asked for (analyses): the residual stream entering each layer application plus the final
     # one (n_layers + 1 tensors [B, T, d], before the output LayerNorm), and each application's routing
@@ -40,9 +50,10 @@ class LMOutput:
     routing: list[LayerRouting | None] | None = None
 
     def loss(self, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy (fp32) plus the regulariser."""
+        """The training objective: mean next-token cross-entropy (fp32) plus ``reg_loss`` when it was computed
+        (training mode or ``output_routing=True``). In plain eval mode it is the cross-entropy alone."""
         ce = F.cross_entropy(self.logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
-        return ce + self.reg_loss
+        return ce if self.reg_loss is None else ce + self.reg_loss
 
 
 class LanguageModel(nn.Module):
@@ -117,6 +128,9 @@ class MoEUTLM(LanguageModel):
           or, with an ``attention_mask``, the number of real tokens before each position.
         * ``output_hidden_states`` / ``output_routing``: also return the residual stream around every layer
           application and every application's :class:`LayerRouting` (for the analyses).
+
+        ``reg_loss`` and ``expert_counts`` are computed in training mode or with ``output_routing=True``;
+        in eval mode without it they are None (see :class:`LMOutput`).
         """
         cfg = self.cfg
         if tokens.dim() != 2:
@@ -131,6 +145,7 @@ class MoEUTLM(LanguageModel):
         if self.post_ln:
             h = F.layer_norm(h * math.sqrt(cfg.d_model), (cfg.d_model,))
         new_cache = KVCache() if cache is not None else None
+        stats = self.training or output_routing  # regulariser and routing counts (else not kept at all)
         routings: list[list[LayerRouting]] = [[] for _ in range(cfg.group_size)]
         hidden = [h] if output_hidden_states else None
         applied: list[LayerRouting | None] = []
@@ -139,14 +154,17 @@ class MoEUTLM(LanguageModel):
             h, kv, routing = self.layers[g](h, rope, mask, cache.get(idx) if cache is not None else None)
             if new_cache is not None:
                 new_cache.layers[idx] = kv
-            if routing is not None:
-                routings[g].append(routing)
+            if stats:
+                if routing is not None:
+                    routings[g].append(routing)
+                applied.append(routing)
             if hidden is not None:
                 hidden.append(h)
-            applied.append(routing)
 
         logits = self.lm_head(self.out_norm(h))
         returned = applied if output_routing else None
+        if not stats:
+            return LMOutput(logits, None, new_cache, None, hidden, None)
         if not cfg.is_moe:
             return LMOutput(logits, torch.zeros((), device=h.device), new_cache, None, hidden, returned)
         return LMOutput(logits, self._reg_loss(routings), new_cache, self._expert_counts(applied), hidden,
