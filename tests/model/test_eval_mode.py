@@ -8,8 +8,7 @@ import torch
 
 from moeut.model import build_model
 from moeut.model.lm import LMOutput
-from tests.model.helpers import tiny_config
-from tests.model.test_sut import sut_config
+from tests.model.helpers import sut_config, tiny_config
 
 CONFIGS = {"moeut": lambda: tiny_config(), "dense": lambda: tiny_config("dense"), "sut": lambda: sut_config(),
            "sigma-moe": lambda: tiny_config(group_size=6, att_n_experts=1, att_k=1)}

@@ -8,17 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeut.model import ModelConfig, build_model
+from moeut.model import build_model
 from moeut.model.config import ConfigError
 from moeut.model.act import ACTState, expected_depth, halt_step, mix_state
 from moeut.model.mutual_information import mutual_information_loss
 from moeut.model.sut_routing import softmax_topk
+from tests.model.helpers import sut_config
 
 
-def sut_config(**kw) -> ModelConfig:
-    base = dict(arch="sut", vocab_size=53, d_model=24, n_layers=4, group_size=1, n_heads=2, d_head=6,
-                att_n_experts=4, att_k=2, ff_n_experts=7, ff_expert_size=8, ff_k=3, rel_pos_max=5)
-    return ModelConfig(**{**base, **kw})
 
 
 def sut_model(**kw):
