@@ -17,6 +17,10 @@ def test_info_json_has_the_documented_keys(capsys):
         assert isinstance(stats[key], int) and stats[key] > 0
     assert stats["params_total"] == pytest.approx(44.3e6, rel=0.01)
     assert stats["macs_context"] == 1024
+    # both MAC counts: the authors' (common.py of their training code) and moeut's own
+    assert isinstance(stats["paper_macs_per_sequence"], int)
+    assert stats["paper_macs_per_token"] == pytest.approx(stats["paper_macs_per_sequence"] / 1024)
+    assert stats["paper_macs_per_token"] != stats["macs_per_token"]
 
 
 def test_info_table_lists_every_preset(capsys):
@@ -25,6 +29,7 @@ def test_info_table_lists_every_preset(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in PRESETS)
+    assert "paper MACs/tok" in out and "moeut MACs/tok" in out
 
 
 def test_unknown_preset_is_a_clean_error(capsys):

@@ -33,7 +33,7 @@ model.eval()
 result["model_class"] = f"{type(model).__module__}.{type(model).__name__}"
 result["dtype"] = str(model.dtype)
 with torch.no_grad():
-    out = model(input_ids=data["tokens"], attention_mask=data["mask"])
+    out = model(input_ids=data["tokens"], attention_mask=data["mask"], output_router_logits=True)
 result["logits_max_abs_err"] = (out.logits - data["logits"]).abs().max().item()
 result["aux_loss_err"] = abs(out.aux_loss.item() - data["reg_loss"].item())
 

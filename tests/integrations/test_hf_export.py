@@ -117,13 +117,14 @@ def test_logits_aux_loss_and_weights_match_moeut(export_dir, run_dir):
 
     tokens, mask = _batch(ref.cfg.vocab_size)
     with torch.no_grad():
-        want = ref(tokens, attention_mask=mask)
-        out = hf(input_ids=tokens, attention_mask=mask)
-        plain_ref, plain = ref(tokens), hf(input_ids=tokens, labels=tokens, output_hidden_states=True)
+        want = ref(tokens, attention_mask=mask, output_routing=True)
+        out = hf(input_ids=tokens, attention_mask=mask, output_router_logits=True)
+        plain_ref, plain = ref(tokens, output_routing=True), hf(input_ids=tokens, labels=tokens, output_hidden_states=True)
         trained = hf(input_ids=tokens, labels=tokens, output_router_logits=True)
     assert (out.logits - want.logits).abs().max().item() <= 1e-5
     assert (plain.logits - plain_ref.logits).abs().max().item() <= 1e-5
     assert out.aux_loss.item() == pytest.approx(want.reg_loss.item(), abs=1e-6)
+    assert plain.aux_loss is None  # eval mode without output_router_logits: no regulariser computed
     ce = torch.nn.functional.cross_entropy(plain_ref.logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
     assert plain.loss.item() == pytest.approx(ce.item(), rel=1e-5)
     assert trained.loss.item() == pytest.approx(ce.item() + plain_ref.reg_loss.item(), rel=1e-5)
@@ -254,7 +255,7 @@ def test_loads_where_moeut_is_not_installed(export_dir, run_dir, tokenizer, tmp_
     tokens, mask = _batch(ref.cfg.vocab_size)
     prompt_tokens, prompt_mask = _left_padded(PROMPTS, tokenizer.pad_id)
     with torch.no_grad():
-        out = ref(tokens, attention_mask=mask)
+        out = ref(tokens, attention_mask=mask, output_routing=True)
     greedy = ref.generate(PROMPTS, 12, temperature=0, eos_id=tokenizer.eos_id)
     torch.save({"tokens": tokens, "mask": mask, "logits": out.logits, "reg_loss": out.reg_loss,
                 "prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask, "max_new_tokens": torch.tensor(12),

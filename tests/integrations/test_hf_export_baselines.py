@@ -43,8 +43,8 @@ def test_variant_exports_and_round_trips(variant, tokenizer, tmp_path):
     mask = torch.ones_like(tokens)
     mask[1, :5] = 0
     with torch.no_grad():
-        want, got = ref(tokens, attention_mask=mask), hf(input_ids=tokens, attention_mask=mask,
-                                                          output_router_logits=True)
+        want, got = ref(tokens, attention_mask=mask, output_routing=True), hf(input_ids=tokens, attention_mask=mask,
+                                                                              output_router_logits=True)
     assert (got.logits - want.logits).abs().max().item() <= 1e-5
     assert got.aux_loss.item() == pytest.approx(want.reg_loss.item(), abs=1e-6)
     # router logits in application order: application i runs layer cfg.layer_index(i)
@@ -88,9 +88,13 @@ def test_sut_exports_and_round_trips(act, tokenizer, tmp_path):
     mask = torch.ones_like(tokens)
     mask[1, :5] = 0
     with torch.no_grad():
-        want, got = ref(tokens, attention_mask=mask), hf(input_ids=tokens, attention_mask=mask)
+        want, got = ref(tokens, attention_mask=mask, output_routing=True), hf(input_ids=tokens, attention_mask=mask,
+                                                                              output_router_logits=True)
+        plain = hf(input_ids=tokens, attention_mask=mask)
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)  # logits up to ±20 here
     assert got.aux_loss.item() == pytest.approx(want.reg_loss.item(), abs=1e-6)
+    assert plain.aux_loss is None  # eval mode: no regulariser unless asked
+    torch.testing.assert_close(plain.logits, got.logits, atol=0, rtol=0)
     greedy = ref.generate(PROMPTS, 10, temperature=0)
     for p, w in zip(PROMPTS, greedy):
         alone = hf.generate(input_ids=torch.tensor([p]), max_new_tokens=10, do_sample=False)

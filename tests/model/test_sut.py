@@ -8,16 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeut.model import ModelConfig, build_model
+from moeut.model import build_model
+from moeut.model.config import ConfigError
 from moeut.model.act import ACTState, expected_depth, halt_step, mix_state
 from moeut.model.mutual_information import mutual_information_loss
 from moeut.model.sut_routing import softmax_topk
+from tests.model.helpers import sut_config
 
 
-def sut_config(**kw) -> ModelConfig:
-    base = dict(arch="sut", vocab_size=53, d_model=24, n_layers=4, group_size=1, n_heads=2, d_head=6,
-                att_n_experts=4, att_k=2, ff_n_experts=7, ff_expert_size=8, ff_k=3, rel_pos_max=5)
-    return ModelConfig(**{**base, **kw})
 
 
 def sut_model(**kw):
@@ -41,12 +39,16 @@ def test_halting_step_expected_depth_and_state_on_a_hand_made_case():
     assert expected_depth(state, q).item() == pytest.approx(0.25 + 0.25 + 0.375)
 
 
-def test_act_loss_is_the_expected_depth_times_its_weight():
-    """At init the halting gates' last layer is zero: every step halts with probability ½ (as above)."""
-    model = sut_model(mi_reg=0.0, act_reg=0.5)
+def test_act_loss_sums_the_expected_depth_over_every_halting_application():
+    """The paper's training code adds act_reg · mean E[depth]_t at every application t ≥ 1 (ACTWrapper.add_reg,
+    accumulated, unnormalised). At init the halting gates' last layer is zero: every step halts with
+    probability ½, so with 4 applications (q_t = 2^-t, p_t = 2^-t):
+    E₁ = 0 + ½·1 = ½,  E₂ = 1·¼ + ¼·2 = ¾,  E₃ = (¼ + 2·⅛) + ⅛·3 = ⅞."""
+    model = sut_model(mi_reg=0.0, act_reg=0.5).train()
+    assert model.cfg.n_layers == 4
     out = model(torch.randint(0, 53, (2, 6)))
-    assert out.reg_loss.item() == pytest.approx(0.5 * (0.25 + 0.25 + 0.375), abs=1e-6)
-    assert sut_model(mi_reg=0.0, act=False)(torch.randint(0, 53, (2, 6))).reg_loss.item() == 0
+    assert out.reg_loss.item() == pytest.approx(0.5 * (0.5 + 0.75 + 0.875), abs=1e-6)
+    assert sut_model(mi_reg=0.0, act=False).train()(torch.randint(0, 53, (2, 6))).reg_loss.item() == 0
 
 
 def test_halted_tokens_stop_changing_and_get_no_experts():
@@ -116,7 +118,7 @@ def test_sut_reg_loss_is_mi_plus_act_loss():
     out = model(torch.randint(0, 53, (2, 6)), output_routing=True)
     mi = sum(mutual_information_loss([getattr(r, kind).logits for r in out.routing], [r.weight for r in out.routing])
              for kind in ("att", "ffn"))
-    assert out.reg_loss.item() == pytest.approx(0.1 * mi.item() + 0.01 * 0.875, abs=1e-5)
+    assert out.reg_loss.item() == pytest.approx(0.1 * mi.item() + 0.01 * (0.5 + 0.75 + 0.875), abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- routing
@@ -151,6 +153,31 @@ def test_sample_topk_acts_only_in_training():
     assert not torch.equal(model(tokens).logits, model(tokens).logits)
 
 
+def test_sample_topk_samples_only_the_attention_experts():
+    """As the training code and shawntan/SUT: the MoA router samples, the feed-forward MoE stays greedy."""
+    model = sut_model(sample_topk=1).train()
+    tokens = torch.randint(0, 53, (2, 9))
+    torch.manual_seed(0)
+    out = model(tokens, output_routing=True)
+    for r in out.routing:  # (no token is frozen after 4 applications at init: q ≥ 1/8)
+        greedy_ffn = torch.softmax(r.ffn.logits, -1).topk(model.cfg.ff_k, -1).indices
+        torch.testing.assert_close(r.ffn.indices.sort(-1).values, greedy_ffn.sort(-1).values)
+    # the attention router does sample: over several draws some second choice is not the greedy one
+    sampled_any = False
+    for seed in range(5):
+        torch.manual_seed(seed)
+        r = model(tokens, output_routing=True).routing[0]
+        greedy = torch.softmax(r.att.logits, -1).topk(model.cfg.att_k, -1).indices
+        sampled_any |= not torch.equal(r.att.indices[..., 1], greedy[..., 1])
+    assert sampled_any
+
+
+def test_sample_topk_may_exceed_ff_k_but_not_att_k():
+    sut_config(sample_topk=2, att_k=2, ff_k=1)
+    with pytest.raises(ConfigError, match="sample_topk"):
+        sut_config(sample_topk=3, att_k=2)
+
+
 # -------------------------------------------------------------------------------------------- stack
 def test_sut_is_post_ln_with_a_normalised_scaled_embedding_and_no_output_norm():
     model = sut_model(act=False)
@@ -167,7 +194,7 @@ def test_sut_is_post_ln_with_a_normalised_scaled_embedding_and_no_output_norm():
 def test_sut_shares_one_layer_and_counts_routing_per_application():
     model = sut_model()
     assert len(model.layers) == 1
-    out = model(torch.randint(0, 53, (2, 5)))
+    out = model(torch.randint(0, 53, (2, 5)), output_routing=True)
     assert out.expert_counts["ffn"].shape == (4, 7) and out.expert_counts["att"].shape == (4, 4)
     assert (out.expert_counts["ffn"].sum(-1) == 2 * 5 * 3).all()
 

@@ -25,12 +25,17 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(stats[names[0]] if args.preset else stats, indent=2))
         return 0
     w = max(13, *(len(n) + 1 for n in stats))
-    header = f"{'preset':<{w}}{'params':>10}{'non-emb':>10}{'active/tok':>12}{'MACs/tok':>11}  context"
+    header = (f"{'preset':<{w}}{'params':>10}{'non-emb':>10}{'active/tok':>12}{'paper MACs/tok':>16}"
+              f"{'moeut MACs/tok':>16}  context")
     print(header)
     print("-" * len(header))
     for name, s in stats.items():
+        paper = "-" if s["paper_macs_per_token"] is None else _m(s["paper_macs_per_token"])
         print(f"{name:<{w}}{_m(s['params_total']):>10}{_m(s['params_non_embedding']):>10}"
-              f"{_m(s['active_params_per_token']):>12}{_m(s['macs_per_token']):>11}  {s['macs_context']}")
+              f"{_m(s['active_params_per_token']):>12}{paper:>16}{_m(s['macs_per_token']):>16}  {s['macs_context']}")
+    print("\npaper MACs/tok: the authors' accounting (paper/moe_universal/common.py of moeut_training_code: forward,"
+          "\n  layers only, one router per layer; no formula for SUT). moeut MACs/tok: moeut's own count of every"
+          "\n  matmul of a token's forward pass (per-head routers, gate mixing, output head).")
     if args.preset:
         print("\nconfig: " + json.dumps(stats[args.preset]["config"]))
     return 0

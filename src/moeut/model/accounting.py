@@ -1,7 +1,21 @@
-"""Parameter and compute accounting (``moeut info``), following the authors' MAC accounting.
+"""Parameter and compute accounting (``moeut info``): the authors' MAC formulas and moeut's own count.
 
-Forward multiply-accumulates per token at context length T (attention scores counted over the whole
-context, as the authors do):
+**The authors' accounting** (``paper_*``), exactly as ``paper/moe_universal/common.py`` of
+``RobertCsordas/moeut_training_code`` computes it (``get_attention_flops``, ``get_ff_flops``, ``get_flops``,
+``get_train_flops``; the numbers are MACs although the functions say "flops" — the paper's axis reads "Total
+training MACs"). Per *sequence* of T tokens (``lm.unroll``) and layer application, with no context blocks
+(every paper run sets ``lm.trafo.context_blocks=0``), no embedding and no output head:
+
+* MoEUT / σ-MoE (SwitchHead with RoPE, V and O experts): attention ``2·H·d_h·T²`` (scores and mixing over the
+  whole context) ``+ (2·K_A + 2)·d·H·d_h·T`` (q, k and the selected V, O experts) ``+ 2·H·K_A·d_h·T`` (gate
+  mixing) ``+ 2·N_A·d·T`` (two routers, counted once, not per head); feed-forward ``2·K·d·d_e·T + N_E·d·T``.
+* Dense (``preln_rope``): attention ``2·H·d_h·T² + 4·d·H·d_h·T``; feed-forward ``2·d·d_ff·T``.
+* ``get_flops`` = n_layers · (attention + feed-forward); ``get_train_flops`` = ``get_flops`` · steps · batch
+  size (sequences): forward MACs only, no factor for the backward pass.
+* SUT: the authors' file has no formula (``actsut`` variants fail its asserts), so none is reported.
+
+**moeut's own count** (``layer_macs``, ``macs_per_token``): every matmul of one token's forward pass, also
+per token at context length T (attention scores counted over the whole context, as the authors do):
 
 * SwitchHead: ``2·d·H·d_h`` (q, k) + ``2·K_A·d·H·d_h`` (selected V and O experts; = ``4·d·H·d_h`` for
   K_A = 2) + ``2·H·d_h·T`` (scores and mixing of values) + ``2·d·H·N_A`` (routers) + ``K_A·H·(d_h + d)``
@@ -18,7 +32,9 @@ context, as the authors do):
   frozen, not skipped).
 * Output head: ``d·vocab``.
 
-σ-MoE and the LayerNorm/grouping ablations are MoEUT layers and use the MoEUT formulas.
+It differs from the authors' count by the routers (×H here: each head has its own N_A router rows), the O
+gate mixing (over d rather than d_h) and the output head. σ-MoE and the LayerNorm/grouping ablations are
+MoEUT layers and use the MoEUT formulas.
 """
 
 from __future__ import annotations
@@ -87,12 +103,60 @@ def active_params_per_token(cfg: ModelConfig) -> int:
     return cfg.n_layers * per_layer + cfg.vocab_size * d + (d * cfg.vocab_size + cfg.vocab_size) + out_norm
 
 
+# ------------------------------------------------------------------------------ the authors' accounting
+def _paper_check(cfg: ModelConfig, context: int) -> None:
+    if cfg.is_sut:
+        raise ValueError("paper MAC accounting: the authors' common.py has no formula for SUT (arch='sut'); "
+                         "use moeut's own count (layer_macs / macs_per_token)")
+    if not isinstance(context, int) or context <= 0:
+        raise ValueError(f"paper MAC accounting: context={context!r} must be a positive integer (lm.unroll)")
+
+
+def paper_attention_flops(cfg: ModelConfig, context: int) -> int:
+    """``get_attention_flops``: MACs of one attention layer application on a sequence of ``context`` tokens."""
+    _paper_check(cfg, context)
+    d, H, dh, T = cfg.d_model, cfg.n_heads, cfg.d_head, context
+    scores = H * dh * T ** 2 * 2  # (1 + context_blocks) = 1
+    if not cfg.is_moe:  # preln_rope
+        return scores + 4 * d * H * dh * T
+    # "full_rope" SwitchHead with q_expert = k_expert = 0, v_expert = o_expert = 1
+    n_exp, n_sels, k = 2, 2, cfg.att_k
+    n_total_proj = n_exp * k + 4 - n_exp
+    return scores + n_total_proj * d * H * dh * T + n_exp * H * k * T * dh + n_sels * cfg.att_n_experts * d * T
+
+
+def paper_ff_flops(cfg: ModelConfig, context: int) -> int:
+    """``get_ff_flops``: MACs of one feed-forward layer application on a sequence of ``context`` tokens."""
+    _paper_check(cfg, context)
+    d, T = cfg.d_model, context
+    if not cfg.is_moe:
+        return 2 * d * cfg.d_ff * T
+    return 2 * T * d * cfg.ff_expert_size * cfg.ff_k + T * d * cfg.ff_n_experts
+
+
+def paper_flops(cfg: ModelConfig, context: int) -> int:
+    """``get_flops``: forward MACs of all layer applications on one sequence (no embedding, no head)."""
+    return (paper_attention_flops(cfg, context) + paper_ff_flops(cfg, context)) * cfg.n_layers
+
+
+def paper_macs_per_token(cfg: ModelConfig, context: int) -> float:
+    """``get_flops`` divided by the sequence length: the authors' forward MACs per token."""
+    return paper_flops(cfg, context) / context
+
+
+def paper_train_flops(cfg: ModelConfig, steps: int, batch_size: int, context: int) -> int:
+    """``get_train_flops``: ``get_flops · stop_after · batch_size`` (forward MACs, batch in sequences)."""
+    return paper_flops(cfg, context) * steps * batch_size
+
+
 def model_stats(cfg: ModelConfig, context: int | None = None) -> dict[str, Any]:
-    """Everything ``moeut info`` prints: parameter counts, active parameters and forward MACs per token."""
+    """Everything ``moeut info`` prints: parameter counts, active parameters, forward MACs per token in
+    moeut's own count (``macs_*``) and in the authors' accounting (``paper_*``; None for SUT)."""
     T = context or cfg.context_length
     per_layer = layer_macs(cfg, T)
     layers = cfg.n_layers * (per_layer["attention"] + per_layer["mlp"])
     head = cfg.d_model * cfg.vocab_size
+    paper = None if cfg.is_sut else paper_flops(cfg, T)
     return {
         "arch": cfg.arch,
         **count_params(cfg),
@@ -103,5 +167,10 @@ def model_stats(cfg: ModelConfig, context: int | None = None) -> dict[str, Any]:
         "macs_per_token_head": head,
         "macs_attention_per_layer": per_layer["attention"],
         "macs_mlp_per_layer": per_layer["mlp"],
+        # the authors' common.py (forward, layers only; per sequence of T tokens and per token)
+        "paper_macs_per_sequence": paper,
+        "paper_macs_per_token": None if paper is None else paper / T,
+        "paper_attention_macs_per_layer_per_sequence": None if cfg.is_sut else paper_attention_flops(cfg, T),
+        "paper_ff_macs_per_layer_per_sequence": None if cfg.is_sut else paper_ff_flops(cfg, T),
         "config": cfg.to_dict(),
     }

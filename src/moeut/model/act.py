@@ -8,7 +8,7 @@ layer output ``h_{t−1}``:
     p_t              = q_{t−1} · g_t[halt]                           probability of halting before application t
     acc_t            = acc_{t−1} + p_t · h_{t−1}
     state_t          = acc_t + q_t · h_t                              what attention reads and the model outputs
-    E[depth]_t       = Σ_{s ≤ t} (s − 1) · p_s + q_t · t              the ACT loss at the last application
+    E[depth]_t       = Σ_{s ≤ t} (s − 1) · p_s + q_t · t              ACT loss: Σ_{t ≥ 1} mean_tokens E[depth]_t
 
 Once ``q_t < 1 − threshold`` a token is frozen: q is set to 0, its state no longer changes (attention reads
 its final state) and its routers give it zero gates.

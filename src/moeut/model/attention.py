@@ -35,10 +35,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 class SwitchHead(nn.Module):
     def __init__(self, d_model: int, n_heads: int, d_head: int, n_experts: int, k: int,
-                 backend: str | None = None):
+                 backend: str | None = None, norm_init: bool = False):
         super().__init__()
         self.d_model, self.n_heads, self.d_head, self.n_experts, self.top_k = d_model, n_heads, d_head, n_experts, k
         self.backend = backend
+        self.norm_init = norm_init  # renormalise the V/O experts across the expert axis (moe.att.norm_init)
         self.q = nn.Linear(d_model, n_heads * d_head, bias=False)
         self.k = nn.Linear(d_model, n_heads * d_head, bias=False)
         self.v = nn.Parameter(torch.empty(n_heads * n_experts, d_model, d_head))
@@ -48,6 +49,9 @@ class SwitchHead(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, std_scale: float) -> None:
+        """The training code's init: N(0, s/√d) for q, k, V experts and routers (router rows renormalised),
+        N(0, s/√(H·d_h)) for O experts; with ``norm_init`` the V and O experts are then renormalised across
+        the expert axis, keeping their std (``moe.att.norm_init=1``, set by every ≥126M paper run)."""
         d = self.d_model
         for router in (self.sel_v, self.sel_o):
             nn.init.normal_(router, 0, std_scale / math.sqrt(d))
@@ -56,6 +60,9 @@ class SwitchHead(nn.Module):
         nn.init.normal_(self.q.weight, 0, std_scale / math.sqrt(d))
         nn.init.normal_(self.v, 0, std_scale / math.sqrt(d))
         nn.init.normal_(self.o, 0, std_scale / math.sqrt(self.n_heads * self.d_head))
+        if self.norm_init:
+            for experts in (self.v, self.o):
+                renorm_over_experts_keep_std(experts)
 
     def _route(self, xn: torch.Tensor, router: torch.Tensor) -> tuple[Routing, torch.Tensor]:
         """Per-head top-K_A; returns the routing and global expert ids ``h·N_A + e`` as ``[N, H·K_A]``."""
@@ -128,3 +135,11 @@ def renorm_rows_keep_row_std(w: torch.Tensor) -> None:
     w.div_(w.norm(dim=-1, keepdim=True))
     w.mul_(row_std / w.std())
 
+
+@torch.no_grad()
+def renorm_over_experts_keep_std(w: torch.Tensor) -> None:
+    """``moe.att.norm_init`` of the training code: for every (input, output) position, the vector of the
+    weights of all ``H·N_A`` experts (dim 0) gets unit norm; then the tensor is rescaled to its original std."""
+    std = w.std()
+    w.div_(w.norm(dim=0, keepdim=True))
+    w.mul_(std / w.std())

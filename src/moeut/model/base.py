@@ -16,11 +16,21 @@ from moeut.model.layer import LayerRouting
 
 @dataclass
 class LMOutput:
+    """What a moeut language model returns.
+
+    The regulariser and the routing counts are computed only in training mode or when the caller asks for
+    the routing (``output_routing=True``); otherwise (plain evaluation, generation) both are None and
+    nothing is spent on them. The logits never depend on it.
+    """
+
     logits: torch.Tensor  # [B, T, vocab]
-    reg_loss: torch.Tensor  # scalar fp32: γ·Σ_MLP + δ·Σ_attention entropy regularisers (0 for dense)
+    # scalar fp32, the auxiliary loss of the training objective: MoEUT γ·Σ_MLP + δ·Σ_attention entropy
+    # regularisers (a zero tensor for dense), SUT mutual-information + ACT losses. None when not computed.
+    reg_loss: torch.Tensor | None
     cache: KVCache | None = None  # updated cache when one was passed in
     # Routing statistics for logging, per layer application (no gradient): "ffn" [n_layers, N_E],
-    # "att_v" and "att_o" [n_layers, H·N_A]. None for the dense baseline.
+    # "att_v" and "att_o" [n_layers, H·N_A] (SUT: "ffn", "att"). None for the dense baseline and when the
+    # regulariser is not computed.
     expert_counts: dict[str, torch.Tensor] | None = None
     # Only when asked for (analyses): the residual stream entering each layer application plus the final
     # one (n_layers + 1 tensors [B, T, d], before the output LayerNorm), and each application's routing
@@ -29,9 +39,10 @@ class LMOutput:
     routing: list[LayerRouting | None] | None = None
 
     def loss(self, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy (fp32) plus the regulariser."""
+        """The training objective: mean next-token cross-entropy (fp32) plus ``reg_loss`` when it was computed
+        (training mode or ``output_routing=True``). In plain eval mode it is the cross-entropy alone."""
         ce = F.cross_entropy(self.logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
-        return ce + self.reg_loss
+        return ce if self.reg_loss is None else ce + self.reg_loss
 
 
 class LanguageModel(nn.Module):

@@ -43,6 +43,9 @@ class ModelConfig:
     # SwitchHead attention (MoEUT only)
     att_n_experts: int = 8  # N_A value/output experts per head [att_n_experts]
     att_k: int = 2  # K_A experts selected per head and token [att_k]
+    # init only: renormalise the V/O experts across the expert axis keeping their std, as the paper's
+    # training code under moe.att.norm_init=1 (set by every ≥126M paper run, not by the 44M ones)
+    att_norm_init: bool = False
     # σ-MoE feed-forward (MoEUT only)
     ff_n_experts: int = 155  # N_E experts [ff_n_experts]
     ff_expert_size: int = 128  # d_expert, width of one expert [ff_expert_size]
@@ -65,7 +68,7 @@ class ModelConfig:
     act_threshold: float = 0.999  # a token freezes once its probability of never halting is < 1 - threshold
     mi_reg: float = 0.001  # weight of the mutual-information router loss (each attention and MLP MoE)
     mi_loss: str = "code"  # "code": H(E|X) + H(E), as the SUT authors' code; "paper": H(E|X) - H(E) = -MI
-    sample_topk: int = 0  # training only: the last sample_topk of the k experts are sampled, not greedy
+    sample_topk: int = 0  # training only: the last sample_topk of the att_k attention experts are sampled
     rel_pos_max: int = 64  # relative-position table of 2·rel_pos_max+1 rows; distances clipped to ±(max-1)
 
     # filled in by __post_init__
@@ -120,6 +123,9 @@ class ModelConfig:
             need(self.norm_placement == "peri", "norm_placement",
                  f'only MoEUT layers take a LayerNorm placement (arch={self.arch!r} has a fixed one: dense is '
                  f'pre-LN, SUT post-LN); leave it at "peri"')
+        need(isinstance(self.att_norm_init, bool), "att_norm_init", "must be true or false")
+        need(not self.att_norm_init or self.arch == "moeut", "att_norm_init",
+             f"only MoEUT layers have SwitchHead V/O experts to renormalise (arch={self.arch!r}); leave it false")
         if self.arch in ("moeut", "sut"):
             for name in ("att_n_experts", "att_k", "ff_n_experts", "ff_expert_size", "ff_k"):
                 need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
@@ -135,8 +141,8 @@ class ModelConfig:
             need(self.mi_reg >= 0, "mi_reg", "must be >= 0 (0 disables the mutual-information loss)")
             need(self.mi_loss in MI_LOSS_FORMS, "mi_loss",
                  'must be "code" (H(E|X) + H(E), the SUT authors\' code) or "paper" (H(E|X) - H(E))')
-            need(isinstance(self.sample_topk, int) and 0 <= self.sample_topk <= min(self.att_k, self.ff_k),
-                 "sample_topk", f"must be an integer in [0, min(att_k, ff_k)] = [0, {min(self.att_k, self.ff_k)}]")
+            need(isinstance(self.sample_topk, int) and 0 <= self.sample_topk <= self.att_k, "sample_topk",
+                 f"must be an integer in [0, att_k] = [0, {self.att_k}] (it samples attention experts only)")
             need(isinstance(self.rel_pos_max, int) and self.rel_pos_max >= 1, "rel_pos_max",
                  "must be a positive integer (relative distances are clipped to ±(rel_pos_max - 1))")
         elif self.arch == "dense":

@@ -40,7 +40,8 @@ class MoEUTLayer(nn.Module):
         super().__init__()
         self.norm_placement = cfg.norm_placement
         self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attention = SwitchHead(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.att_n_experts, cfg.att_k, backend)
+        self.attention = SwitchHead(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.att_n_experts, cfg.att_k, backend,
+                                    norm_init=cfg.att_norm_init)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ffn = SigmaMoE(cfg.d_model, cfg.ff_n_experts, cfg.ff_expert_size, cfg.ff_k, backend)
 

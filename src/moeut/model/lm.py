@@ -81,6 +81,9 @@ class MoEUTLM(LanguageModel):
           or, with an ``attention_mask``, the number of real tokens before each position.
         * ``output_hidden_states`` / ``output_routing``: also return the residual stream around every layer
           application and every application's :class:`LayerRouting` (for the analyses).
+
+        ``reg_loss`` and ``expert_counts`` are computed in training mode or with ``output_routing=True``;
+        in eval mode without it they are None (see :class:`LMOutput`).
         """
         cfg = self.cfg
         if tokens.dim() != 2:
@@ -95,6 +98,7 @@ class MoEUTLM(LanguageModel):
         if self.post_ln:
             h = F.layer_norm(h * math.sqrt(cfg.d_model), (cfg.d_model,))
         new_cache = KVCache() if cache is not None else None
+        stats = self.training or output_routing  # regulariser and routing counts (else not kept at all)
         routings: list[list[LayerRouting]] = [[] for _ in range(cfg.group_size)]
         hidden = [h] if output_hidden_states else None
         applied: list[LayerRouting | None] = []
@@ -103,14 +107,17 @@ class MoEUTLM(LanguageModel):
             h, kv, routing = self.layers[g](h, rope, mask, cache.get(idx) if cache is not None else None)
             if new_cache is not None:
                 new_cache.layers[idx] = kv
-            if routing is not None:
-                routings[g].append(routing)
+            if stats:
+                if routing is not None:
+                    routings[g].append(routing)
+                applied.append(routing)
             if hidden is not None:
                 hidden.append(h)
-            applied.append(routing)
 
         logits = self.lm_head(self.out_norm(h))
         returned = applied if output_routing else None
+        if not stats:
+            return LMOutput(logits, None, new_cache, None, hidden, None)
         if not cfg.is_moe:
             return LMOutput(logits, torch.zeros((), device=h.device), new_cache, None, hidden, returned)
         return LMOutput(logits, self._reg_loss(routings), new_cache, self._expert_counts(applied), hidden,

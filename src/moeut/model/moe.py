@@ -30,11 +30,12 @@ class SigmaMoE(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, std_scale: float) -> None:
-        """Sec. 2.5 / reference init: N(0, s/√d) for keys and router, N(0, s/√(N_E·d_e)) for values."""
+        """The init of the paper's training code (``layers/moe_layer.py``): N(0, s/√d) for keys and router,
+        N(0, s/√(N_E·d_e)) for values. The router rows are *not* renormalised: the training code does that
+        only under ``lm.trafo.xl_init``, which no paper run sets (the minimal reference repo always does)."""
         nn.init.normal_(self.expert_sel, 0, std_scale / math.sqrt(self.d_model))
         nn.init.normal_(self.keys, 0, std_scale / math.sqrt(self.d_model))
         nn.init.normal_(self.values, 0, std_scale / math.sqrt(self.n_experts * self.expert_size))
-        renorm_rows_keep_std(self.expert_sel)
 
     def forward(self, x: torch.Tensor, router_input: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """``x``: raw residual ``[B, T, d]``; ``router_input``: ``LN(x)``. Returns ``(y, routing)``."""
@@ -45,10 +46,3 @@ class SigmaMoE(nn.Module):
                               self.values, backend=self.backend, plan=plan)  # Σ_k g_k · ReLU(x W₁) W₂
         return y.view_as(x), routing
 
-
-@torch.no_grad()
-def renorm_rows_keep_std(w: torch.Tensor) -> None:
-    """Scale each router row to unit norm, then rescale the whole matrix back to its original std."""
-    std = w.std()
-    w.div_(w.norm(dim=1, keepdim=True))
-    w.mul_(std / w.std())

@@ -100,4 +100,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sut-tiny-noact": _sut(4, 128, 128, 62, 4, 4, 32, 8, mi_reg=0.001, act=False, context_length=256),
 }
 
+# The paper's runs that set moe.att.norm_init=1 (sweeps/ of RobertCsordas/moeut_training_code): every MoEUT and
+# σ-MoE run of 126M and more (c4_moeut_mid_*, big_*, bigger_*, gigantic_*, 1b_*, including the grouping and
+# LayerNorm ablations at 244M); none of the 44M runs (c4_moeut_small_*). Init only: the forward is unchanged.
+ATT_NORM_INIT_PRESETS = (
+    "moeut-126m", "moeut-244m", "moeut-318m", "moeut-727m", "moeut-1b",
+    "sigma-moe-126m", "sigma-moe-244m", "sigma-moe-319m", "sigma-moe-728m",
+    "moeut-244m-preln", "moeut-244m-postln",
+    "moeut-244m-g1", "moeut-244m-g3", "moeut-244m-g6", "moeut-244m-g9", "moeut-244m-g18", "moeut-244m-aabb",
+)
+for _name in ATT_NORM_INIT_PRESETS:
+    PRESETS[_name]["att_norm_init"] = True
+
 PAPER_PRESETS = [name for name in PRESETS if not name.endswith(("-tiny", "-small", "-tiny-noact"))]

@@ -1,6 +1,6 @@
 """The SUT feed-forward block: a softmax top-k mixture of experts with biases (Tan et al., 2023).
 
-    E, g = softmax_topk(MLPRouter(x))                       gates renormalised to sum to 1
+    E, g = softmax_topk(MLPRouter(x))                       greedy top-k, gates renormalised to sum to 1
     y    = Σ_{e ∈ E} g_e · (ReLU(x · W₁ᵉ + b₁ᵉ) · W₂ᵉ + b₂ᵉ)
 """
 
@@ -19,11 +19,9 @@ from moeut.ops.plan import make_plan
 
 
 class SoftmaxMoE(nn.Module):
-    def __init__(self, d_model: int, n_experts: int, expert_size: int, k: int, sample_topk: int = 0,
-                 backend: str | None = None):
+    def __init__(self, d_model: int, n_experts: int, expert_size: int, k: int, backend: str | None = None):
         super().__init__()
         self.d_model, self.n_experts, self.expert_size, self.top_k = d_model, n_experts, expert_size, k
-        self.sample_topk = sample_topk
         self.backend = backend
         self.router = MLPRouter(d_model, n_experts)
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, expert_size))
@@ -42,8 +40,8 @@ class SoftmaxMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, active: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         """``x`` ``[B, T, d]``; ``active`` ``[B, T]`` (0 = frozen token: gates 0). Returns ``(y, routing)``."""
-        routing = softmax_topk(self.router(x), self.top_k, active=active, sample_topk=self.sample_topk,
-                               training=self.training)
+        # greedy top-k in training too: SUT's sample_topk is for the attention-expert router only
+        routing = softmax_topk(self.router(x), self.top_k, active=active)
         ids = routing.indices.reshape(-1, self.top_k)
         gates = routing.gates.reshape(-1, self.top_k).to(x.dtype)
         plan = make_plan(ids, self.n_experts)

@@ -10,9 +10,12 @@ output LayerNorm:
     with ACT:          h_t = layer(h_{t−1}, s_{t−1}),  s = halting-weighted state (see act.py), s₀ = h₀
     logits = W_out · s_{n−1} + b_out        (without ACT s = h)
 
-``reg_loss = mi_reg · Σ_layers (MI(attention router) + MI(MLP router)) + act_reg · mean_tokens E[depth]``;
+``reg_loss = mi_reg · Σ_layers (MI(attention router) + MI(MLP router)) + act_reg · Σ_{t=1}^{n−1} mean_tokens E[depth]_t``:
 the mutual-information loss (:mod:`moeut.model.mutual_information`) pools a layer's router outputs over all
-its applications.
+its applications; the ACT loss is added at every halting application t, as the paper's training code does
+(its ``ACTWrapper`` calls ``add_reg`` once per application and the regulariser sums them, unnormalised).
+Both are computed only in training mode or with ``output_routing=True``. ``sample_topk`` applies to the
+attention-expert router only (the training code and shawntan/SUT never sample the feed-forward MoE).
 
 The KV cache holds, per layer application, the keys and values of ``x_kv``; a position's state depends on
 earlier positions only, so cached decoding gives the logits of a full forward pass (ACT included).
@@ -58,7 +61,7 @@ class SUTLayer(nn.Module):
         self.attention = MixtureOfAttentionHeads(d, cfg.att_n_experts, cfg.att_k, cfg.n_heads, cfg.d_head,
                                                  cfg.rel_pos_max, cfg.sample_topk, backend)
         self.ln1 = nn.LayerNorm(d)
-        self.ffn = SoftmaxMoE(d, cfg.ff_n_experts, cfg.ff_expert_size, cfg.ff_k, cfg.sample_topk, backend)
+        self.ffn = SoftmaxMoE(d, cfg.ff_n_experts, cfg.ff_expert_size, cfg.ff_k, backend)  # never sampled
         self.ln2 = nn.LayerNorm(d)
         self.halting = HaltingGate(d) if cfg.act else None
 
@@ -123,9 +126,11 @@ class SUTLM(LanguageModel):
         h = F.layer_norm(self.embedding(tokens) * math.sqrt(cfg.d_model), (cfg.d_model,))
 
         new_cache = KVCache() if cache is not None else None
+        stats = self.training or output_routing  # regularisers and routing counts (else not kept at all)
         applied: list[SUTLayerRouting] = []
         hidden = [h] if output_hidden_states else None
         state, prev, act, q = h, h, None, None
+        act_loss = torch.zeros((), device=h.device)  # Σ over halting applications of mean_tokens E[depth]_t
         for idx in range(cfg.n_layers):
             layer = self.layers[cfg.layer_index(idx)]
             past_kv = cache.get(idx) if cache is not None else None
@@ -133,6 +138,8 @@ class SUTLM(LanguageModel):
                 act, q = halt_step(act, layer.halting(prev), prev, cfg.act_threshold)
                 out, kv, routing = layer(prev, state, mask, past_kv, active=q)
                 state = mix_state(act, q, out, state, cfg.act_threshold)
+                if stats and cfg.act_reg:
+                    act_loss = act_loss + expected_depth(act, q).mean()
             else:
                 out, kv, routing = layer(prev, state, mask, past_kv)
                 state = out
@@ -141,14 +148,15 @@ class SUTLM(LanguageModel):
             prev = out
             if new_cache is not None:
                 new_cache.layers[idx] = kv
-            applied.append(routing)
+            if stats:
+                applied.append(routing)
             if hidden is not None:
                 hidden.append(state)
 
         logits = self.lm_head(state)
-        reg = self._mi_loss(applied)
-        if act is not None and q is not None and cfg.act_reg:
-            reg = reg + cfg.act_reg * expected_depth(act, q).mean()
+        if not stats:
+            return LMOutput(logits, None, new_cache, None, hidden, None)
+        reg = self._mi_loss(applied) + cfg.act_reg * act_loss
         counts = {"ffn": torch.stack([expert_counts(r.ffn.indices, cfg.ff_n_experts) for r in applied]),
                   "att": torch.stack([expert_counts(r.att.indices, cfg.att_n_experts) for r in applied])}
         return LMOutput(logits, reg, new_cache, counts, hidden, applied if output_routing else None)

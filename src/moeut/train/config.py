@@ -48,7 +48,7 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01  # on all parameters, as the paper
     warmup_steps: int | None = None  # linear warmup; default per preset (0 for 44M, 4000 for larger)
-    final_lr_ratio: float = 0.1  # cosine decay to this fraction of the peak
+    final_lr_ratio: float = 0.1  # eta_min of the cosine (T_max = steps, from the end of warmup), as the paper's code
     grad_clip: float | None = None  # κ; default per preset (0.1 for 44M, 0.25 otherwise); 0 disables
     eval_every: int = 200  # validation perplexity every N steps (and at the end); 0 = only at the end
     eval_batches: int = 0  # validation batches per periodic evaluation; 0 = all (the final one is always complete)

@@ -282,8 +282,8 @@ def _print_header(cfg: TrainConfig, model_cfg, stats: dict[str, Any], info: Dist
         f"batch      {cfg.batch_size} × {cfg.seq_len} = {per_step:,} tokens per step "
         f"({info.world_size} rank(s) × {cfg.grad_accum} micro-batch(es)); {cfg.steps} steps = "
         f"{per_step * cfg.steps / max(train_ds.num_tokens, 1):.2f} epochs",
-        f"optimizer  AdamW lr {cfg.lr:g} wd {cfg.weight_decay:g}, warmup {cfg.warmup_steps}, cosine to "
-        f"{cfg.final_lr_ratio:g}×, clip {cfg.grad_clip:g}",
+        f"optimizer  AdamW lr {cfg.lr:g} wd {cfg.weight_decay:g}, warmup {cfg.warmup_steps}, cosine (T_max "
+        f"{cfg.steps}, min {cfg.final_lr_ratio:g}×), clip {cfg.grad_clip:g}",
         f"device     {info.device} ({prec}), expert backend {cfg.backend or 'auto'}"
         + (f", {'FSDP2' if cfg.fsdp else 'DDP'}" if info.distributed else ""),
         f"run        {cfg.out}" + (f" (resuming at step {start_step})" if start_step else ""),

@@ -19,7 +19,8 @@ class MoEUTConfig(PreTrainedConfig):
       distinct layers are applied ``num_hidden_layers / G`` times, so the KV cache has one entry per
       application), ``num_attention_heads`` (n_heads), ``head_dim`` (d_head), ``max_position_embeddings``
       (context_length: the training context; RoPE itself has no hard limit).
-    * SwitchHead attention: ``att_n_experts`` value/output experts per head, ``att_k`` active per head and token.
+    * SwitchHead attention: ``att_n_experts`` value/output experts per head, ``att_k`` active per head and token;
+      ``att_norm_init`` (init only) renormalises the V/O experts across the expert axis, as the paper's ≥126M runs.
     * σ-MoE feed-forward: ``ff_n_experts`` experts of width ``ff_expert_size``, ``ff_k`` active per token.
     * dense baseline: ``d_ff``.
     * ``entropy_reg`` / ``att_entropy_reg``: weights of the load-balancing regularisers (the model's ``aux_loss``).
@@ -57,6 +58,7 @@ class MoEUTConfig(PreTrainedConfig):
         head_dim=82,
         att_n_experts=8,
         att_k=2,
+        att_norm_init=False,
         ff_n_experts=155,
         ff_expert_size=128,
         ff_k=12,
@@ -103,6 +105,7 @@ class MoEUTConfig(PreTrainedConfig):
         self.head_dim = head_dim
         self.att_n_experts = att_n_experts
         self.att_k = att_k
+        self.att_norm_init = att_norm_init
         self.ff_n_experts = ff_n_experts
         self.ff_expert_size = ff_expert_size
         self.ff_k = ff_k

@@ -22,7 +22,10 @@ x = LN₂(x + σ-MoE(x))`` with embeddings ·√d through a LayerNorm without pa
 
 ``arch="sut"``: the Sparse Universal Transformer baseline (moeut.model.sut): post-LN layers of a mixture of
 attention heads (relative positions, no RoPE) and a softmax MoE, with ACT halting; ``aux_loss`` is its
-mutual-information router loss plus the ACT loss.
+mutual-information router loss plus the ACT loss (summed over the halting applications).
+
+``aux_loss`` (and the router logits) are computed in training mode or with ``output_router_logits=True``;
+in eval mode otherwise ``aux_loss`` is None.
 """
 
 import inspect
@@ -481,7 +484,7 @@ class SUTMoE(nn.Module):
     def __init__(self, config):
         super().__init__()
         d, e, de = config.hidden_size, config.ff_n_experts, config.ff_expert_size
-        self.d_model, self.top_k, self.sample_topk = d, config.ff_k, config.sample_topk
+        self.d_model, self.top_k = d, config.ff_k  # greedy: sample_topk is for the attention router only
         self.router = SUTRouter(d, e)
         self.w1 = nn.Parameter(torch.empty(e, d, de))
         self.b1 = nn.Parameter(torch.empty(e, de))
@@ -489,7 +492,7 @@ class SUTMoE(nn.Module):
         self.b2 = nn.Parameter(torch.empty(e, d))
 
     def forward(self, x, active=None):
-        logits, gates, indices = softmax_topk(self.router(x), self.top_k, active, self.sample_topk, self.training)
+        logits, gates, indices = softmax_topk(self.router(x), self.top_k, active)
         ids = indices.reshape(-1, self.top_k)
         gates = gates.reshape(-1, self.top_k).to(x.dtype)
         hid = F.relu(expert_matmul(x.reshape(-1, 1, self.d_model), ids, self.w1) + self.b1[ids])
@@ -527,14 +530,16 @@ class SUTLayer(nn.Module):
         return self.ln2(x + upd), (logits_att, logits_ff, active)
 
 
-def _sut_stack(model, h, mask, cache, output_hidden_states):
+def _sut_stack(model, h, mask, cache, output_hidden_states, with_aux):
     """SUT layer applications with ACT halting (stick-breaking; tokens freeze once their probability of never
-    halting is below 1 − act_threshold). Returns the output state, hidden states, aux loss, MLP router logits."""
+    halting is below 1 − act_threshold). Returns the output state, hidden states, aux loss (None unless
+    ``with_aux``; its ACT part is summed over the halting applications), MLP router logits."""
     cfg = model.config
     threshold = cfg.act_threshold
     all_hidden = (h,) if output_hidden_states else None
     state, prev, q = h, h, None
     log_never = acc = depth = None
+    act_loss = torch.zeros((), device=h.device)
     per_layer = [[] for _ in range(cfg.group_size)]
     applied = []
     for idx in range(cfg.num_hidden_layers):
@@ -550,6 +555,8 @@ def _sut_stack(model, h, mask, cache, output_hidden_states):
             out, logits = layer(prev, state, mask, cache, idx, active=q)
             frozen = (q < 1 - threshold).unsqueeze(-1)
             state = torch.where(frozen, state, acc + q.unsqueeze(-1).to(out.dtype) * out)
+            if with_aux and cfg.act_reg:
+                act_loss = act_loss + (depth + q * idx).mean()
         else:
             out, logits = layer(prev, state, mask, cache, idx)
             state = out
@@ -557,18 +564,20 @@ def _sut_stack(model, h, mask, cache, output_hidden_states):
                 log_never = torch.zeros(out.shape[:-1], device=out.device, dtype=torch.float32)
                 acc, depth = torch.zeros_like(out), log_never.clone()
         prev = out
-        per_layer[cfg.layer_index(idx)].append(logits)
-        applied.append(logits[1])
+        if with_aux:
+            per_layer[cfg.layer_index(idx)].append(logits)
+            applied.append(logits[1])
         if output_hidden_states:
             all_hidden = all_hidden + (state,)
+    if not with_aux:
+        return state, all_hidden, None, None
     aux = torch.zeros((), device=h.device)
     if cfg.mi_reg:
         for rs in per_layer:
             weights = [lg[2] for lg in rs]
             aux = aux + cfg.mi_reg * (mutual_information_loss([lg[0] for lg in rs], weights, cfg.mi_loss)
                                       + mutual_information_loss([lg[1] for lg in rs], weights, cfg.mi_loss))
-    if q is not None and cfg.act_reg:
-        aux = aux + cfg.act_reg * (depth + q * (cfg.num_hidden_layers - 1)).mean()
+    aux = aux + cfg.act_reg * act_loss
     return state, all_hidden, aux, tuple(applied)
 
 
@@ -579,9 +588,9 @@ def _needs_init(param):
 
 
 @torch.no_grad()
-def _renorm_rows_keep_std(w):
+def _renorm_over_experts_keep_std(w):
     std = w.std()
-    w.div_(w.norm(dim=1, keepdim=True))
+    w.div_(w.norm(dim=0, keepdim=True))
     w.mul_(std / w.std())
 
 
@@ -633,10 +642,13 @@ class MoEUTPreTrainedModel(PreTrainedModel):
                     nn.init.normal_(p, 0, s / math.sqrt(d))
             if _needs_init(module.o):
                 nn.init.normal_(module.o, 0, s / math.sqrt(module.n_heads * module.d_head))
+            if getattr(cfg, "att_norm_init", False):  # the training code's moe.att.norm_init
+                for p in (module.v, module.o):
+                    if _needs_init(p):
+                        _renorm_over_experts_keep_std(p)
         elif isinstance(module, MoEUTSigmaMoE):
-            if _needs_init(module.expert_sel):
+            if _needs_init(module.expert_sel):  # rows not renormalised, as the paper's training code
                 nn.init.normal_(module.expert_sel, 0, s / math.sqrt(d))
-                _renorm_rows_keep_std(module.expert_sel)
             if _needs_init(module.keys):
                 nn.init.normal_(module.keys, 0, s / math.sqrt(d))
             if _needs_init(module.values):
@@ -743,8 +755,9 @@ class MoEUTModel(MoEUTPreTrainedModel):
         positions = _positions(bsz, length, past, attention_mask, position_ids, h.device)
         rope = rope_tables(positions, cfg.n_rotate, cfg.rope_base)
         mask = _attention_mask(bsz, length, past, attention_mask, h.device)
+        with_aux = self.training or bool(output_router_logits)  # else no aux_loss (None) and no router logits
         if cfg.arch == "sut":  # relative positions only: no RoPE, position_ids are not used
-            h, all_hidden, aux_loss, applied = _sut_stack(self, h, mask, cache, output_hidden_states)
+            h, all_hidden, aux_loss, applied = _sut_stack(self, h, mask, cache, output_hidden_states, with_aux)
             return MoEUTModelOutput(last_hidden_state=h, cache=cache, hidden_states=all_hidden, aux_loss=aux_loss,
                                     router_logits=applied if output_router_logits else None)
 
@@ -754,7 +767,7 @@ class MoEUTModel(MoEUTPreTrainedModel):
         for idx in range(cfg.num_hidden_layers):  # absolute layer application
             g = cfg.layer_index(idx)
             h, logits = self.layers[g](h, rope, mask, cache, idx)
-            if logits is not None:
+            if logits is not None and with_aux:
                 routing[g].append(logits)
                 applied.append(logits[2])
             if output_hidden_states:
@@ -763,7 +776,9 @@ class MoEUTModel(MoEUTPreTrainedModel):
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (h,)
 
-        if cfg.arch == "moeut":
+        if not with_aux:
+            aux_loss, router_logits = None, None
+        elif cfg.arch == "moeut":
             ffn = sum(entropy_of_mean_softmax([lg[2] for lg in rs]) for rs in routing)
             att = sum(entropy_of_mean_softmax([lg[0] for lg in rs]) + entropy_of_mean_softmax([lg[1] for lg in rs])
                       for rs in routing)
@@ -779,7 +794,8 @@ class MoEUTModel(MoEUTPreTrainedModel):
 
 
 class MoEUTForCausalLM(MoEUTPreTrainedModel, GenerationMixin):
-    """MoEUT with its (untied, biased) output head. ``aux_loss`` is moeut's load-balancing regulariser;
+    """MoEUT with its (untied, biased) output head. ``aux_loss`` is moeut's load-balancing regulariser (None
+    in eval mode without ``output_router_logits``);
     ``loss`` (when ``labels`` are given, shifted inside) is the next-token cross-entropy, plus ``aux_loss``
     when ``output_router_logits`` is set (moeut's training objective)."""
 
