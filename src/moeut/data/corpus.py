@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from moeut.data.errors import DependencyError
-from moeut.data.sources import DocumentSource, Errors, TextFileSource, _emit
+from moeut.data.sources import DocumentSource, Errors, TextFileSource, _emit, iter_text_lines
 
 DEFAULT_CORPUS_PACKAGE = "exllamav2"
 DEFAULT_CORPUS_VERSION = "0.3.2"
@@ -86,8 +86,6 @@ class WikiExtractorSource(TextFileSource):
         yield from split_wikiextractor(self._lines())
 
     def _lines(self) -> Iterable[str]:
-        from moeut.data.sources import iter_text_lines
-
         return iter_text_lines(self.path, self.errors)
 
 

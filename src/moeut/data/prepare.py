@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moeut.data.corpus import default_corpus_sources
 from moeut.data.errors import DataError, EmptyCorpusError, OutputDirError
 from moeut.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter, SplitMeta
 from moeut.data.sources import DocumentSource, SourceOptions, iter_documents, resolve_inputs
@@ -153,8 +154,6 @@ def prepare(inputs: Sequence[str | os.PathLike[str] | DocumentSource] | None, ou
         raise ValueError(f"min_val_docs must be >= 0, got {min_val_docs}")
     out_dir = Path(out_dir).expanduser()
     if inputs is None:
-        from moeut.data.corpus import default_corpus_sources
-
         sources = default_corpus_sources(errors)  # type: ignore[arg-type]
     else:
         sources = resolve_inputs(inputs, SourceOptions(text_field, doc_separator, errors))  # type: ignore[arg-type]

@@ -171,7 +171,7 @@ class ModelConfig:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
         """A named preset (see :data:`moeut.model.presets.PRESETS`), optionally with field overrides."""
-        from moeut.model.presets import PRESETS
+        from moeut.model.presets import PRESETS  # presets are ModelConfigs: importing at the top would be a cycle
 
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")

@@ -26,16 +26,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moeut.ops import torch_backend, triton_backend  # triton_backend imports triton only when it runs
 from moeut.ops.plan import ExpertPlan
 
 def _impl(backend: str):
     if backend == "torch":
-        from moeut.ops import torch_backend
-
         return torch_backend
     if backend == "triton":
-        from moeut.ops import triton_backend
-
         return triton_backend
     raise ValueError(f"moeut::expert_matmul has no backend {backend!r} (known: torch, triton)")
 
@@ -133,8 +130,6 @@ def expert_matmul_planned(x: Tensor, weight: Tensor, gates: Optional[Tensor], pl
 @torch.library.custom_op("moeut::sigma_moe", mutates_args=())
 def sigma_moe_op(x: Tensor, keys: Tensor, values: Tensor, gates: Tensor, perm: Tensor, inv_perm: Tensor,
                  offsets: Tensor, save_rows: bool) -> tuple[Tensor, Tensor, Tensor]:
-    from moeut.ops import torch_backend
-
     plan = ExpertPlan(tuple(gates.shape), keys.shape[0], perm, inv_perm, offsets, perm)
     y, rows, hidden = torch_backend.sigma_moe_forward(x, keys, values, gates, plan, save_rows)
     if rows is None:
@@ -153,8 +148,6 @@ def _(x, keys, values, gates, perm, inv_perm, offsets, save_rows):
 def sigma_moe_backward_op(grad_y: Tensor, x: Tensor, rows: Tensor, hidden: Tensor, keys: Tensor, values: Tensor,
                           gates: Tensor, perm: Tensor, inv_perm: Tensor, offsets: Tensor, need_x: bool,
                           need_keys: bool, need_values: bool, need_gates: bool) -> list[Tensor]:
-    from moeut.ops import torch_backend
-
     plan = ExpertPlan(tuple(gates.shape), keys.shape[0], perm, inv_perm, offsets, perm)
     grads = torch_backend.sigma_moe_backward(grad_y, x, rows if rows.shape[0] else None, hidden, keys, values,
                                              gates, plan, need_x, need_keys, need_values, need_gates)
