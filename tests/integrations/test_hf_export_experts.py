@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moeut.ops.reference import expert_matmul_reference
-from moeut.train import load_model
+from tests.run_helpers import load_model
 from tests.integrations.conftest import need_hf
 
 
