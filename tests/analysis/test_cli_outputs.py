@@ -62,7 +62,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 
 def test_sweep_trains_each_config_once_and_a_second_call_does_no_training(tiny_data, tmp_path, monkeypatch, capsys):
-    import moeut.train
+    import moeut.analysis.sweep as sweep_module
 
     spec = tmp_path / "sweep.json"
     base = {k: v for k, v in TINY_MOEUT.items() if k not in ("ff_k",)}
@@ -74,8 +74,8 @@ def test_sweep_trains_each_config_once_and_a_second_call_does_no_training(tiny_d
                 str(steps), "--batch-size", "2", "--seq-len", "32", "--no-progress"]
 
     calls = []
-    real = moeut.train.train
-    monkeypatch.setattr(moeut.train, "train", lambda cfg, **kw: calls.append(cfg.out) or real(cfg, **kw))
+    real = sweep_module.train_run
+    monkeypatch.setattr(sweep_module, "train_run", lambda cfg, **kw: calls.append(cfg.out) or real(cfg, **kw))
     assert main(args()) == 0
     assert calls == [str(out / "k1"), str(out / "k2")]
     first = json.loads((out / "sweep.json").read_text())

@@ -19,12 +19,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from moeut.analysis import compute, expert_usage, layer_similarity, residual_norm, sweep, token_diversity
+from moeut.analysis.compute import run as run_compute
+from moeut.analysis.expert_usage import run as run_expert_usage
+from moeut.analysis.layer_similarity import run as run_layer_similarity
+from moeut.analysis.residual_norm import run as run_residual_norm
+from moeut.analysis.sweep import run as run_sweep
+from moeut.analysis.token_diversity import run as run_token_diversity
 from moeut.analysis.common import AnalysisError, model_batches
 from moeut.cli.common import add_run_flags, load_run_from_args, positive
 from moeut.run import trained_val_split
 from moeut.runtime import resolve_device, tune_malloc
-from moeut.train import wallclock
+from moeut.train.wallclock import run as run_wallclock
 
 HELP = ("the paper's analyses: residual norms, expert usage, layer similarity, token diversity, sweeps, wall clock "
         "and memory, compute")
@@ -117,16 +122,16 @@ def run(args: argparse.Namespace) -> int:
         res = _run_model_analysis(args, out, show)
     elif a == "sweep":
         positive("steps", args.steps)
-        res = sweep.run(args.sweep, args.data, out, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
+        res = run_sweep(args.sweep, args.data, out, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
                         seq_len=args.seq_len, lr=args.lr, show_progress=not args.no_progress)
     elif a == "wallclock":
         positive("iters", args.iters)
         positive("warmup", args.warmup, allow_zero=True)
-        res = wallclock.run(args.presets, out, batch_size=args.batch_size, seq_len=args.seq_len,
+        res = run_wallclock(args.presets, out, batch_size=args.batch_size, seq_len=args.seq_len,
                             device=str(resolve_device(args.device)), grad_accum=args.grad_accum, warmup=args.warmup,
                             iters=args.iters, backend=args.backend, show_progress=show)
     elif a == "compute":
-        res = compute.run(args.checkpoint, out, presets=args.presets, tokens=args.tokens, context=args.context)
+        res = run_compute(args.checkpoint, out, presets=args.presets, tokens=args.tokens, context=args.context)
     else:  # argparse prevents this
         raise AnalysisError(f"unknown analysis {a!r}")
     print()
@@ -156,10 +161,10 @@ def _run_model_analysis(args: argparse.Namespace, out: Path, show: bool) -> dict
           f"{cfg.group_size} layers) on {sum(b.numel() for b in batches):,} tokens", flush=True)
     if args.analysis == "residual-norm":
         models = [loaded] + [load_run_from_args(args, c, require_tokenizer=False) for c in args.compare]
-        return residual_norm.run(models, lambda m: batches if m is loaded else batches_of(m), out, show_progress=show)
+        return run_residual_norm(models, lambda m: batches if m is loaded else batches_of(m), out, show_progress=show)
     if args.analysis == "expert-usage":
-        return expert_usage.run(loaded, batches, out, kind=args.kind, show_progress=show)
+        return run_expert_usage(loaded, batches, out, kind=args.kind, show_progress=show)
     if args.analysis == "layer-similarity":
-        return layer_similarity.run(loaded, batches, out, kind=args.kind, show_progress=show)
+        return run_layer_similarity(loaded, batches, out, kind=args.kind, show_progress=show)
     positive("top-n", args.top_n)
-    return token_diversity.run(loaded, batches, out, kind=args.kind, top_n=args.top_n, show_progress=show)
+    return run_token_diversity(loaded, batches, out, kind=args.kind, top_n=args.top_n, show_progress=show)

@@ -60,13 +60,6 @@ class MoEUTLM(LanguageModel):
             self.out_norm.reset_parameters()
         self.lm_head.reset_parameters()
 
-    def set_backend(self, backend: str | None) -> None:
-        """Switch the expert-matmul backend of every expert layer (None = automatic by device)."""
-        for m in self.modules():
-            if hasattr(m, "backend"):
-                m.backend = backend
-
-    # --------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, output_hidden_states: bool = False,

@@ -103,11 +103,6 @@ class SUTLM(LanguageModel):
             layer.reset_parameters()
         self.lm_head.reset_parameters()
 
-    def set_backend(self, backend: str | None) -> None:
-        for m in self.modules():
-            if hasattr(m, "backend"):
-                m.backend = backend
-
     def out_norm(self, h: torch.Tensor) -> torch.Tensor:
         """No output LayerNorm in SUT (kept as a function so analyses can call ``model.out_norm``)."""
         return h

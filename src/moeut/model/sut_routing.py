@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeut.model.routing import Routing
@@ -56,8 +55,3 @@ def softmax_topk(logits: torch.Tensor, k: int, *, active: torch.Tensor | None = 
         gates, indices = probs.topk(k, dim=-1)
     gates = gates / (gates.sum(-1, keepdim=True) + 1e-6)
     return Routing(logits=logits, gates=gates, indices=indices)
-
-
-def router_log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """``log p(e|x)`` in fp32 (for the mutual-information loss)."""
-    return F.log_softmax(logits.float(), dim=-1)

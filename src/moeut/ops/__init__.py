@@ -36,7 +36,8 @@ How MoEUT uses it (N tokens, d model width):
 * SwitchHead output:     ``x [N,H,d_h]``, ids ``[N,H·K_A]``, o, gates, ``G_out=1``         → ``[N,1,d]``
 
 Backends are chosen by name (``"reference"``: the slow masked loop, the oracle of the tests;
-``"torch"``: sort + grouped GEMM in pure PyTorch, CPU and GPU; ``"triton"`` later) or, with
+``"torch"``: sort + grouped GEMM in pure PyTorch, CPU and GPU; ``"triton"``: gather/scatter grouped-GEMM
+kernels on CUDA, :mod:`moeut.ops.triton_backend`) or, with
 ``backend=None``, by :func:`default_backend` of ``x``'s device — the one place that picks.
 :func:`available_backends` lists the names.
 """

@@ -21,12 +21,8 @@ is materialised or kept. Weights are split once with ``unbind`` (never ``W[i]`` 
 weight per token). It needs the per-expert counts on the host (a sync on GPU).
 
 ``GEMM_IMPL`` (env ``MOEUT_GEMM_IMPL``): ``"auto"`` (default) = "grouped" where ``grouped_mm`` works,
-else "loop" (torch without grouped_mm); ``"grouped_mm"`` / ``"loop"`` force one. Measured on 2 CPU cores
-(d_model 256, 64×128 experts, K 8, N 4096, fp32): in isolation the loop's steps are faster (forward of
-the up-projection 14.7 vs 17.3 ms, backward of the down-projection 29.5 vs 33.9 ms), but in the whole
-σ-MoE layer it was 0–5 % faster when the machine was quiet and 10–25 % slower when the host was busy
-(its ~1500 small parallel regions per step each wait for both threads), so it is not the default. On an
-H200 (torch 2.11) grouped_mm was 6× faster than a loop in bf16 and about equal in fp32.
+else "loop" (torch without grouped_mm); ``"grouped_mm"`` / ``"loop"`` force one. Why "grouped" is the default
+even where the loop's steps are faster in isolation: benchmarks/README.md ("design measurements").
 
 grouped_mm's requirements (torch 2.8-2.13, ``aten/src/ATen/native/GroupedMMUtils.h`` and
 ``cuda/GroupedBlas.cpp``), the same on CPU and CUDA unless stated:
@@ -229,8 +225,8 @@ def gemm_impl(device: torch.device | str, dtype: torch.dtype) -> str:
 def _save_gathered_inputs(device: torch.device) -> bool:
     """"grouped": keep the gathered (and gated) input rows for backward instead of gathering again?
 
-    On CPU yes: gathering again costs more than the memory (≈4.6 ms of a 120 ms σ-MoE step at d_model
-    256, 64×128 experts, K 8, N 4096, for 48 MB). On GPU no: gathers are cheap there, memory is not.
+    On CPU yes: gathering again costs more than the memory (benchmarks/README.md). On GPU no: gathers are
+    cheap there, memory is not.
     """
     return SAVE_GATHERED == "always" or (SAVE_GATHERED == "cpu" and device.type == "cpu")
 
@@ -247,7 +243,7 @@ def _unsort_reduce(y: torch.Tensor, plan: ExpertPlan, n: int, groups: int) -> to
         torch.index_select(y, 0, plan.inv_perm, out=out.view(n * groups, d))
         return out
     if y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64):
-        # one pass, no [M, D] temporary: 2.0 ms instead of 4.6 ms for M = 32768, D = 256 on 2 cores.
+        # one pass, no [M, D] temporary (about twice as fast as gather + sum: benchmarks/README.md)
         # (Not on GPU: atomics would make it nondeterministic; not for bf16: it would accumulate in bf16.)
         out = y.new_zeros(n, groups, d)
         out.view(n * groups, d).index_add_(0, plan.rows(s // groups), y)

@@ -106,8 +106,8 @@ def _tokenizer_for(run_dir: Path, source: Path, given: str | Path | None, record
     # constructed from the model file alone: an exported directory's tokenizer.json is transformers', not moeut's
     tok = Tokenizer(tok_path)
     if recorded and tok.sha256 != recorded:
-        msg = (f"tokenizer {tok_path} (sha256 {tok.sha256[:12]}…) is not the one {source} was trained with "
-               f"(sha256 {recorded[:12]}…)")
+        msg = (f"tokenizer mismatch: {tok_path} (sha256 {tok.sha256[:12]}…) is not the tokenizer {source} was "
+               f"trained with (sha256 {recorded[:12]}…)")
         if not allow_mismatch:
             fix = ("pass the run's tokenizer with --tokenizer" if given is not None
                    else "the run's tokenizer.model was replaced; put back the original or pass it with --tokenizer")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from moeut.data.errors import DependencyError
 from moeut.integrations.hf.export import ExportError, export_hf, hf_config_dict, import_hf, import_hf_run, verify_export
 from moeut.run.hf_format import from_hf_state_dict, model_config_from_hf, to_hf_state_dict
 
@@ -31,8 +32,6 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError as e:
-        from moeut.data.errors import DependencyError
-
         raise DependencyError("the Hugging Face integration needs transformers: pip install 'moeut[hf]'") from e
     return transformers
 
@@ -44,6 +43,7 @@ def register() -> None:
     if _REGISTERED:
         return
     transformers = _transformers()
+    # the two code files import transformers (optional, the 'hf' extra) at their top
     from moeut.integrations.hf.configuration_moeut import MoEUTConfig
     from moeut.integrations.hf.modeling_moeut import MoEUTForCausalLM, MoEUTModel
 
@@ -65,13 +65,13 @@ def __getattr__(name: str) -> Any:
     if name == "MoEUTConfig":
         _transformers()
         register()
-        from moeut.integrations.hf.configuration_moeut import MoEUTConfig
+        from moeut.integrations.hf.configuration_moeut import MoEUTConfig  # needs transformers (optional)
 
         return MoEUTConfig
     if name in ("MoEUTForCausalLM", "MoEUTModel"):
         _transformers()
         register()
-        from moeut.integrations.hf import modeling_moeut
+        from moeut.integrations.hf import modeling_moeut  # needs transformers (optional)
 
         return getattr(modeling_moeut, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -124,11 +124,10 @@ def verify_export(out_dir: str | Path, model, sentencepiece_model: str | Path, *
     """Load ``out_dir`` with transformers (the package's copy of the exported classes, in fp32; nothing is
     registered) and compare its logits with ``model``'s on a left-padded batch, and ``AutoTokenizer`` with the
     SentencePiece model."""
-    # transformers is optional (the 'hf' extra); the two code files import it at their top
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers is optional (the 'hf' extra)
     from transformers.utils import logging as hf_logging
 
-    from moeut.integrations.hf.configuration_moeut import MoEUTConfig
+    from moeut.integrations.hf.configuration_moeut import MoEUTConfig  # these two import transformers at their top
     from moeut.integrations.hf.modeling_moeut import MoEUTForCausalLM
 
     out_dir = Path(out_dir)
