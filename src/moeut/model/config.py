@@ -94,11 +94,33 @@ class ModelConfig:
     def is_sut(self) -> bool:
         return self.arch == "sut"
 
-    def layer_index(self, application: int) -> int:
-        """Which of the G distinct layers runs at absolute layer application ``application``."""
+    def applications(self, repeats: int | None = None) -> int:
+        """Layer applications of one forward pass when the group is applied ``repeats`` times (None = as
+        trained, n_layers). Depth at inference: any ``repeats >= 1`` for MoEUT and SUT; the dense baseline
+        shares no layers, so only its trained depth (repeats = 1) exists."""
+        if repeats is None:
+            return self.n_layers
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ConfigError(f"repeats={repeats!r}: must be a positive integer (how often the group of "
+                              f"G={self.group_size} shared layers is applied; trained: {self.n_repeats})")
+        if self.arch == "dense" and repeats != 1:
+            raise ConfigError(f"repeats={repeats}: the dense baseline shares no layers (G = n_layers = "
+                              f"{self.n_layers}), so its depth cannot change; use repeats=1 or a MoEUT/SUT model")
+        return repeats * self.group_size
+
+    def layer_index(self, application: int, repeats: int | None = None) -> int:
+        """Which of the G distinct layers runs at absolute layer application ``application`` when the group is
+        applied ``repeats`` times (None = as trained). ``"abab"``: ``application mod G``; ``"aabb"``: each
+        distinct layer runs ``repeats`` times in a row (A…A B…B), so R keeps meaning "applications per layer"."""
+        r = self.n_repeats if repeats is None else repeats
         if self.group_order == "aabb":
-            return application // self.n_repeats
+            return application // r
         return application % self.group_size
+
+    def with_repeats(self, repeats: int) -> "ModelConfig":
+        """The same model with its group applied ``repeats`` times (``n_layers = repeats·G``): depth chosen at
+        inference. Parameter shapes do not depend on ``n_layers``, so a checkpoint loads into either."""
+        return self.replace(n_layers=self.applications(repeats))
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:

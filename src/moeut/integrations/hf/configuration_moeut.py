@@ -29,6 +29,9 @@ class MoEUTConfig(PreTrainedConfig):
     * ``norm_placement``: the MoEUT layer's LayerNorms, ``"peri"`` (the paper's), ``"pre"`` or ``"post"`` (then the
       embeddings are scaled by √d and normalised without parameters, and there is no output LayerNorm).
     * ``group_order``: the order of the layer applications, ``"abab"`` (A B A B …) or ``"aabb"`` (A A … B B …).
+    * ``repeats``: depth chosen at inference: apply the G distinct layers ``repeats`` times (``repeats·G``
+      applications) instead of the trained ``num_hidden_layers / G``; None = as trained. Also a forward (and
+      ``generate``) argument. With ``"aabb"`` each distinct layer runs ``repeats`` times in a row.
     * ``arch="sut"``, the Sparse Universal Transformer baseline (post-LN, mixture of attention heads with
       ``num_attention_heads`` heads *per attention expert*, softmax MoE): ``act`` (ACT halting), ``act_reg``,
       ``act_threshold``, ``mi_reg`` / ``mi_loss`` (its router loss, ``"code"`` or ``"paper"``), ``sample_topk``,
@@ -70,6 +73,7 @@ class MoEUTConfig(PreTrainedConfig):
         max_position_embeddings=1024,
         norm_placement="peri",
         group_order="abab",
+        repeats=None,
         act=True,
         act_reg=0.01,
         act_threshold=0.999,
@@ -96,6 +100,7 @@ class MoEUTConfig(PreTrainedConfig):
             raise ValueError(f'MoEUTConfig.group_order={group_order!r}: must be "abab" or "aabb"')
         if group_size <= 0 or num_hidden_layers % group_size:
             raise ValueError(f"MoEUTConfig.group_size={group_size} must divide num_hidden_layers={num_hidden_layers}")
+        _check_repeats(repeats, arch)
         self.arch = arch
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -117,6 +122,7 @@ class MoEUTConfig(PreTrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.norm_placement = norm_placement
         self.group_order = group_order
+        self.repeats = repeats
         self.act = act
         self.act_reg = act_reg
         self.act_threshold = act_threshold
@@ -137,13 +143,23 @@ class MoEUTConfig(PreTrainedConfig):
 
     @property
     def n_repeats(self):
-        """How often the group of ``group_size`` distinct layers is applied."""
+        """How often the group of ``group_size`` distinct layers was applied in training."""
         return self.num_hidden_layers // self.group_size
 
-    def layer_index(self, application):
-        """Which of the ``group_size`` distinct layers runs at absolute layer application ``application``."""
+    def resolve_repeats(self, repeats=None):
+        """The group's applications in a forward pass: ``repeats`` if given, else ``self.repeats``, else as trained."""
+        if repeats is None:
+            repeats = self.repeats
+        if repeats is None:
+            return self.n_repeats
+        _check_repeats(repeats, self.arch)
+        return repeats
+
+    def layer_index(self, application, repeats=None):
+        """Which of the ``group_size`` distinct layers runs at absolute layer application ``application`` when
+        the group is applied ``repeats`` times (resolved as :meth:`resolve_repeats`)."""
         if self.group_order == "aabb":
-            return application // self.n_repeats
+            return application // self.resolve_repeats(repeats)
         return application % self.group_size
 
     @property
@@ -151,6 +167,15 @@ class MoEUTConfig(PreTrainedConfig):
         """Channels of each head that RoPE rotates (an even number)."""
         n = int(self.rope_fraction * self.head_dim)
         return n - n % 2
+
+
+def _check_repeats(repeats, arch):
+    if repeats is None:
+        return
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"MoEUTConfig.repeats={repeats!r}: must be a positive integer or None (as trained)")
+    if arch == "dense" and repeats != 1:
+        raise ValueError(f"MoEUTConfig.repeats={repeats}: the dense baseline shares no layers; its depth cannot change")
 
 
 __all__ = ["MoEUTConfig"]
