@@ -32,8 +32,8 @@ from moeut.analysis.depth import DepthResult, depth_curve
 from moeut.analysis.sweep import SweepEntry, builtin_sweep, load_sweep, run_sweep
 from moeut.analysis.compute import ComputeRow, preset_row, run_row
 
-__all__ = ["AnalysisError", "ComputeRow", "DepthResult", "depth_curve", "ExpertUsageResult", "LayerSimilarityResult", "ResidualNormResult",
-           "SweepEntry", "TokenDiversityResult", "applications_of_layer", "builtin_sweep", "expert_usage",
+__all__ = ["AnalysisError", "ComputeRow", "DepthResult", "ExpertUsageResult", "LayerSimilarityResult",
+           "ResidualNormResult", "SweepEntry", "depth_curve", "TokenDiversityResult", "applications_of_layer", "builtin_sweep", "expert_usage",
            "layer_of_application", "layer_similarity", "load_sweep", "model_batches", "open_tokens",
            "preset_row", "repeat_of_application", "residual_norms", "run_row", "run_sweep", "token_batches",
            "token_diversity"]

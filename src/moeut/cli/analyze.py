@@ -21,7 +21,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from moeut.analysis import compute, depth, expert_usage, layer_similarity, residual_norm, sweep, token_diversity
+from moeut.analysis import compute, depth, residual_norm, sweep
+# moeut.analysis re-exports functions named like these three modules, so take their run() from the modules
+from moeut.analysis.expert_usage import run as run_expert_usage
+from moeut.analysis.layer_similarity import run as run_layer_similarity
+from moeut.analysis.token_diversity import run as run_token_diversity
 from moeut.analysis.common import AnalysisError, model_batches
 from moeut.cli.common import add_repeats_flag, add_run_flags, load_run_from_args, positive
 from moeut.run import trained_val_split
@@ -172,11 +176,11 @@ def _run_model_analysis(args: argparse.Namespace, out: Path, show: bool) -> dict
         models = [loaded] + [load_run_from_args(args, c, require_tokenizer=False) for c in args.compare]
         return residual_norm.run(models, lambda m: batches if m is loaded else batches_of(m), out, show_progress=show)
     if args.analysis == "expert-usage":
-        return expert_usage.run(loaded, batches, out, kind=args.kind, show_progress=show)
+        return run_expert_usage(loaded, batches, out, kind=args.kind, show_progress=show)
     if args.analysis == "layer-similarity":
-        return layer_similarity.run(loaded, batches, out, kind=args.kind, show_progress=show)
+        return run_layer_similarity(loaded, batches, out, kind=args.kind, show_progress=show)
     if args.analysis == "depth":
         positive("max-repeats", args.max_repeats)
         return depth.run(loaded, batches, out, max_repeats=args.max_repeats, show_progress=show)
     positive("top-n", args.top_n)
-    return token_diversity.run(loaded, batches, out, kind=args.kind, top_n=args.top_n, show_progress=show)
+    return run_token_diversity(loaded, batches, out, kind=args.kind, top_n=args.top_n, show_progress=show)
