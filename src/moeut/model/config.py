@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from moeut.errors import MoeutError
+from moeut.model.regularizer import ENTROPY_REG_MODES
 
 Arch = Literal["moeut", "dense", "sut"]
 ARCHS = ("moeut", "dense", "sut")
@@ -55,6 +56,9 @@ class ModelConfig:
     # regularisation (entropy of the mean router softmax, Sec. 2.3)
     entropy_reg: float = 0.01  # γ, weight of the σ-MoE regulariser [entropy_reg]
     att_entropy_reg: float = 0.001  # δ, weight of the SwitchHead regulariser [att_entropy_reg]
+    # where the regulariser's mean softmax is taken: "sequence" (the paper's: per sequence), "batch" (the whole
+    # micro-batch) or "global" (the micro-batches of all data-parallel ranks); see moeut.model.regularizer
+    entropy_reg_mode: str = "sequence"
     # positions
     rope_fraction: float = 0.5  # RoPE acts on the first int(fraction·d_head) channels (rounded down to even)
     rope_base: float = 10000.0  # RoPE base
@@ -139,6 +143,11 @@ class ModelConfig:
         need(self.rope_base > 0, "rope_base", "must be positive")
         need(self.entropy_reg >= 0, "entropy_reg", "must be >= 0 (0 disables the σ-MoE regulariser)")
         need(self.att_entropy_reg >= 0, "att_entropy_reg", "must be >= 0 (0 disables the attention regulariser)")
+        need(self.entropy_reg_mode in ENTROPY_REG_MODES, "entropy_reg_mode",
+             'must be "sequence" (per sequence, the paper\'s), "batch" (the micro-batch) or "global" (all '
+             'data-parallel ranks)')
+        need(self.entropy_reg_mode == "sequence" or self.arch == "moeut", "entropy_reg_mode",
+             f'only MoEUT has the entropy regulariser (arch={self.arch!r}); leave it at "sequence"')
         need(self.norm_placement in NORM_PLACEMENTS, "norm_placement", 'must be "peri", "pre" or "post"')
         need(self.group_order in GROUP_ORDERS, "group_order", 'must be "abab" or "aabb"')
         if self.arch != "moeut":

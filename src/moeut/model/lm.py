@@ -129,11 +129,13 @@ class MoEUTLM(LanguageModel):
                         returned)
 
     def _reg_loss(self, routings: list[list[LayerRouting]]) -> torch.Tensor:
-        """γ·Σ_g −H(p_ffn,g) + δ·Σ_g (−H(p_V,g) − H(p_O,g)); p pooled over time and over the repeats of g."""
+        """γ·Σ_g −H(p_ffn,g) + δ·Σ_g (−H(p_V,g) − H(p_O,g)); p pooled over the repeats of g and over time
+        (per sequence), the micro-batch or the global batch, as ``cfg.entropy_reg_mode`` says."""
         cfg = self.cfg
-        ffn = sum(entropy_of_mean_softmax([r.ffn.logits for r in rs]) for rs in routings)
-        att = sum(entropy_of_mean_softmax([r.att_v.logits for r in rs]) +
-                  entropy_of_mean_softmax([r.att_o.logits for r in rs]) for rs in routings)
+        mode = cfg.entropy_reg_mode
+        ffn = sum(entropy_of_mean_softmax([r.ffn.logits for r in rs], mode) for rs in routings)
+        att = sum(entropy_of_mean_softmax([r.att_v.logits for r in rs], mode) +
+                  entropy_of_mean_softmax([r.att_o.logits for r in rs], mode) for rs in routings)
         return cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
 
     def _expert_counts(self, flat: list[LayerRouting]) -> dict[str, torch.Tensor]:

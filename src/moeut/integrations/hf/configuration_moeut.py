@@ -23,7 +23,9 @@ class MoEUTConfig(PreTrainedConfig):
       ``att_norm_init`` (init only) renormalises the V/O experts across the expert axis, as the paper's ≥126M runs.
     * σ-MoE feed-forward: ``ff_n_experts`` experts of width ``ff_expert_size``, ``ff_k`` active per token.
     * dense baseline: ``d_ff``.
-    * ``entropy_reg`` / ``att_entropy_reg``: weights of the load-balancing regularisers (the model's ``aux_loss``).
+    * ``entropy_reg`` / ``att_entropy_reg``: weights of the load-balancing regularisers (the model's ``aux_loss``);
+      ``entropy_reg_mode``: their mean softmax per sequence (``"sequence"``, the paper's), over the micro-batch
+      (``"batch"``) or over all data-parallel ranks (``"global"``).
     * ``rope_fraction`` (RoPE on the first ``int(rope_fraction·head_dim)`` channels, rounded down to even) and
       ``rope_base``.
     * ``norm_placement``: the MoEUT layer's LayerNorms, ``"peri"`` (the paper's), ``"pre"`` or ``"post"`` (then the
@@ -68,6 +70,7 @@ class MoEUTConfig(PreTrainedConfig):
         d_ff=2053,
         entropy_reg=0.01,
         att_entropy_reg=0.001,
+        entropy_reg_mode="sequence",
         rope_fraction=0.5,
         rope_base=10000.0,
         max_position_embeddings=1024,
@@ -94,6 +97,8 @@ class MoEUTConfig(PreTrainedConfig):
             raise ValueError(f'MoEUTConfig.arch={arch!r}: must be "moeut", "dense" or "sut"')
         if mi_loss not in ("code", "paper"):
             raise ValueError(f'MoEUTConfig.mi_loss={mi_loss!r}: must be "code" or "paper"')
+        if entropy_reg_mode not in ("sequence", "batch", "global"):
+            raise ValueError(f'MoEUTConfig.entropy_reg_mode={entropy_reg_mode!r}: must be "sequence", "batch" or "global"')
         if norm_placement not in ("peri", "pre", "post"):
             raise ValueError(f'MoEUTConfig.norm_placement={norm_placement!r}: must be "peri", "pre" or "post"')
         if group_order not in ("abab", "aabb"):
@@ -117,6 +122,7 @@ class MoEUTConfig(PreTrainedConfig):
         self.d_ff = d_ff
         self.entropy_reg = entropy_reg
         self.att_entropy_reg = att_entropy_reg
+        self.entropy_reg_mode = entropy_reg_mode
         self.rope_fraction = rope_fraction
         self.rope_base = rope_base
         self.max_position_embeddings = max_position_embeddings

@@ -38,8 +38,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.nn import functional as dist_functional
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
@@ -184,10 +186,25 @@ def sigmoid_topk(x, router, k, n_heads=1):
     return logits, gates, indices
 
 
-def entropy_of_mean_softmax(logits):
-    """``-mean_batch H(mean_{t, r} softmax(logits))`` over logits ``[B, T, *heads, E]`` of R applications."""
+def entropy_of_mean_softmax(logits, mode="sequence"):
+    """``-H(mean softmax(logits))`` over logits ``[B, T, *heads, E]`` of R applications, the mean taken per
+    sequence (``"sequence"``, then averaged over the batch), over the micro-batch (``"batch"``) or over every
+    data-parallel rank's micro-batch (``"global"``: a differentiable all-reduce of the summed softmax)."""
     x = torch.cat([t.float() for t in logits], dim=1)
-    log_p = F.log_softmax(x, dim=-1).logsumexp(dim=1) - math.log(x.shape[1])
+    log_sm = F.log_softmax(x, dim=-1)
+    if mode == "sequence":
+        log_p = log_sm.logsumexp(dim=1) - math.log(x.shape[1])
+    else:
+        log_sm = log_sm.flatten(0, 1)
+        if mode == "global" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ref = log_sm.detach().amax(dim=0)
+            dist.all_reduce(ref, op=dist.ReduceOp.MAX)
+            total = dist_functional.all_reduce((log_sm - ref).exp().sum(dim=0), op=dist.ReduceOp.SUM)
+            n = torch.tensor(float(log_sm.shape[0]), device=log_sm.device)
+            dist.all_reduce(n)
+            log_p = total.log() + ref - n.log()
+        else:
+            log_p = log_sm.logsumexp(dim=0) - math.log(log_sm.shape[0])
     entropy = -(log_p * log_p.exp()).sum(-1)
     return -entropy.mean()
 
@@ -799,9 +816,10 @@ class MoEUTModel(MoEUTPreTrainedModel):
         if not with_aux:
             aux_loss, router_logits = None, None
         elif cfg.arch == "moeut":
-            ffn = sum(entropy_of_mean_softmax([lg[2] for lg in rs]) for rs in routing)
-            att = sum(entropy_of_mean_softmax([lg[0] for lg in rs]) + entropy_of_mean_softmax([lg[1] for lg in rs])
-                      for rs in routing)
+            mode = cfg.entropy_reg_mode
+            ffn = sum(entropy_of_mean_softmax([lg[2] for lg in rs], mode) for rs in routing)
+            att = sum(entropy_of_mean_softmax([lg[0] for lg in rs], mode) +
+                      entropy_of_mean_softmax([lg[1] for lg in rs], mode) for rs in routing)
             aux_loss = cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
             router_logits = None
             if output_router_logits:  # absolute application order
