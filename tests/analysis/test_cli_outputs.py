@@ -49,6 +49,31 @@ def test_residual_norm_cli_reads_text_files_with_the_runs_tokenizer(tiny_runs, t
     assert json.loads((out / "residual_norm.json").read_text())["results"][0]["tokens"] > 0
 
 
+def test_depth_cli_writes_the_curve_table_json_and_png(tiny_runs, tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["analyze", "depth", "--checkpoint", str(tiny_runs["moeut"]), "--data", str(tiny_data), "--out",
+                 str(out), "--batches", "2", "--batch-size", "2", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "2 (trained)" in text and "vs trained" in text
+    res = json.loads((out / "depth.json").read_text())["result"]
+    assert res["trained_repeats"] == 2 and [p["repeats"] for p in res["points"]] == [1, 2, 3, 4]
+    assert [p["applications"] for p in res["points"]] == [2, 4, 6, 8]
+    assert all(p["tokens"] == 128 and p["ppl"] > 1 for p in res["points"])
+    assert len({round(p["ppl"], 6) for p in res["points"]}) == 4  # every depth gives another perplexity
+    assert_png(out / "depth.png")
+    assert main(["analyze", "depth", "--checkpoint", str(tiny_runs["dense"]), "--data", str(tiny_data), "--out",
+                 str(tmp_path / "d"), "--batches", "1", "--no-progress"]) == 2
+    assert "shares no layers" in capsys.readouterr().err
+
+
+def test_routing_analysis_cli_takes_repeats(tiny_runs, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    assert main(["analyze", "expert-usage", "--checkpoint", str(tiny_runs["moeut"]), "--data", str(tiny_data),
+                 "--out", str(out), "--batches", "1", "--batch-size", "2", "--repeats", "3", "--no-progress"]) == 0
+    counts = json.loads((out / "expert_usage_ffn.json").read_text())["counts"]
+    assert len(counts) == 2 and all(len(layer) == 3 for layer in counts)  # [G][R = 3][E], trained R = 2
+
+
 def test_expert_usage_cli_on_a_dense_run_is_a_clear_error(tiny_runs, tiny_data, tmp_path, capsys):
     rc = main(["analyze", "expert-usage", "--checkpoint", str(tiny_runs["dense"]), "--data", str(tiny_data),
                "--out", str(tmp_path / "o"), "--batches", "1", "--no-progress"])

@@ -48,6 +48,21 @@ def test_eval_defaults_to_the_runs_validation_split_for_ppl(tiny_run, tmp_path):
     assert res["ppl"]["windows"] == 1 and res["ppl"]["source"].endswith("val")
 
 
+def test_eval_repeats_changes_the_depth_and_the_perplexity(tiny_run, tmp_path, capsys):
+    ppl = {}
+    for r in (None, 2, 1, 4):  # the tiny run is trained with R = 2
+        out = tmp_path / f"ppl_{r}.json"
+        flags = [] if r is None else ["--repeats", str(r)]
+        assert run_eval(_args("--checkpoint", str(tiny_run), "--tasks", "ppl", "--limit", "2", "--json", str(out),
+                              "--no-progress", *flags)) == 0
+        ppl[r] = json.loads(out.read_text())["ppl"]["ppl"]
+    assert ppl[2] == pytest.approx(ppl[None], rel=1e-9)
+    assert ppl[1] != pytest.approx(ppl[2], rel=1e-3) and ppl[4] != pytest.approx(ppl[2], rel=1e-3)
+    assert "applied 4× (trained 2×)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--repeats must be positive"):
+        run_eval(_args("--checkpoint", str(tiny_run), "--tasks", "ppl", "--repeats", "0"))
+
+
 def test_eval_reports_bad_input_clearly(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
         run_eval(_args("--checkpoint", str(tiny_run), "--tasks", "mmlu"))

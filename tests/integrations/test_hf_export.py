@@ -362,3 +362,53 @@ def test_export_cli_and_errors(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if the hf extra were not installed
     with pytest.raises(DependencyError, match=r"pip install 'moeut\[hf\]'"):
         export_hf(run_dir, tmp_path / "y")
+
+
+@pytest.mark.parametrize("repeats", [1, 5])  # the export has 6 applications of G = 2 layers: trained R = 3
+def test_repeats_at_load_and_forward_time_match_moeut_with_the_cache(export_dir, run_dir, tokenizer, repeats):
+    from transformers import DynamicCache
+
+    ref = load_model(run_dir)
+    hf = _hf_model(export_dir, trust_remote_code=True)
+    tokens, mask = _batch(hf.config.vocab_size)
+    with torch.no_grad():
+        want = ref(tokens, attention_mask=mask, repeats=repeats).logits
+        full = hf(input_ids=tokens, attention_mask=mask, use_cache=False, repeats=repeats).logits
+        cache = DynamicCache()
+        steps = [hf(input_ids=tokens[:, :11], attention_mask=mask[:, :11], cache=cache, repeats=repeats).logits]
+        for t in range(11, tokens.shape[1]):
+            steps.append(hf(input_ids=tokens[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache,
+                            repeats=repeats).logits)
+        with pytest.raises(ValueError, match="repeats that filled the cache"):
+            hf(input_ids=tokens[:, :1], attention_mask=mask, cache=cache, repeats=repeats + 1)
+    assert (full - want).abs().max().item() <= 1e-4
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+    assert (full - hf(input_ids=tokens, attention_mask=mask, use_cache=False).logits).abs().max() > 1e-3
+
+    at_load = _hf_model(export_dir, trust_remote_code=True, repeats=repeats)
+    assert at_load.config.repeats == repeats
+    with torch.no_grad():
+        assert (at_load(input_ids=tokens, attention_mask=mask, use_cache=False).logits - full).abs().max() <= 1e-5
+    prompts = PROMPTS
+    expected = ref.generate(prompts, 10, temperature=0, eos_id=tokenizer.eos_id, repeats=repeats)
+    padded, pmask = _left_padded(prompts, tokenizer.pad_id)
+    for model, kw in ((hf, {"repeats": repeats}), (at_load, {})):
+        out = model.generate(input_ids=padded, attention_mask=pmask, max_new_tokens=10, do_sample=False, **kw)
+        assert _until_eos(out[:, padded.shape[1]:].tolist(), tokenizer.eos_id) == expected
+
+
+def test_load_run_repeats_on_an_export_and_its_config_field(export_dir, run_dir, tmp_path):
+    from moeut.run import load_run
+
+    ref = load_model(run_dir)
+    tokens, mask = _batch(ref.cfg.vocab_size)
+    loaded = load_run(export_dir, device="cpu", require_tokenizer=False, repeats=4)
+    assert loaded.trained_repeats == 3 and loaded.config.n_repeats == 4 and loaded.config.n_layers == 8
+    with torch.no_grad():
+        want = ref(tokens, attention_mask=mask, repeats=4).logits
+        assert (loaded.model(tokens, attention_mask=mask).logits - want).abs().max() <= 1e-5
+    deeper = tmp_path / "deeper"
+    shutil.copytree(export_dir, deeper)
+    cfg = json.loads((deeper / "config.json").read_text())
+    (deeper / "config.json").write_text(json.dumps({**cfg, "repeats": 4}))
+    assert load_model(deeper).cfg.n_repeats == 4

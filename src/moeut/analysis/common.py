@@ -77,23 +77,25 @@ def open_tokens(data: Sequence[str | Path] | str | Path, tokenizer: Tokenizer | 
 
 
 def token_batches(dataset: Any, seq_len: int, batch_size: int = 8, *, max_batches: int | None = None,
-                  max_tokens: int | None = None) -> list[torch.Tensor]:
+                  max_tokens: int | None = None, targets: bool = False) -> list[torch.Tensor]:
     """Consecutive non-overlapping windows ``[b, seq_len]`` of ``dataset`` (the first of them), limited by
-    ``max_batches`` and/or ``max_tokens`` (whichever is reached first)."""
+    ``max_batches`` and/or ``max_tokens`` (whichever is reached first). ``targets=True`` keeps each window's
+    next token too (``[b, seq_len + 1]``, what :func:`moeut.model.perplexity.window_nll` scores)."""
     if seq_len <= 0 or batch_size <= 0:
         raise AnalysisError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
     out: list[torch.Tensor] = []
     n_tok = 0
     # windows of seq_len + 1 as everywhere else; the analyses read the first seq_len tokens of each
     for batch in EvalWindows(dataset, batch_size, seq_len):
-        batch = batch[:, :-1]
+        if not targets:
+            batch = batch[:, :-1]
         if max_tokens is not None:
             rows = max(0, math.ceil((max_tokens - n_tok) / seq_len))
             batch = batch[:rows]
             if batch.shape[0] == 0:
                 break
         out.append(batch)
-        n_tok += batch.numel()
+        n_tok += batch.shape[0] * seq_len
         if max_batches is not None and len(out) >= max_batches:
             break
     if not out:
@@ -103,15 +105,17 @@ def token_batches(dataset: Any, seq_len: int, batch_size: int = 8, *, max_batche
 
 
 def model_batches(loaded: LoadedRun, data, *, seq_len: int | None = None, batch_size: int = 8,
-                  max_batches: int | None = 8, max_tokens: int | None = None) -> list[torch.Tensor]:
-    """Token batches of DATA for the model of ``loaded`` (shards must match its tokenizer)."""
+                  max_batches: int | None = 8, max_tokens: int | None = None, targets: bool = False
+                  ) -> list[torch.Tensor]:
+    """Token batches of DATA for the model of ``loaded`` (shards must match its tokenizer); ``targets`` as
+    :func:`token_batches`."""
     sha = loaded.tokenizer.sha256 if loaded.tokenizer is not None else loaded.tokenizer_sha256
     ds = open_tokens(data, loaded.tokenizer, sha)
     vocab = loaded.config.vocab_size
     if getattr(ds, "vocab_size", vocab) > vocab:
         raise AnalysisError(f"the data's vocabulary ({ds.vocab_size}) is larger than the model's ({vocab})")
     return token_batches(ds, seq_len or loaded.config.context_length, batch_size, max_batches=max_batches,
-                         max_tokens=max_tokens)
+                         max_tokens=max_tokens, targets=targets)
 
 
 @torch.no_grad()

@@ -4,13 +4,15 @@
     moeut analyze expert-usage     --checkpoint RUN --data DATA --out DIR [--kind ffn|att_v|att_o]
     moeut analyze layer-similarity --checkpoint RUN --data DATA --out DIR [--kind ...]
     moeut analyze token-diversity  --checkpoint RUN --data DATA --out DIR [--top-n 6000]
+    moeut analyze depth            --checkpoint RUN --data DATA --out DIR [--max-repeats 2×trained]
     moeut analyze sweep            --sweep expert-size-k|k|group-size|norm-placement|FILE --data DATA --out DIR
     moeut analyze wallclock        --presets moeut-tiny dense-tiny ... --out DIR
     moeut analyze compute          --checkpoint RUN [RUN ...] [--presets ...] --out DIR
 
 DATA: a directory written by ``moeut prepare`` (its ``val`` split is read), a split directory, or text
 files (tokenised with the run's tokenizer); default: the validation split the run was trained on. Each
-command prints a table and writes JSON and PNG files into ``--out``.
+command prints a table and writes JSON and PNG files into ``--out``. The four analyses of one model take
+``--repeats R`` (the shared layers applied R times instead of as trained).
 """
 
 from __future__ import annotations
@@ -20,20 +22,21 @@ import sys
 from pathlib import Path
 
 from moeut.analysis.compute import run as run_compute
+from moeut.analysis.depth import run as run_depth
 from moeut.analysis.expert_usage import run as run_expert_usage
 from moeut.analysis.layer_similarity import run as run_layer_similarity
 from moeut.analysis.residual_norm import run as run_residual_norm
 from moeut.analysis.sweep import run as run_sweep
 from moeut.analysis.token_diversity import run as run_token_diversity
 from moeut.analysis.common import AnalysisError, model_batches
-from moeut.cli.common import add_run_flags, load_run_from_args, positive
+from moeut.cli.common import add_repeats_flag, add_run_flags, load_run_from_args, positive
 from moeut.run import trained_val_split
 from moeut.runtime import resolve_device, tune_malloc
 from moeut.train.wallclock import run as run_wallclock
 
-HELP = ("the paper's analyses: residual norms, expert usage, layer similarity, token diversity, sweeps, wall clock "
-        "and memory, compute")
-_MODEL_ANALYSES = ("residual-norm", "expert-usage", "layer-similarity", "token-diversity")
+HELP = ("the paper's analyses: residual norms, expert usage, layer similarity, token diversity, depth at inference, "
+        "sweeps, wall clock and memory, compute")
+_MODEL_ANALYSES = ("residual-norm", "expert-usage", "layer-similarity", "token-diversity", "depth")
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
@@ -62,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", action="append", default=[], metavar="RUN", help="another run to show alongside "
                    "(repeatable)")
     _data_flags(p)
+    add_repeats_flag(p)
     _common(p)
 
     for name, hlp in (("expert-usage", "how often each expert is selected in each repeat of its shared layer"),
@@ -75,7 +79,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--top-n", type=int, default=6000, help="most frequent tokens in the ratio plot "
                            "(default 6000, as the paper)")
         _data_flags(p)
+        add_repeats_flag(p)
         _common(p)
+
+    p = sub.add_parser("depth", help="validation perplexity with the shared layers applied R = 1 … 2×trained "
+                       "times (depth chosen at inference)")
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory or checkpoint file")
+    p.add_argument("--max-repeats", type=int, default=None, metavar="R",
+                   help="largest R (default: twice the trained n_layers/G)")
+    _data_flags(p)
+    _common(p)
 
     p = sub.add_parser("sweep", help="train and evaluate a list of configurations on one token budget "
                        "(resumable; one run directory each)")
@@ -153,12 +166,14 @@ def _run_model_analysis(args: argparse.Namespace, out: Path, show: bool) -> dict
                 raise AnalysisError(f"no --data given and the validation split {m.name} was trained on was not "
                                     "found; pass --data DIR (a `moeut prepare` directory) or text files")
         return model_batches(m, data, seq_len=args.seq_len, batch_size=args.batch_size,
-                             max_batches=args.batches or None, max_tokens=args.max_tokens)
+                             max_batches=args.batches or None, max_tokens=args.max_tokens,
+                             targets=args.analysis == "depth")
 
     batches = batches_of(loaded)
     cfg = loaded.config
+    n_tok = sum(b.shape[0] * (b.shape[1] - (args.analysis == "depth")) for b in batches)
     print(f"moeut analyze {args.analysis}: {loaded.name} ({cfg.arch}, {cfg.n_layers} applications of "
-          f"{cfg.group_size} layers) on {sum(b.numel() for b in batches):,} tokens", flush=True)
+          f"{cfg.group_size} layers) on {n_tok:,} tokens", flush=True)
     if args.analysis == "residual-norm":
         models = [loaded] + [load_run_from_args(args, c, require_tokenizer=False) for c in args.compare]
         return run_residual_norm(models, lambda m: batches if m is loaded else batches_of(m), out, show_progress=show)
@@ -166,5 +181,8 @@ def _run_model_analysis(args: argparse.Namespace, out: Path, show: bool) -> dict
         return run_expert_usage(loaded, batches, out, kind=args.kind, show_progress=show)
     if args.analysis == "layer-similarity":
         return run_layer_similarity(loaded, batches, out, kind=args.kind, show_progress=show)
+    if args.analysis == "depth":
+        positive("max-repeats", args.max_repeats)
+        return run_depth(loaded, batches, out, max_repeats=args.max_repeats, show_progress=show)
     positive("top-n", args.top_n)
     return run_token_diversity(loaded, batches, out, kind=args.kind, top_n=args.top_n, show_progress=show)

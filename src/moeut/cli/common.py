@@ -25,6 +25,12 @@ def add_run_flags(p: argparse.ArgumentParser, *, checkpoint_help: str | None = N
     p.add_argument("--backend", default=None, help="expert-matmul backend (default: automatic)")
 
 
+def add_repeats_flag(p: argparse.ArgumentParser) -> None:
+    """``--repeats R``: depth chosen at inference (the verbs that run a model: eval, generate, analyze)."""
+    p.add_argument("--repeats", type=int, default=None, metavar="R",
+                   help="apply the G shared layers R times instead of the trained n_layers/G (default: as trained)")
+
+
 def add_tokenizer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer.model or its directory (default: the one stored with the run; another one must "
@@ -37,7 +43,7 @@ def load_run_from_args(args: argparse.Namespace, path: str | None = None, *, req
                        device: str | None = None) -> LoadedRun:
     return load_run(path or args.checkpoint, tokenizer=args.tokenizer, device=device or getattr(args, "device", "auto"),
                     backend=getattr(args, "backend", None), allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
-                    require_tokenizer=require_tokenizer)
+                    require_tokenizer=require_tokenizer, repeats=getattr(args, "repeats", None))
 
 
 def positive(name: str, v: int | float | None, allow_zero: bool = False) -> None:

@@ -2,6 +2,7 @@
 
     moeut eval --checkpoint RUN [--tasks ppl,lambada,blimp,cbt,hellaswag,piqa,arc_easy] [--data-dir DIR]
                [--ppl-data PATH ...] [--limit N] [--batch-size B] [--json OUT] [--harness]
+               [--repeats R]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from moeut.cli.common import add_run_flags, load_run_from_args, positive
+from moeut.cli.common import add_repeats_flag, add_run_flags, load_run_from_args, positive
 from moeut.eval import SentencePieceEncoder, evaluate, format_table, parse_tasks
 from moeut.fileio import atomic_write_json
 from moeut.run import trained_val_split
@@ -25,6 +26,7 @@ NOT_FOUND = "not evaluated: data not found"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_flags(p)
+    add_repeats_flag(p)
     p.add_argument("--tasks", default=DEFAULT_TASKS,
                    help=f"comma-separated tasks (default {DEFAULT_TASKS}; 'all' = the same). With --harness: "
                         "lm-eval task names, or these names mapped to the local lm-eval tasks moeut ships")
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     tune_malloc()
     positive("batch-size", args.batch_size)
     positive("limit", args.limit)
+    positive("repeats", args.repeats)
     t0 = time.perf_counter()
     loaded = load_run_from_args(args)
     if args.harness:
@@ -57,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks)
     model, encoder = loaded.model, SentencePieceEncoder(loaded.tokenizer)
     device = next(model.parameters()).device
+    depth = "" if args.repeats is None else (f", shared layers applied {model.cfg.n_repeats}× "
+                                             f"(trained {loaded.trained_repeats}×)")
     print(f"moeut eval: {args.checkpoint} ({model.num_params() / 1e6:.2f}M parameters, context "
-          f"{model.cfg.context_length}, {device}); tasks: {', '.join(tasks)}", flush=True)
+          f"{model.cfg.context_length}, {device}{depth}); tasks: {', '.join(tasks)}", flush=True)
 
     ppl_data = args.ppl_data
     skip_ppl = False

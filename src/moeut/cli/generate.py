@@ -3,6 +3,7 @@
     moeut generate --checkpoint runs/demo/moeut-tiny --prompt "Once upon a time"
     moeut generate --checkpoint RUN --prompt A --prompt B --temperature 0 --max-new-tokens 50
     moeut generate --checkpoint RUN --interactive            # a prompt loop (empty line or EOF ends it)
+    moeut generate --checkpoint RUN --prompt A --repeats 4   # shared layers applied 4 times (depth at inference)
 
 ``--checkpoint`` is a run directory (newest checkpoint), a checkpoint file, or a directory written by
 ``moeut export-hf``. Generation uses the KV cache (:func:`moeut.model.generate.generate`).
@@ -16,7 +17,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from moeut.cli.common import UsageError, add_run_flags, load_run_from_args
+from moeut.cli.common import UsageError, add_repeats_flag, add_run_flags, load_run_from_args, positive
 from moeut.run import LoadedRun
 
 
@@ -26,6 +27,7 @@ HELP = "sample from a trained model, streaming tokens as they are produced"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Sample continuations of prompts from a trained model, streamed as they are generated."
     add_run_flags(parser)
+    add_repeats_flag(parser)
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                         help="prompt text (repeatable; an empty prompt starts a new document)")
     parser.add_argument("--interactive", action="store_true", help="read prompts from the terminal in a loop")
@@ -124,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k is not None and args.top_k < 0:
         raise UsageError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
+    positive("repeats", args.repeats)
     loaded = load_run_from_args(args)
 
     def one(text: str) -> None:

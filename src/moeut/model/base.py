@@ -53,6 +53,13 @@ class LanguageModel(nn.Module):
         """Sample continuations of token-id prompts with the KV cache; see :func:`moeut.model.generate.generate`."""
         return generate(self, prompts, max_new_tokens, **kw)
 
+    def set_repeats(self, repeats: int) -> "LanguageModel":
+        """Apply the G shared layers ``repeats`` times from now on (depth at inference): the model's config
+        becomes :meth:`ModelConfig.with_repeats` of it, so everything that reads ``cfg.n_layers`` (cache,
+        analyses, accounting) sees the new depth. The weights are untouched. Returns the model."""
+        self.cfg = self.cfg.with_repeats(repeats)
+        return self
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from moeut.errors import MoeutError
+from moeut.model.regularizer import ENTROPY_REG_MODES
 
 Arch = Literal["moeut", "dense", "sut"]
 ARCHS = ("moeut", "dense", "sut")
@@ -55,6 +56,9 @@ class ModelConfig:
     # regularisation (entropy of the mean router softmax, Sec. 2.3)
     entropy_reg: float = 0.01  # γ, weight of the σ-MoE regulariser [entropy_reg]
     att_entropy_reg: float = 0.001  # δ, weight of the SwitchHead regulariser [att_entropy_reg]
+    # where the regulariser's mean softmax is taken: "sequence" (the paper's: per sequence), "batch" (the whole
+    # micro-batch) or "global" (the micro-batches of all data-parallel ranks); see moeut.model.regularizer
+    entropy_reg_mode: str = "sequence"
     # positions
     rope_fraction: float = 0.5  # RoPE acts on the first int(fraction·d_head) channels (rounded down to even)
     rope_base: float = 10000.0  # RoPE base
@@ -94,11 +98,33 @@ class ModelConfig:
     def is_sut(self) -> bool:
         return self.arch == "sut"
 
-    def layer_index(self, application: int) -> int:
-        """Which of the G distinct layers runs at absolute layer application ``application``."""
+    def applications(self, repeats: int | None = None) -> int:
+        """Layer applications of one forward pass when the group is applied ``repeats`` times (None = as
+        trained, n_layers). Depth at inference: any ``repeats >= 1`` for MoEUT and SUT; the dense baseline
+        shares no layers, so only its trained depth (repeats = 1) exists."""
+        if repeats is None:
+            return self.n_layers
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ConfigError(f"repeats={repeats!r}: must be a positive integer (how often the group of "
+                              f"G={self.group_size} shared layers is applied; trained: {self.n_repeats})")
+        if self.arch == "dense" and repeats != 1:
+            raise ConfigError(f"repeats={repeats}: the dense baseline shares no layers (G = n_layers = "
+                              f"{self.n_layers}), so its depth cannot change; use repeats=1 or a MoEUT/SUT model")
+        return repeats * self.group_size
+
+    def layer_index(self, application: int, repeats: int | None = None) -> int:
+        """Which of the G distinct layers runs at absolute layer application ``application`` when the group is
+        applied ``repeats`` times (None = as trained). ``"abab"``: ``application mod G``; ``"aabb"``: each
+        distinct layer runs ``repeats`` times in a row (A…A B…B), so R keeps meaning "applications per layer"."""
+        r = self.n_repeats if repeats is None else repeats
         if self.group_order == "aabb":
-            return application // self.n_repeats
+            return application // r
         return application % self.group_size
+
+    def with_repeats(self, repeats: int) -> "ModelConfig":
+        """The same model with its group applied ``repeats`` times (``n_layers = repeats·G``): depth chosen at
+        inference. Parameter shapes do not depend on ``n_layers``, so a checkpoint loads into either."""
+        return self.replace(n_layers=self.applications(repeats))
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -117,6 +143,11 @@ class ModelConfig:
         need(self.rope_base > 0, "rope_base", "must be positive")
         need(self.entropy_reg >= 0, "entropy_reg", "must be >= 0 (0 disables the σ-MoE regulariser)")
         need(self.att_entropy_reg >= 0, "att_entropy_reg", "must be >= 0 (0 disables the attention regulariser)")
+        need(self.entropy_reg_mode in ENTROPY_REG_MODES, "entropy_reg_mode",
+             'must be "sequence" (per sequence, the paper\'s), "batch" (the micro-batch) or "global" (all '
+             'data-parallel ranks)')
+        need(self.entropy_reg_mode == "sequence" or self.arch == "moeut", "entropy_reg_mode",
+             f'only MoEUT has the entropy regulariser (arch={self.arch!r}); leave it at "sequence"')
         need(self.norm_placement in NORM_PLACEMENTS, "norm_placement", 'must be "peri", "pre" or "post"')
         need(self.group_order in GROUP_ORDERS, "group_order", 'must be "abab" or "aabb"')
         if self.arch != "moeut":

@@ -33,13 +33,14 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | 
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, seed: int | None = None, pad_id: int = 0, use_cache: bool = True,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
+             repeats: int | None = None, on_token: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns only the new tokens per prompt.
 
     Prompts of different lengths are left-padded and masked (RoPE positions count real tokens only), so
     a batch gives the same tokens as running each prompt alone. ``temperature=0`` is greedy. A row stops
     at ``eos_id`` (which is included). ``on_token`` receives each step's ``[B]`` new tokens (streaming).
-    ``use_cache=False`` recomputes the whole sequence every step (a slow check of the cache).
+    ``use_cache=False`` recomputes the whole sequence every step (a slow check of the cache). ``repeats``:
+    apply the shared layers that many times (depth at inference; None = the model's configured depth).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one non-empty prompt (token ids)")
@@ -64,10 +65,10 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     step_input, full = tokens, tokens
     for _ in range(max_new_tokens):
         if use_cache:
-            res = model(step_input, cache=cache, attention_mask=mask if padded else None)
+            res = model(step_input, cache=cache, attention_mask=mask if padded else None, repeats=repeats)
             cache = res.cache
         else:
-            res = model(full, attention_mask=mask if padded else None)
+            res = model(full, attention_mask=mask if padded else None, repeats=repeats)
         nxt = sample_next(res.logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
                           generator=generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)

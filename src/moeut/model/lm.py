@@ -3,8 +3,8 @@ order A B … A B … (n_layers/G repeats; ``group_order="aabb"``: A A … B B �
 (G = n_layers). The SUT baseline has its own class (:mod:`moeut.model.sut`); :func:`build_model` picks.
 
     h = Embedding(tokens)                          no scaling (post-LN: LN_noaffine(√d · Embedding(tokens)))
-    for each layer application i = 0 … n_layers − 1:
-        h = layer_{g(i)}(h)                        g(i) = i mod G (abab) or i div (n_layers/G) (aabb)
+    for each layer application i = 0 … R·G − 1:  R = n_layers/G as trained, or ``repeats`` at inference
+        h = layer_{g(i)}(h)                        g(i) = i mod G (abab) or i div R (aabb)
     logits = W_out · LN(h) + b_out                 head not tied to the embedding (post-LN: no LN)
 """
 
@@ -63,7 +63,7 @@ class MoEUTLM(LanguageModel):
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
-                output_routing: bool = False) -> LMOutput:
+                output_routing: bool = False, repeats: int | None = None) -> LMOutput:
         """Run the model on ``tokens`` ``[B, T]``.
 
         * ``cache``: pass a :class:`KVCache` (empty to start) to decode incrementally; the output carries
@@ -74,6 +74,8 @@ class MoEUTLM(LanguageModel):
           or, with an ``attention_mask``, the number of real tokens before each position.
         * ``output_hidden_states`` / ``output_routing``: also return the residual stream around every layer
           application and every application's :class:`LayerRouting` (for the analyses).
+        * ``repeats``: apply the G shared layers R times (R·G applications) instead of the trained
+          n_layers/G (None). A cache must be used with the repeats that built it.
 
         ``reg_loss`` and ``expert_counts`` are computed in training mode or with ``output_routing=True``;
         in eval mode without it they are None (see :class:`LMOutput`).
@@ -82,6 +84,9 @@ class MoEUTLM(LanguageModel):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
+        n_apps = cfg.applications(repeats)
+        if cache is not None:
+            cache.check_depth(n_apps)
         past = cache.length if cache is not None else 0
         positions = positions_for(B, T, past, attention_mask, position_ids, tokens.device)
         rope = rope_tables(positions, cfg.n_rotate, cfg.rope_base)
@@ -95,8 +100,8 @@ class MoEUTLM(LanguageModel):
         routings: list[list[LayerRouting]] = [[] for _ in range(cfg.group_size)]
         hidden = [h] if output_hidden_states else None
         applied: list[LayerRouting | None] = []
-        for idx in range(cfg.n_layers):  # absolute layer application
-            g = cfg.layer_index(idx)
+        for idx in range(n_apps):  # absolute layer application
+            g = cfg.layer_index(idx, repeats)
             h, kv, routing = self.layers[g](h, rope, mask, cache.get(idx) if cache is not None else None)
             if new_cache is not None:
                 new_cache.layers[idx] = kv
@@ -117,11 +122,13 @@ class MoEUTLM(LanguageModel):
                         returned)
 
     def _reg_loss(self, routings: list[list[LayerRouting]]) -> torch.Tensor:
-        """γ·Σ_g −H(p_ffn,g) + δ·Σ_g (−H(p_V,g) − H(p_O,g)); p pooled over time and over the repeats of g."""
+        """γ·Σ_g −H(p_ffn,g) + δ·Σ_g (−H(p_V,g) − H(p_O,g)); p pooled over the repeats of g and over time
+        (per sequence), the micro-batch or the global batch, as ``cfg.entropy_reg_mode`` says."""
         cfg = self.cfg
-        ffn = sum(entropy_of_mean_softmax([r.ffn.logits for r in rs]) for rs in routings)
-        att = sum(entropy_of_mean_softmax([r.att_v.logits for r in rs]) +
-                  entropy_of_mean_softmax([r.att_o.logits for r in rs]) for rs in routings)
+        mode = cfg.entropy_reg_mode
+        ffn = sum(entropy_of_mean_softmax([r.ffn.logits for r in rs], mode) for rs in routings)
+        att = sum(entropy_of_mean_softmax([r.att_v.logits for r in rs], mode) +
+                  entropy_of_mean_softmax([r.att_o.logits for r in rs], mode) for rs in routings)
         return cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
 
     def _expert_counts(self, flat: list[LayerRouting]) -> dict[str, torch.Tensor]:

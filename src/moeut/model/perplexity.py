@@ -26,10 +26,12 @@ class NLLTotals:
 
 @torch.no_grad()
 def window_nll(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, token_bytes: np.ndarray | None = None,
-               max_windows: int | None = None, progress: Callable[[int], None] | None = None) -> NLLTotals:
+               max_windows: int | None = None, progress: Callable[[int], None] | None = None,
+               repeats: int | None = None) -> NLLTotals:
     """Score every window of ``batches``: the first ``T`` tokens are the input, all ``T`` targets count.
-    ``token_bytes[id]``: bytes per token (for bits per byte). ``max_windows`` stops early. The model is in eval
-    mode while scoring and goes back to its previous mode afterwards."""
+    ``token_bytes[id]``: bytes per token (for bits per byte). ``max_windows`` stops early. ``repeats``: apply the
+    shared layers that many times (depth at inference; None = the model's configured depth). The model is in
+    eval mode while scoring and goes back to its previous mode afterwards."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -42,7 +44,7 @@ def window_nll(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, token
                 if batch.shape[0] == 0:
                     break
             batch = batch.to(device)
-            logits = model(batch[:, :-1]).logits.float()
+            logits = (model(batch[:, :-1]) if repeats is None else model(batch[:, :-1], repeats=repeats)).logits.float()
             targets = batch[:, 1:]
             nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").double().cpu()
             n_tok += targets.numel()

@@ -1,9 +1,21 @@
 """The load-balancing regulariser of MoEUT (Sec. 2.3): entropy of the mean router softmax.
 
 For every *unique* expert module, the router logits of all its applications (every repeat of a shared
-layer) are pooled; per sequence, ``p = mean_{time × repeats} softmax(logits)``; the loss is the negative
-entropy ``-H(p)``, averaged over the batch (and over heads for SwitchHead). Minimising it spreads the
-selection over the experts.
+layer) are pooled into ``p = mean softmax(logits)`` and the loss is the negative entropy ``-H(p)`` (averaged
+over heads for SwitchHead). Minimising it spreads the selection over the experts. Where the mean is taken is
+``ModelConfig.entropy_reg_mode``:
+
+* ``"sequence"`` (the paper's): per sequence, over time × repeats; ``-H`` averaged over the batch.
+* ``"batch"``: over the whole micro-batch (batch × time × repeats) at once: one marginal per micro-batch.
+* ``"global"``: over the micro-batches of every data-parallel rank together. The summed softmax and the token
+  count are all-reduced, the sum with the differentiable ``torch.distributed.nn.functional.all_reduce``, so
+  every rank gets the same loss and its tokens' share of the gradient, scaled by the world size; the
+  data-parallel gradient average (DDP, FSDP) then gives exactly the gradient of one process holding the global
+  batch. Without an initialised process group (or with one rank) it equals ``"batch"``. With gradient
+  accumulation each micro-step is pooled on its own.
+
+The authors' training code calls these ``moe.perplexity_reg_mode`` ``"layers_time"`` (sequence) and
+``"global"`` (batch; across ranks only with its ``sync_distributed`` option: our ``"global"``).
 """
 
 from __future__ import annotations
@@ -12,15 +24,40 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.nn import functional as dist_functional
+
+ENTROPY_REG_MODES = ("sequence", "batch", "global")
 
 
-def entropy_of_mean_softmax(logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``-mean_batch H(mean_{t, r} softmax(logits))`` for logits ``[B, T, *heads, E]`` from R repeats.
-
-    Computed in fp32 and in log space: ``log p = logsumexp_{t,r}(log_softmax) - log(T·R)``.
-    """
+def entropy_of_mean_softmax(logits: Sequence[torch.Tensor], mode: str = "sequence") -> torch.Tensor:
+    """``-H(mean softmax(logits))`` for logits ``[B, T, *heads, E]`` from R repeats, pooled as ``mode`` says
+    (see the module docstring); averaged over the batch (``"sequence"``) and the heads. fp32."""
     x = torch.cat([t.float() for t in logits], dim=1)  # [B, R*T, *heads, E]
-    log_p = F.log_softmax(x, dim=-1).logsumexp(dim=1) - math.log(x.shape[1])  # [B, *heads, E]
-    entropy = -(log_p * log_p.exp()).sum(-1)  # [B, *heads]
+    log_sm = F.log_softmax(x, dim=-1)
+    if mode == "sequence":
+        log_p = log_sm.logsumexp(dim=1) - math.log(x.shape[1])  # [B, *heads, E]
+    elif mode in ("batch", "global"):
+        log_sm = log_sm.flatten(0, 1)  # [N, *heads, E]
+        if mode == "global" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            log_p = _global_log_mean(log_sm)
+        else:
+            log_p = log_sm.logsumexp(dim=0) - math.log(log_sm.shape[0])  # [*heads, E]
+    else:
+        raise ValueError(f"entropy_reg_mode={mode!r}: must be one of {', '.join(ENTROPY_REG_MODES)}")
+    entropy = -(log_p * log_p.exp()).sum(-1)
     return -entropy.mean()
+
+
+def _global_log_mean(log_sm: torch.Tensor) -> torch.Tensor:
+    """``log mean_{rows of every rank} exp(log_sm)`` ``[*heads, E]``, differentiable through the all-reduce."""
+    # every rank takes the same reference point (the global max, a constant for the gradient) for stability
+    ref = log_sm.detach().amax(dim=0)
+    dist.all_reduce(ref, op=dist.ReduceOp.MAX)
+    local = (log_sm - ref).exp().sum(dim=0)
+    total = dist_functional.all_reduce(local, op=dist.ReduceOp.SUM)  # its backward all-reduces the gradient
+    n = torch.tensor(float(log_sm.shape[0]), device=log_sm.device)
+    dist.all_reduce(n)
+    return total.log() + ref - n.log()
+

@@ -109,13 +109,16 @@ class SUTLM(LanguageModel):
 
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                output_hidden_states: bool = False, output_routing: bool = False):
-        """As :meth:`moeut.model.lm.MoEUTLM.forward`. ``hidden_states``: the state entering each layer
+                output_hidden_states: bool = False, output_routing: bool = False, repeats: int | None = None):
+        """As :meth:`moeut.model.lm.MoEUTLM.forward` (``repeats``: the shared layers' applications, as there). ``hidden_states``: the state entering each layer
         application (under ACT the halting-weighted state attention reads) plus the final one."""
         cfg = self.cfg
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
+        n_apps = cfg.applications(repeats)
+        if cache is not None:
+            cache.check_depth(n_apps)
         past = cache.length if cache is not None else 0
         mask = attention_mask_for(B, T, past, attention_mask, tokens.device)
         h = F.layer_norm(self.embedding(tokens) * math.sqrt(cfg.d_model), (cfg.d_model,))
@@ -126,8 +129,8 @@ class SUTLM(LanguageModel):
         hidden = [h] if output_hidden_states else None
         state, prev, act, q = h, h, None, None
         act_loss = torch.zeros((), device=h.device)  # Σ over halting applications of mean_tokens E[depth]_t
-        for idx in range(cfg.n_layers):
-            layer = self.layers[cfg.layer_index(idx)]
+        for idx in range(n_apps):
+            layer = self.layers[cfg.layer_index(idx, repeats)]
             past_kv = cache.get(idx) if cache is not None else None
             if layer.halting is not None and idx > 0:
                 act, q = halt_step(act, layer.halting(prev), prev, cfg.act_threshold)
@@ -151,18 +154,18 @@ class SUTLM(LanguageModel):
         logits = self.lm_head(state)
         if not stats:
             return LMOutput(logits, None, new_cache, None, hidden, None)
-        reg = self._mi_loss(applied) + cfg.act_reg * act_loss
+        reg = self._mi_loss(applied, repeats) + cfg.act_reg * act_loss
         counts = {"ffn": torch.stack([expert_counts(r.ffn.indices, cfg.ff_n_experts) for r in applied]),
                   "att": torch.stack([expert_counts(r.att.indices, cfg.att_n_experts) for r in applied])}
         return LMOutput(logits, reg, new_cache, counts, hidden, applied if output_routing else None)
 
-    def _mi_loss(self, applied: list[SUTLayerRouting]) -> torch.Tensor:
+    def _mi_loss(self, applied: list[SUTLayerRouting], repeats: int | None) -> torch.Tensor:
         cfg = self.cfg
         total = torch.zeros((), device=applied[0].ffn.logits.device)
         if not cfg.mi_reg:
             return total
         for g in range(cfg.group_size):
-            mine = [r for i, r in enumerate(applied) if cfg.layer_index(i) == g]
+            mine = [r for i, r in enumerate(applied) if cfg.layer_index(i, repeats) == g]
             weights = [r.weight for r in mine]
             total = total + mutual_information_loss([r.att.logits for r in mine], weights, cfg.mi_loss)
             total = total + mutual_information_loss([r.ffn.logits for r in mine], weights, cfg.mi_loss)

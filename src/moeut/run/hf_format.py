@@ -61,7 +61,9 @@ def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
         key = HF_NAMES.get(f.name, f.name)
         if f.init and key in d:
             kwargs[f.name] = d[key]
-    return ModelConfig.from_dict(kwargs)
+    cfg = ModelConfig.from_dict(kwargs)
+    # an export may set a depth at inference (``repeats``: the group applied that many times)
+    return cfg if d.get("repeats") is None else cfg.with_repeats(d["repeats"])
 
 
 def _rename(key: str, prefixes) -> str:

@@ -44,6 +44,7 @@ class LoadedRun:
     source: Path  # the checkpoint file, or the exported directory
     kind: str  # "checkpoint" or "hf"
     tokenizer_sha256: str | None = None  # what the run recorded
+    trained_repeats: int | None = None  # n_layers/G as trained (``config`` may be at another depth: ``repeats``)
 
     @property
     def name(self) -> str:
@@ -53,12 +54,14 @@ class LoadedRun:
 
 def load_run(path: str | Path, *, tokenizer: str | Path | None = None, device: str | torch.device = "auto",
              backend: str | None = None, allow_tokenizer_mismatch: bool = False,
-             require_tokenizer: bool = True) -> LoadedRun:
+             require_tokenizer: bool = True, repeats: int | None = None) -> LoadedRun:
     """Load ``path`` (a run directory: its newest loadable checkpoint; a checkpoint file; an export).
 
     ``tokenizer``: a ``tokenizer.model`` file or a directory holding one (default: the run's own).
     ``require_tokenizer=False`` returns ``tokenizer=None`` instead of failing when the run has none and
-    none is given (analyses on prepared shards need no tokenizer).
+    none is given (analyses on prepared shards need no tokenizer). ``repeats``: apply the shared layers
+    that many times instead of the trained n_layers/G (depth at inference, :meth:`LanguageModel.set_repeats`);
+    ``config`` is then the model at that depth and ``trained_repeats`` says what it was trained with.
     """
     path = Path(path)
     if not path.exists():
@@ -87,9 +90,12 @@ def load_run(path: str | Path, *, tokenizer: str | Path | None = None, device: s
     if tok is not None and tok.vocab_size > model.cfg.vocab_size:
         raise TokenizerError(f"tokenizer {tok.model_path} has {tok.vocab_size} pieces but the model's vocabulary is "
                              f"{model.cfg.vocab_size}; pass the tokenizer the model was trained with")
+    trained = model.cfg.n_repeats
+    if repeats is not None:
+        model.set_repeats(repeats)
     model.to(dev)
     return LoadedRun(model=model, config=model.cfg, tokenizer=tok, run_dir=run_dir, step=step, source=source,
-                     kind=kind, tokenizer_sha256=recorded)
+                     kind=kind, tokenizer_sha256=recorded, trained_repeats=trained)
 
 
 def _tokenizer_for(run_dir: Path, source: Path, given: str | Path | None, recorded: str | None,

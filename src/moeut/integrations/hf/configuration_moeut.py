@@ -23,12 +23,17 @@ class MoEUTConfig(PreTrainedConfig):
       ``att_norm_init`` (init only) renormalises the V/O experts across the expert axis, as the paper's ≥126M runs.
     * σ-MoE feed-forward: ``ff_n_experts`` experts of width ``ff_expert_size``, ``ff_k`` active per token.
     * dense baseline: ``d_ff``.
-    * ``entropy_reg`` / ``att_entropy_reg``: weights of the load-balancing regularisers (the model's ``aux_loss``).
+    * ``entropy_reg`` / ``att_entropy_reg``: weights of the load-balancing regularisers (the model's ``aux_loss``);
+      ``entropy_reg_mode``: their mean softmax per sequence (``"sequence"``, the paper's), over the micro-batch
+      (``"batch"``) or over all data-parallel ranks (``"global"``).
     * ``rope_fraction`` (RoPE on the first ``int(rope_fraction·head_dim)`` channels, rounded down to even) and
       ``rope_base``.
     * ``norm_placement``: the MoEUT layer's LayerNorms, ``"peri"`` (the paper's), ``"pre"`` or ``"post"`` (then the
       embeddings are scaled by √d and normalised without parameters, and there is no output LayerNorm).
     * ``group_order``: the order of the layer applications, ``"abab"`` (A B A B …) or ``"aabb"`` (A A … B B …).
+    * ``repeats``: depth chosen at inference: apply the G distinct layers ``repeats`` times (``repeats·G``
+      applications) instead of the trained ``num_hidden_layers / G``; None = as trained. Also a forward (and
+      ``generate``) argument. With ``"aabb"`` each distinct layer runs ``repeats`` times in a row.
     * ``arch="sut"``, the Sparse Universal Transformer baseline (post-LN, mixture of attention heads with
       ``num_attention_heads`` heads *per attention expert*, softmax MoE): ``act`` (ACT halting), ``act_reg``,
       ``act_threshold``, ``mi_reg`` / ``mi_loss`` (its router loss, ``"code"`` or ``"paper"``), ``sample_topk``,
@@ -65,11 +70,13 @@ class MoEUTConfig(PreTrainedConfig):
         d_ff=2053,
         entropy_reg=0.01,
         att_entropy_reg=0.001,
+        entropy_reg_mode="sequence",
         rope_fraction=0.5,
         rope_base=10000.0,
         max_position_embeddings=1024,
         norm_placement="peri",
         group_order="abab",
+        repeats=None,
         act=True,
         act_reg=0.01,
         act_threshold=0.999,
@@ -90,12 +97,15 @@ class MoEUTConfig(PreTrainedConfig):
             raise ValueError(f'MoEUTConfig.arch={arch!r}: must be "moeut", "dense" or "sut"')
         if mi_loss not in ("code", "paper"):
             raise ValueError(f'MoEUTConfig.mi_loss={mi_loss!r}: must be "code" or "paper"')
+        if entropy_reg_mode not in ("sequence", "batch", "global"):
+            raise ValueError(f'MoEUTConfig.entropy_reg_mode={entropy_reg_mode!r}: must be "sequence", "batch" or "global"')
         if norm_placement not in ("peri", "pre", "post"):
             raise ValueError(f'MoEUTConfig.norm_placement={norm_placement!r}: must be "peri", "pre" or "post"')
         if group_order not in ("abab", "aabb"):
             raise ValueError(f'MoEUTConfig.group_order={group_order!r}: must be "abab" or "aabb"')
         if group_size <= 0 or num_hidden_layers % group_size:
             raise ValueError(f"MoEUTConfig.group_size={group_size} must divide num_hidden_layers={num_hidden_layers}")
+        _check_repeats(repeats, arch)
         self.arch = arch
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -112,11 +122,13 @@ class MoEUTConfig(PreTrainedConfig):
         self.d_ff = d_ff
         self.entropy_reg = entropy_reg
         self.att_entropy_reg = att_entropy_reg
+        self.entropy_reg_mode = entropy_reg_mode
         self.rope_fraction = rope_fraction
         self.rope_base = rope_base
         self.max_position_embeddings = max_position_embeddings
         self.norm_placement = norm_placement
         self.group_order = group_order
+        self.repeats = repeats
         self.act = act
         self.act_reg = act_reg
         self.act_threshold = act_threshold
@@ -137,13 +149,23 @@ class MoEUTConfig(PreTrainedConfig):
 
     @property
     def n_repeats(self):
-        """How often the group of ``group_size`` distinct layers is applied."""
+        """How often the group of ``group_size`` distinct layers was applied in training."""
         return self.num_hidden_layers // self.group_size
 
-    def layer_index(self, application):
-        """Which of the ``group_size`` distinct layers runs at absolute layer application ``application``."""
+    def resolve_repeats(self, repeats=None):
+        """The group's applications in a forward pass: ``repeats`` if given, else ``self.repeats``, else as trained."""
+        if repeats is None:
+            repeats = self.repeats
+        if repeats is None:
+            return self.n_repeats
+        _check_repeats(repeats, self.arch)
+        return repeats
+
+    def layer_index(self, application, repeats=None):
+        """Which of the ``group_size`` distinct layers runs at absolute layer application ``application`` when
+        the group is applied ``repeats`` times (resolved as :meth:`resolve_repeats`)."""
         if self.group_order == "aabb":
-            return application // self.n_repeats
+            return application // self.resolve_repeats(repeats)
         return application % self.group_size
 
     @property
@@ -151,6 +173,15 @@ class MoEUTConfig(PreTrainedConfig):
         """Channels of each head that RoPE rotates (an even number)."""
         n = int(self.rope_fraction * self.head_dim)
         return n - n % 2
+
+
+def _check_repeats(repeats, arch):
+    if repeats is None:
+        return
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"MoEUTConfig.repeats={repeats!r}: must be a positive integer or None (as trained)")
+    if arch == "dense" and repeats != 1:
+        raise ValueError(f"MoEUTConfig.repeats={repeats}: the dense baseline shares no layers; its depth cannot change")
 
 
 __all__ = ["MoEUTConfig"]

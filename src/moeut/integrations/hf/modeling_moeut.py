@@ -20,6 +20,10 @@ MoEUT layer (peri-LayerNorm, ``norm_placement="peri"``)::
 x = LN₂(x + σ-MoE(x))`` with embeddings ·√d through a LayerNorm without parameters and no output LayerNorm.
 ``group_order="aabb"`` applies each distinct layer n_layers/G times in a row instead of A B A B ….
 
+Depth at inference: ``repeats=R`` (a forward and ``generate`` argument, or ``config.repeats``) applies the G
+distinct layers R times (R·G applications, each with its own cache entry) instead of ``num_hidden_layers / G``.
+A cache must be continued with the R that filled it.
+
 ``arch="sut"``: the Sparse Universal Transformer baseline (moeut.model.sut): post-LN layers of a mixture of
 attention heads (relative positions, no RoPE) and a softmax MoE, with ACT halting; ``aux_loss`` is its
 mutual-information router loss plus the ACT loss (summed over the halting applications).
@@ -34,8 +38,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.nn import functional as dist_functional
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
@@ -180,10 +186,25 @@ def sigmoid_topk(x, router, k, n_heads=1):
     return logits, gates, indices
 
 
-def entropy_of_mean_softmax(logits):
-    """``-mean_batch H(mean_{t, r} softmax(logits))`` over logits ``[B, T, *heads, E]`` of R applications."""
+def entropy_of_mean_softmax(logits, mode="sequence"):
+    """``-H(mean softmax(logits))`` over logits ``[B, T, *heads, E]`` of R applications, the mean taken per
+    sequence (``"sequence"``, then averaged over the batch), over the micro-batch (``"batch"``) or over every
+    data-parallel rank's micro-batch (``"global"``: a differentiable all-reduce of the summed softmax)."""
     x = torch.cat([t.float() for t in logits], dim=1)
-    log_p = F.log_softmax(x, dim=-1).logsumexp(dim=1) - math.log(x.shape[1])
+    log_sm = F.log_softmax(x, dim=-1)
+    if mode == "sequence":
+        log_p = log_sm.logsumexp(dim=1) - math.log(x.shape[1])
+    else:
+        log_sm = log_sm.flatten(0, 1)
+        if mode == "global" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ref = log_sm.detach().amax(dim=0)
+            dist.all_reduce(ref, op=dist.ReduceOp.MAX)
+            total = dist_functional.all_reduce((log_sm - ref).exp().sum(dim=0), op=dist.ReduceOp.SUM)
+            n = torch.tensor(float(log_sm.shape[0]), device=log_sm.device)
+            dist.all_reduce(n)
+            log_p = total.log() + ref - n.log()
+        else:
+            log_p = log_sm.logsumexp(dim=0) - math.log(log_sm.shape[0])
     entropy = -(log_p * log_p.exp()).sum(-1)
     return -entropy.mean()
 
@@ -530,7 +551,7 @@ class SUTLayer(nn.Module):
         return self.ln2(x + upd), (logits_att, logits_ff, active)
 
 
-def _sut_stack(model, h, mask, cache, output_hidden_states, with_aux):
+def _sut_stack(model, h, mask, cache, output_hidden_states, with_aux, repeats):
     """SUT layer applications with ACT halting (stick-breaking; tokens freeze once their probability of never
     halting is below 1 − act_threshold). Returns the output state, hidden states, aux loss (None unless
     ``with_aux``; its ACT part is summed over the halting applications), MLP router logits."""
@@ -542,8 +563,8 @@ def _sut_stack(model, h, mask, cache, output_hidden_states, with_aux):
     act_loss = torch.zeros((), device=h.device)
     per_layer = [[] for _ in range(cfg.group_size)]
     applied = []
-    for idx in range(cfg.num_hidden_layers):
-        layer = model.layers[cfg.layer_index(idx)]
+    for idx in range(repeats * cfg.group_size):
+        layer = model.layers[cfg.layer_index(idx, repeats)]
         if layer.halting is not None and idx > 0:
             log_halt = log_never.unsqueeze(-1) + layer.halting(prev)
             p = log_halt[..., 1].exp()
@@ -565,7 +586,7 @@ def _sut_stack(model, h, mask, cache, output_hidden_states, with_aux):
                 acc, depth = torch.zeros_like(out), log_never.clone()
         prev = out
         if with_aux:
-            per_layer[cfg.layer_index(idx)].append(logits)
+            per_layer[cfg.layer_index(idx, repeats)].append(logits)
             applied.append(logits[1])
         if output_hidden_states:
             all_hidden = all_hidden + (state,)
@@ -579,6 +600,18 @@ def _sut_stack(model, h, mask, cache, output_hidden_states, with_aux):
                                       + mutual_information_loss([lg[1] for lg in rs], weights, cfg.mi_loss))
     aux = aux + cfg.act_reg * act_loss
     return state, all_hidden, aux, tuple(applied)
+
+
+def _fit_cache_depth(cache, applications, past):
+    """Check that a filled cache was built at this depth (its last application holds the past, the next one is
+    empty) and give a too-short cache room for every application: generate() of transformers >= 5 builds its
+    DynamicCache with ``num_hidden_layers`` layers, fewer than a pass with ``repeats`` above the trained value."""
+    if past and (cache.get_seq_length(applications - 1) != past or cache.get_seq_length(applications) != 0):
+        raise ValueError(f"the cache was filled with another depth than this pass's {applications} layer "
+                         "applications: continue with the repeats that filled the cache")
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, list) and layers and getattr(cache, "layer_class_to_replicate", None) is None:
+        layers.extend(type(layers[0])() for _ in range(applications - len(layers)))
 
 
 # ---------------------------------------------------------------------------------------- pretrained base
@@ -730,8 +763,9 @@ class MoEUTModel(MoEUTPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, output_hidden_states=None, output_router_logits=None, past_key_values=None,
-                **kwargs):
+                repeats=None, **kwargs):
         cfg = self.config
+        repeats = cfg.resolve_repeats(repeats)
         if cache is None:
             cache = past_key_values
         if (input_ids is None) == (inputs_embeds is None):
@@ -752,20 +786,23 @@ class MoEUTModel(MoEUTPreTrainedModel):
         if not use_cache:
             cache = None
         past = cache.get_seq_length() if cache is not None else 0
+        if cache is not None:
+            _fit_cache_depth(cache, repeats * cfg.group_size, past)
         positions = _positions(bsz, length, past, attention_mask, position_ids, h.device)
         rope = rope_tables(positions, cfg.n_rotate, cfg.rope_base)
         mask = _attention_mask(bsz, length, past, attention_mask, h.device)
         with_aux = self.training or bool(output_router_logits)  # else no aux_loss (None) and no router logits
         if cfg.arch == "sut":  # relative positions only: no RoPE, position_ids are not used
-            h, all_hidden, aux_loss, applied = _sut_stack(self, h, mask, cache, output_hidden_states, with_aux)
+            h, all_hidden, aux_loss, applied = _sut_stack(self, h, mask, cache, output_hidden_states, with_aux,
+                                                               repeats)
             return MoEUTModelOutput(last_hidden_state=h, cache=cache, hidden_states=all_hidden, aux_loss=aux_loss,
                                     router_logits=applied if output_router_logits else None)
 
         all_hidden = (h,) if output_hidden_states else None
         routing = [[] for _ in range(cfg.group_size)]  # per distinct layer g: (logits_v, logits_o, logits_ff)
         applied = []  # the σ-MoE router logits in absolute application order
-        for idx in range(cfg.num_hidden_layers):  # absolute layer application
-            g = cfg.layer_index(idx)
+        for idx in range(repeats * cfg.group_size):  # absolute layer application
+            g = cfg.layer_index(idx, repeats)
             h, logits = self.layers[g](h, rope, mask, cache, idx)
             if logits is not None and with_aux:
                 routing[g].append(logits)
@@ -779,9 +816,10 @@ class MoEUTModel(MoEUTPreTrainedModel):
         if not with_aux:
             aux_loss, router_logits = None, None
         elif cfg.arch == "moeut":
-            ffn = sum(entropy_of_mean_softmax([lg[2] for lg in rs]) for rs in routing)
-            att = sum(entropy_of_mean_softmax([lg[0] for lg in rs]) + entropy_of_mean_softmax([lg[1] for lg in rs])
-                      for rs in routing)
+            mode = cfg.entropy_reg_mode
+            ffn = sum(entropy_of_mean_softmax([lg[2] for lg in rs], mode) for rs in routing)
+            att = sum(entropy_of_mean_softmax([lg[0] for lg in rs], mode) +
+                      entropy_of_mean_softmax([lg[1] for lg in rs], mode) for rs in routing)
             aux_loss = cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
             router_logits = None
             if output_router_logits:  # absolute application order
@@ -825,13 +863,13 @@ class MoEUTForCausalLM(MoEUTPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_hidden_states=None, output_router_logits=None,
-                return_dict=None, logits_to_keep=0, past_key_values=None, **kwargs):
+                return_dict=None, logits_to_keep=0, past_key_values=None, repeats=None, **kwargs):
         output_router_logits = (output_router_logits if output_router_logits is not None
                                 else getattr(self.config, "output_router_logits", False))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
                          use_cache=use_cache, output_hidden_states=output_hidden_states,
-                         output_router_logits=output_router_logits)
+                         output_router_logits=output_router_logits, repeats=repeats)
         h = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(h[:, keep, :])
@@ -867,6 +905,8 @@ def _prepare_inputs_for_generation(self, input_ids, past_key_values=None, attent
     inputs = {"input_ids": input_ids} if inputs_embeds is None or past else {"inputs_embeds": inputs_embeds}
     inputs.update(past_key_values=past_key_values, attention_mask=attention_mask, position_ids=position_ids,
                   use_cache=use_cache)
+    if kwargs.get("repeats") is not None:  # depth at inference: generate(..., repeats=R)
+        inputs["repeats"] = kwargs["repeats"]
     return inputs
 
 
