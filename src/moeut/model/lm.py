@@ -104,7 +104,8 @@ class MoEUTLM(LanguageModel):
         applied: list[LayerRouting | None] = []
         for idx in range(cfg.n_layers):  # absolute layer application
             g = cfg.layer_index(idx)
-            h, kv, routing = self.layers[g](h, rope, mask, cache.get(idx) if cache is not None else None)
+            h, kv, routing = self.apply_layer(idx, self.layers[g], h, rope, mask,
+                                              cache.get(idx) if cache is not None else None)
             if new_cache is not None:
                 new_cache.layers[idx] = kv
             if stats:
