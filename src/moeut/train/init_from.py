@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from torch import nn
+import torch
 
 from moeut.errors import MoeutError
 from moeut.model.config import ModelConfig
@@ -28,9 +28,10 @@ def config_differences(want: ModelConfig, have: ModelConfig) -> dict[str, tuple[
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def init_weights_from(model: nn.Module, model_cfg: ModelConfig, source: str, data_tokenizer_sha256: str, *,
-                      allow_tokenizer_mismatch: bool = False) -> str:
-    """Copy the weights of ``source`` into ``model`` (built from ``model_cfg``); returns a one-line description."""
+def load_init_weights(model_cfg: ModelConfig, source: str, data_tokenizer_sha256: str, *,
+                      allow_tokenizer_mismatch: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of ``source`` for a model built from ``model_cfg`` (checked: configuration, tokenizer), and
+    a one-line description of where they came from."""
     try:
         loaded = load_run(source, device="cpu", require_tokenizer=False,
                           allow_tokenizer_mismatch=allow_tokenizer_mismatch)
@@ -55,6 +56,5 @@ def init_weights_from(model: nn.Module, model_cfg: ModelConfig, source: str, dat
                                 f"the source's tokenizer (`moeut prepare --tokenizer "
                                 f"{loaded.run_dir}/tokenizer.model`), or pass {OVERRIDE_FLAG} if you really mean it")
         print(f"warning: {msg} (continuing: {OVERRIDE_FLAG})", file=sys.stderr)
-    model.load_state_dict(loaded.model.state_dict())
     step = f" step {loaded.step}" if loaded.step is not None else ""
-    return f"weights from {loaded.source}{step} ({loaded.kind})"
+    return loaded.model.state_dict(), f"weights from {loaded.source}{step} ({loaded.kind})"

@@ -25,13 +25,13 @@ from moeut.fileio import atomic_write_json, atomic_write_text
 from moeut.model import build_model
 from moeut.model.accounting import model_stats
 from moeut.model.perplexity import window_nll
-from moeut.run.checkpoint import latest_checkpoint, save_checkpoint
+from moeut.run.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from moeut.run.layout import CHECKPOINTS, MODEL_CONFIG, SUMMARY, TOKENIZER_JSON, TOKENIZER_MODEL, TRAIN_CONFIG
 from moeut.runtime import progress
 from moeut.train.activation_checkpointing import apply_activation_checkpointing
 from moeut.train.config import TrainConfig
 from moeut.train.distributed import DistInfo, barrier, init_distributed, shutdown, wrap_model
-from moeut.train.init_from import InitFromError, init_weights_from
+from moeut.train.init_from import InitFromError, load_init_weights
 from moeut.train.metrics import MetricsLogger, residual_norm_metrics, routing_stats
 from moeut.train.step import autocast_for, train_step
 from moeut.train.systems import PeakMemory, device_peak_tflops, train_flops_per_token
@@ -66,6 +66,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True,
         model_cfg = cfg.model_config()
         if model_cfg.vocab_size != train_ds.vocab_size:
             model_cfg = model_cfg.replace(vocab_size=train_ds.vocab_size)
+        init_weights, origin = None, ""
+        if cfg.init_from and not (resume and list_checkpoints(run_dir)):  # checked before the run directory is made
+            try:
+                init_weights, origin = load_init_weights(model_cfg, cfg.init_from, train_ds.tokenizer_sha256,
+                                                         allow_tokenizer_mismatch=allow_tokenizer_mismatch)
+            except InitFromError as e:
+                raise TrainingError(str(e)) from e
         run_state = _prepare_run_dir(run_dir, cfg, model_cfg, train_ds.tokenizer_sha256, resume, info,
                                      allow_schedule_change)
 
@@ -76,12 +83,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True,
             start_step, wall_before = run_state["step"], run_state.get("wall_time_s", 0.0)
             tokens_seen = run_state.get("tokens_seen", 0)
             model.load_state_dict(run_state["model"])
-        elif cfg.init_from:  # weights only: the optimizer, schedule, step and data start afresh
-            try:
-                origin = init_weights_from(model, model_cfg, cfg.init_from, train_ds.tokenizer_sha256,
-                                           allow_tokenizer_mismatch=allow_tokenizer_mismatch)
-            except InitFromError as e:
-                raise TrainingError(str(e)) from e
+        elif init_weights is not None:  # weights only: the optimizer, schedule, step and data start afresh
+            model.load_state_dict(init_weights)
             if info.is_main:
                 print(f"init       {origin}; fresh optimizer and schedule")
         model.to(info.device)
@@ -319,10 +322,10 @@ def _check_schedule_change(old: TrainConfig, new: TrainConfig, step: int, run_di
            f"the decay has not started)" if old.schedule == "cosine" else
            f"its decay started at step {before.decay_start}; a WSD run can be extended only while the decay has "
            f"not started (pass --decay-steps to keep the decay where it was)")
-    raise TrainingError(f"{run_dir} is at step {step} of a {before.describe()} schedule over {old.steps} steps; "
-                        f"resuming with --steps {new.steps} ({after.describe()}) would change the learning rate of "
-                        f"steps already taken (from step {differs} on): {how}. Pass --allow-schedule-change to "
-                        f"accept the new schedule from step {step} on")
+    raise TrainingError(f"{run_dir} is at step {step} of {old.steps} steps with the schedule {before.describe()}; "
+                        f"resuming with --steps {new.steps} and the schedule {after.describe()} would change the "
+                        f"learning rate of steps already taken (from step {differs} on): {how}. Pass "
+                        f"--allow-schedule-change to accept the new schedule from step {step} on")
 
 
 def _write_summary(run_dir: Path, step: int, last: dict[str, Any], val_ppl: float | None, wall: float,
