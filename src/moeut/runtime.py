@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import resource
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -60,3 +62,18 @@ def progress(it: Iterable | None = None, *, enabled: bool = True, **kwargs: Any)
     (but still usable: ``update``, ``set_postfix``, ``write``, context manager) when ``enabled`` is False.
     ``kwargs`` go to tqdm (``total``, ``desc``, ``initial``, ``unit``, ``leave``…)."""
     return tqdm(it, disable=not enabled, dynamic_ncols=True, **kwargs)
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux ``/proc/self/statm``; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (``getrusage`` ``ru_maxrss``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB

@@ -18,7 +18,9 @@ _FLAGS = {"preset": "preset", "data": "data", "out": "out", "steps": "steps", "b
           "eval_batches": "eval_batches", "save_every": "save_every", "keep": "keep_checkpoints",
           "log_every": "log_every", "routing_every": "routing_every",
           "residual_norm_every": "residual_norm_every", "seed": "seed", "device": "device",
-          "precision": "precision", "backend": "backend"}
+          "precision": "precision", "backend": "backend", "schedule": "schedule", "decay_steps": "decay_steps",
+          "decay_fraction": "decay_fraction", "decay_shape": "decay_shape", "peak_tflops": "peak_tflops",
+          "init_from": "init_from", "activation_checkpointing": "activation_checkpointing"}
 
 
 def add_arguments(tr: argparse.ArgumentParser) -> None:
@@ -50,6 +52,28 @@ def add_arguments(tr: argparse.ArgumentParser) -> None:
                            ("precision", str, "auto, bf16, fp32 (default auto: bf16 on CUDA)"),
                            ("backend", str, "expert-matmul backend (default automatic)")]:
         tr.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None, help=hlp)
+    tr.add_argument("--schedule", choices=["cosine", "wsd"], default=None,
+                    help="learning-rate schedule: cosine (the paper's, default) or wsd (warmup, stable, decay: "
+                         "extendable while the decay has not started)")
+    tr.add_argument("--decay-steps", type=int, default=None, help="wsd: decay over the last N steps")
+    tr.add_argument("--decay-fraction", type=float, default=None,
+                    help="wsd: decay over this fraction of --steps (default 0.2 when --decay-steps is not given)")
+    tr.add_argument("--decay-shape", choices=["linear", "cosine"], default=None,
+                    help="wsd: shape of the decay to final_lr_ratio × lr (default linear)")
+    tr.add_argument("--allow-schedule-change", action="store_true",
+                    help="with --resume: accept other --steps / schedule settings even though the steps already "
+                         "taken would have had other learning rates")
+    tr.add_argument("--activation-checkpointing", nargs="?", type=int, const=1, default=None, metavar="K",
+                    help="recompute every K-th layer application in the backward pass (K = 1 when omitted): "
+                         "less activation memory for about one more forward pass")
+    tr.add_argument("--peak-tflops", type=float, default=None,
+                    help="per-device peak TFLOP/s for the mfu metric (default: a table of common GPUs in bf16; "
+                         "no mfu on CPU)")
+    tr.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", default=None,
+                    help="start from these weights only (a moeut run, checkpoint, export-hf or import-paper "
+                         "directory): fresh optimizer, schedule and data; the model configuration must match")
+    tr.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                    help="with --init-from: train on data whose tokenizer is not the source run's (a warning)")
     tr.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
     tr.add_argument("--compile", action="store_true",
                     help="torch.compile the model (whole graph: the expert ops are registered custom ops)")
@@ -69,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
         if not getattr(cfg, name):
             raise UsageError(f"--{name} is required (on the command line or in the --config file)")
     try:
-        train(cfg, resume=args.resume, show_progress=not args.no_progress)
+        train(cfg, resume=args.resume, show_progress=not args.no_progress,
+              allow_schedule_change=args.allow_schedule_change,
+              allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
     except TrainingError as e:
         print(f"moeut train: error: {e}", file=sys.stderr)
         return 1

@@ -3,7 +3,9 @@ around it (sampling, parameter counts)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +47,26 @@ class LMOutput:
         return ce if self.reg_loss is None else ce + self.reg_loss
 
 
+# How a layer application is run: ``runner(application_index, layer, *args, **kwargs)`` returns what
+# ``layer(*args, **kwargs)`` returns. Set from outside the model (activation checkpointing, see
+# :mod:`moeut.train.activation_checkpointing`); it must not change the result, only how it is computed.
+LayerRunner = Callable[..., Any]
+
+
 class LanguageModel(nn.Module):
     """What every moeut language model offers around its forward pass (MoEUT, dense, SUT): sampling and
-    parameter counts. Subclasses have ``embedding`` and an untied ``lm_head``."""
+    parameter counts. Subclasses have ``embedding`` and an untied ``lm_head``, and run every layer application
+    through :meth:`apply_layer`."""
+
+    # None: call the layer. A component outside the model may set a :data:`LayerRunner` here (the model
+    # itself stays single-device code that knows nothing of recomputation).
+    layer_runner: LayerRunner | None = None
+
+    def apply_layer(self, idx: int, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Run layer application ``idx`` (absolute, 0 … n_layers − 1) of the shared ``layer``."""
+        if self.layer_runner is None:
+            return layer(*args, **kwargs)
+        return self.layer_runner(idx, layer, *args, **kwargs)
 
     def generate(self, prompts, max_new_tokens: int, **kw) -> list[list[int]]:
         """Sample continuations of token-id prompts with the KV cache; see :func:`moeut.model.generate.generate`."""

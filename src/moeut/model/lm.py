@@ -102,7 +102,8 @@ class MoEUTLM(LanguageModel):
         applied: list[LayerRouting | None] = []
         for idx in range(n_apps):  # absolute layer application
             g = cfg.layer_index(idx, repeats)
-            h, kv, routing = self.layers[g](h, rope, mask, cache.get(idx) if cache is not None else None)
+            h, kv, routing = self.apply_layer(idx, self.layers[g], h, rope, mask,
+                                              cache.get(idx) if cache is not None else None)
             if new_cache is not None:
                 new_cache.layers[idx] = kv
             if stats:

@@ -134,12 +134,12 @@ class SUTLM(LanguageModel):
             past_kv = cache.get(idx) if cache is not None else None
             if layer.halting is not None and idx > 0:
                 act, q = halt_step(act, layer.halting(prev), prev, cfg.act_threshold)
-                out, kv, routing = layer(prev, state, mask, past_kv, active=q)
+                out, kv, routing = self.apply_layer(idx, layer, prev, state, mask, past_kv, active=q)
                 state = mix_state(act, q, out, state, cfg.act_threshold)
                 if stats and cfg.act_reg:
                     act_loss = act_loss + expected_depth(act, q).mean()
             else:
-                out, kv, routing = layer(prev, state, mask, past_kv)
+                out, kv, routing = self.apply_layer(idx, layer, prev, state, mask, past_kv)
                 state = out
                 if layer.halting is not None:
                     act = ACTState.start(out)

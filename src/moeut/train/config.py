@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from moeut.model.config import ConfigError, ModelConfig
+from moeut.train.schedule import DECAY_SHAPES, DEFAULT_DECAY_FRACTION, SCHEDULES, LRSchedule
 
 # Per-preset recipe details from the paper: no warmup and κ = 0.1 for the 44M models, 4000 warmup steps
 # and κ = 0.25 otherwise. The CPU presets train for minutes, so they warm up briefly.
@@ -48,7 +49,7 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01  # on all parameters, as the paper
     warmup_steps: int | None = None  # linear warmup; default per preset (0 for 44M, 4000 for larger)
-    final_lr_ratio: float = 0.1  # eta_min of the cosine (T_max = steps, from the end of warmup), as the paper's code
+    final_lr_ratio: float = 0.1  # the floor: the cosine's eta_min (T_max = steps, as the paper's code), the WSD end
     grad_clip: float | None = None  # κ; default per preset (0.1 for 44M, 0.25 otherwise); 0 disables
     eval_every: int = 200  # validation perplexity every N steps (and at the end); 0 = only at the end
     eval_batches: int = 0  # validation batches per periodic evaluation; 0 = all (the final one is always complete)
@@ -63,6 +64,13 @@ class TrainConfig:
     backend: str | None = None  # expert-matmul backend (None = automatic)
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard each shared layer, then the root) instead of DDP
     compile: bool = False  # torch.compile the training forward/backward (the expert ops are custom ops: no breaks)
+    activation_checkpointing: int = 0  # recompute every K-th layer application in the backward pass; 0 = off
+    schedule: str = "cosine"  # "cosine" (the paper's) or "wsd" (warmup, stable, decay)
+    decay_steps: int | None = None  # wsd: length of the final decay (or decay_fraction of steps; default 0.2)
+    decay_fraction: float | None = None  # wsd: decay over this fraction of steps (when decay_steps is not set)
+    decay_shape: str = "linear"  # wsd: "linear" or "cosine" decay from lr to final_lr_ratio · lr
+    peak_tflops: float | None = None  # per-device peak for mfu; default: the table for known GPUs, none on CPU
+    init_from: str = ""  # start from the weights of this run/checkpoint/export (fresh optimizer and schedule)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -96,7 +104,40 @@ class TrainConfig:
                      "keep_checkpoints"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.precision in ("auto", "bf16", "fp32"), "precision", 'must be "auto", "bf16" or "fp32"')
+        need(isinstance(self.activation_checkpointing, int) and self.activation_checkpointing >= 0,
+             "activation_checkpointing", "must be an integer >= 0 (0 = off, K = every K-th layer application)")
+        need(self.schedule in SCHEDULES, "schedule", f"must be one of {list(SCHEDULES)}")
+        need(self.decay_shape in DECAY_SHAPES, "decay_shape", f"must be one of {list(DECAY_SHAPES)}")
+        if self.schedule != "wsd":
+            for name in ("decay_steps", "decay_fraction"):
+                need(getattr(self, name) is None, name, 'is a setting of --schedule wsd (the cosine decays over '
+                     'all steps)')
+        else:
+            need(self.decay_steps is None or self.decay_fraction is None, "decay_fraction",
+                 "give either decay_steps or decay_fraction, not both")
+            if self.decay_steps is not None:
+                need(isinstance(self.decay_steps, int) and 0 < self.decay_steps <= self.steps, "decay_steps",
+                     f"must be an integer in 1 … steps={self.steps}")
+            if self.decay_fraction is not None:
+                need(0 < self.decay_fraction <= 1, "decay_fraction", "must be in (0, 1]")
+            need(self.steps - self.wsd_decay_steps() >= self.warmup_steps, "warmup_steps",
+                 f"must end before the decay starts (step {self.steps - self.wsd_decay_steps()})")
+        need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
         self.model_config()  # validates preset and overrides
+
+    def wsd_decay_steps(self) -> int:
+        """Length of the WSD decay: decay_steps, or round(decay_fraction · steps) (default fraction 0.2)."""
+        if self.decay_steps is not None:
+            return self.decay_steps
+        frac = DEFAULT_DECAY_FRACTION if self.decay_fraction is None else self.decay_fraction
+        return max(1, round(frac * self.steps))
+
+    def lr_schedule(self) -> LRSchedule:
+        """The learning-rate schedule these settings describe."""
+        return LRSchedule(kind=self.schedule, peak=self.lr, total_steps=self.steps, warmup=self.warmup_steps,
+                          final_ratio=self.final_lr_ratio,
+                          decay_steps=self.wsd_decay_steps() if self.schedule == "wsd" else 0,
+                          decay_shape=self.decay_shape)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -105,6 +146,17 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def field_defaults(cls) -> dict[str, Any]:
+        """Every field's default (as in :meth:`to_dict`; None where the default is resolved per preset)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                out[f.name] = f.default_factory()  # type: ignore[misc]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

@@ -1,4 +1,4 @@
-"""The training loop of the paper's recipe: AdamW, warmup + cosine, clipping, CE + regulariser.
+"""The training loop of the paper's recipe: AdamW, warmup + cosine (or WSD), clipping, CE + regulariser.
 
 Resumable bit for bit on CPU: the data order is a pure function of (seed, step), and a checkpoint holds
 the model, the optimizer, the step and the RNG states.
@@ -25,23 +25,40 @@ from moeut.fileio import atomic_write_json, atomic_write_text
 from moeut.model import build_model
 from moeut.model.accounting import model_stats
 from moeut.model.perplexity import window_nll
-from moeut.run.checkpoint import latest_checkpoint, save_checkpoint
+from moeut.run.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from moeut.run.layout import CHECKPOINTS, MODEL_CONFIG, SUMMARY, TOKENIZER_JSON, TOKENIZER_MODEL, TRAIN_CONFIG
 from moeut.runtime import progress
+from moeut.train.activation_checkpointing import apply_activation_checkpointing
 from moeut.train.config import TrainConfig
 from moeut.train.distributed import DistInfo, barrier, init_distributed, shutdown, wrap_model
+from moeut.train.init_from import InitFromError, load_init_weights
 from moeut.train.metrics import MetricsLogger, residual_norm_metrics, routing_stats
-from moeut.train.schedule import lr_at
 from moeut.train.step import autocast_for, train_step
+from moeut.train.systems import PeakMemory, device_peak_tflops, train_flops_per_token
 
 
 class TrainingError(MoeutError, RuntimeError):
     """Training cannot start or continue; the message says why and what to do."""
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the run described by ``cfg``; returns the final summary (also in summary.json)."""
+# settings that may change when a run is resumed: they do not change what is computed (the schedule's are
+# checked separately, see _check_schedule_change)
+_RESUMABLE_CHANGES = ("data", "steps", "eval_every", "save_every", "keep_checkpoints", "log_every", "device",
+                      "residual_norm_every", "compile", "activation_checkpointing", "peak_tflops")
+_SCHEDULE_FIELDS = ("schedule", "decay_steps", "decay_fraction", "decay_shape")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True,
+          allow_schedule_change: bool = False, allow_tokenizer_mismatch: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run described by ``cfg``; returns the final summary (also in summary.json).
+
+    ``allow_schedule_change``: on resume, accept a learning-rate schedule (steps, schedule settings) under
+    which the steps already taken would have had other learning rates. ``allow_tokenizer_mismatch``: with
+    ``cfg.init_from``, accept data tokenized differently from the source run (a warning instead of an error).
+    """
     info = init_distributed(cfg.device)
+    memory = PeakMemory(info.device)
+    memory.start()
     try:
         run_dir = Path(cfg.out)
         train_ds = TokenDataset.open(Path(cfg.data) / "train")
@@ -49,15 +66,29 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
         model_cfg = cfg.model_config()
         if model_cfg.vocab_size != train_ds.vocab_size:
             model_cfg = model_cfg.replace(vocab_size=train_ds.vocab_size)
-        run_state = _prepare_run_dir(run_dir, cfg, model_cfg, train_ds.tokenizer_sha256, resume, info)
+        init_weights, origin = None, ""
+        if cfg.init_from and not (resume and list_checkpoints(run_dir)):  # checked before the run directory is made
+            try:
+                init_weights, origin = load_init_weights(model_cfg, cfg.init_from, train_ds.tokenizer_sha256,
+                                                         allow_tokenizer_mismatch=allow_tokenizer_mismatch)
+            except InitFromError as e:
+                raise TrainingError(str(e)) from e
+        run_state = _prepare_run_dir(run_dir, cfg, model_cfg, train_ds.tokenizer_sha256, resume, info,
+                                     allow_schedule_change)
 
         torch.manual_seed(cfg.seed)
-        model = build_model(model_cfg, backend=cfg.backend).to(info.device)
+        model = build_model(model_cfg, backend=cfg.backend)
         start_step, wall_before, tokens_seen = 0, 0.0, 0
         if run_state is not None:
             start_step, wall_before = run_state["step"], run_state.get("wall_time_s", 0.0)
             tokens_seen = run_state.get("tokens_seen", 0)
             model.load_state_dict(run_state["model"])
+        elif init_weights is not None:  # weights only: the optimizer, schedule, step and data start afresh
+            model.load_state_dict(init_weights)
+            if info.is_main:
+                print(f"init       {origin}; fresh optimizer and schedule")
+        model.to(info.device)
+        apply_activation_checkpointing(model, cfg.activation_checkpointing)  # before FSDP/compile wrap it
         wrapped = wrap_model(model, info, cfg.fsdp)  # FSDP2 replaces parameters: build the optimizer after
         if cfg.compile:  # checkpoints keep reading ``model``: parameter names stay unprefixed
             wrapped = torch.compile(wrapped)
@@ -83,19 +114,27 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
             _print_header(cfg, model_cfg, stats, info, train_ds, val_ds, autocast, start_step)
 
         tokens_per_step = cfg.batch_size * cfg.seq_len
-        bar = progress(total=cfg.steps, initial=start_step, desc="train", enabled=show_progress and info.is_main)
+        schedule = cfg.lr_schedule()
+        flops_per_step = train_flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step / info.world_size
+        peak_tflops = device_peak_tflops(info.device, cfg.peak_tflops)
+        show_bar = show_progress and info.is_main
+        bar = progress(total=cfg.steps, initial=start_step, desc="train", enabled=show_bar)
         t0, last = time.perf_counter(), {}
+        window_time, window_steps = 0.0, 0  # optimizer-step time since the last metrics line
         val_ppl = run_state.get("val_ppl") if run_state else None
         step = start_step
         for step in range(start_step, cfg.steps):
-            lr = lr_at(step, peak=cfg.lr, total_steps=cfg.steps, warmup=cfg.warmup_steps,
-                       final_ratio=cfg.final_lr_ratio)
+            lr = schedule.lr(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             want_routing = cfg.routing_every > 0 and (step + 1) % cfg.routing_every == 0
-            res = train_step(wrapped, optimizer, sampler.batch(step), grad_accum=cfg.grad_accum,
+            batch = sampler.batch(step)
+            t_step = time.perf_counter()
+            res = train_step(wrapped, optimizer, batch, grad_accum=cfg.grad_accum,
                              grad_clip=cfg.grad_clip, autocast=autocast, device=info.device,
                              distributed=info.distributed)
+            window_time += time.perf_counter() - t_step  # train_step ends in .item(): the device is done
+            window_steps += 1
             ce, reg, counts = res.ce, res.reg, res.expert_counts
             if not (math.isfinite(ce) and math.isfinite(reg)):
                 raise TrainingError(f"loss became {ce + reg} at step {step + 1}; training stopped. The last "
@@ -105,17 +144,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
             done = step + 1
             elapsed = time.perf_counter() - t0
             tok_s = (done - start_step) * tokens_per_step / max(elapsed, 1e-9)
+            tflops = flops_per_step * window_steps / max(window_time, 1e-9) / 1e12
             last = {"train_loss": ce, "reg_loss": reg, "lr": lr, "grad_norm": res.grad_norm, "tokens_seen": tokens_seen,
-                    "tok_per_s": tok_s}
+                    "tok_per_s": tok_s, "tflops": tflops,
+                    "mfu": tflops / peak_tflops if peak_tflops else None,
+                    "peak_memory_bytes": memory.peak_bytes()}
             if want_routing and counts is not None:
                 last.update(routing_stats(counts))
             want_norms = cfg.residual_norm_every > 0 and done % cfg.residual_norm_every == 0
             if want_norms:
                 last.update(_residual_norms(wrapped, val_ds, cfg, autocast, info))
-            if info.is_main and (done % max(cfg.log_every, 1) == 0 or want_routing or want_norms or done == cfg.steps):
-                logger.log(done, last)
+            if done % max(cfg.log_every, 1) == 0 or want_routing or want_norms or done == cfg.steps:
+                if info.is_main:
+                    logger.log(done, last)
+                    if not show_bar:
+                        print(_console_line(done, last), flush=True)
+                window_time, window_steps = 0.0, 0
             bar.update(1)
-            bar.set_postfix(loss=f"{ce:.3f}", reg=f"{reg:+.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            bar.set_postfix(loss=f"{ce:.3f}", reg=f"{reg:+.4f}", lr=f"{lr:.2e}", gnorm=f"{res.grad_norm:.3f}",
+                            tok_s=f"{tok_s:,.0f}", tflops=f"{tflops:.3g}",
+                            mem=f"{last['peak_memory_bytes'] / 2**20:,.0f}MiB")
 
             is_last = done == cfg.steps
             if (cfg.eval_every and done % cfg.eval_every == 0) or is_last:
@@ -133,7 +181,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
                                                     "val_ppl": val_ppl}, keep=cfg.keep_checkpoints)
                 barrier(info)
             if info.is_main and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last):
-                _write_summary(run_dir, done, last, val_ppl, wall, stats)
+                _write_summary(run_dir, done, last, val_ppl, wall, stats, memory.kind)
         bar.close()
         logger.close()
         summary = _read_summary(run_dir) if info.is_main else {}
@@ -211,9 +259,10 @@ def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: d
 
 
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, tokenizer_sha256: str, resume: bool,
-                     info: DistInfo) -> dict[str, Any] | None:
+                     info: DistInfo, allow_schedule_change: bool = False) -> dict[str, Any] | None:
     """Check the run directory; on resume, return the newest loadable checkpoint's state."""
     config_path = run_dir / TRAIN_CONFIG
+    old = None
     if config_path.exists():
         try:
             old = json.loads(config_path.read_text())
@@ -222,9 +271,10 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, tokenizer_sha25
         if not resume:
             raise TrainingError(f"{run_dir} already holds a run ({config_path}); pass --resume to continue "
                                 f"it or choose another --out")
-        comparable = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "steps", "eval_every", "save_every",
-                                                                       "keep_checkpoints", "log_every", "device",
-                                                                       "residual_norm_every", "compile")}
+        if old is not None:  # a run written before a field existed had its default
+            old = {**TrainConfig.field_defaults(), **old}
+        exempt = _RESUMABLE_CHANGES + (_SCHEDULE_FIELDS if allow_schedule_change else ())
+        comparable = {k: v for k, v in cfg.to_dict().items() if k not in exempt}
         if old is not None and any(old.get(k) != v for k, v in comparable.items()):
             diff = sorted(k for k, v in comparable.items() if old.get(k) != v)
             raise TrainingError(f"{run_dir} holds a run with a different configuration (fields {diff}); "
@@ -239,6 +289,8 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, tokenizer_sha25
             if state.get("tokenizer_sha256") != tokenizer_sha256:
                 raise TrainingError(f"checkpoint {path} was trained with tokenizer {state.get('tokenizer_sha256')}, "
                                     f"but the data in {cfg.data} uses {tokenizer_sha256}: resume with the same data")
+            if old is not None and not allow_schedule_change:
+                _check_schedule_change(TrainConfig.from_dict(old), cfg, state["step"], run_dir)
             if info.is_main:
                 print(f"resuming from {path} (step {state['step']})")
         elif info.is_main:
@@ -256,13 +308,43 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, tokenizer_sha25
     return state
 
 
+def _check_schedule_change(old: TrainConfig, new: TrainConfig, step: int, run_dir: Path) -> None:
+    """Resuming at ``step`` must not change the learning rate of a step already taken (the cosine's depends
+    on the total from the end of warmup on; WSD's only from the start of its decay)."""
+    before, after = old.lr_schedule(), new.lr_schedule()
+    if before == after:
+        return
+    differs = before.first_difference(after, step)
+    if differs is None:
+        return
+    how = (f"the cosine spans all {old.steps} steps, so a cosine run cannot be extended without reshaping it. "
+           f"To make a run extendable, train it with --schedule wsd (its stable phase can be extended as long as "
+           f"the decay has not started)" if old.schedule == "cosine" else
+           f"its decay started at step {before.decay_start}; a WSD run can be extended only while the decay has "
+           f"not started (pass --decay-steps to keep the decay where it was)")
+    raise TrainingError(f"{run_dir} is at step {step} of {old.steps} steps with the schedule {before.describe()}; "
+                        f"resuming with --steps {new.steps} and the schedule {after.describe()} would change the "
+                        f"learning rate of steps already taken (from step {differs} on): {how}. Pass "
+                        f"--allow-schedule-change to accept the new schedule from step {step} on")
+
+
 def _write_summary(run_dir: Path, step: int, last: dict[str, Any], val_ppl: float | None, wall: float,
-                   stats: dict[str, Any]) -> None:
+                   stats: dict[str, Any], memory_kind: str) -> None:
     summary = {"step": step, "train_loss": last.get("train_loss"), "reg_loss": last.get("reg_loss"),
                "val_ppl": val_ppl, "tokens_seen": last.get("tokens_seen"), "wall_time_s": wall,
-               "tok_per_s": last.get("tok_per_s"), "params_total": stats["params_total"],
+               "tok_per_s": last.get("tok_per_s"), "grad_norm": last.get("grad_norm"), "tflops": last.get("tflops"),
+               "mfu": last.get("mfu"), "peak_memory_bytes": last.get("peak_memory_bytes"),
+               "peak_memory_kind": memory_kind, "params_total": stats["params_total"],
                "active_params_per_token": stats["active_params_per_token"], "hardware": stats.get("hardware")}
     atomic_write_json(run_dir / SUMMARY, summary)
+
+
+def _console_line(step: int, m: dict[str, Any]) -> str:
+    """The metrics of a logged step on one line (when there is no progress bar to show them)."""
+    mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "-"
+    return (f"step {step}: loss {m['train_loss']:.4f} reg {m['reg_loss']:+.4f} lr {m['lr']:.3e} "
+            f"grad_norm {m['grad_norm']:.4f} tok/s {m['tok_per_s']:,.0f} tflops {m['tflops']:.4g} mfu {mfu} "
+            f"mem {m['peak_memory_bytes'] / 2**20:,.0f} MiB")
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:
@@ -282,10 +364,12 @@ def _print_header(cfg: TrainConfig, model_cfg, stats: dict[str, Any], info: Dist
         f"batch      {cfg.batch_size} × {cfg.seq_len} = {per_step:,} tokens per step "
         f"({info.world_size} rank(s) × {cfg.grad_accum} micro-batch(es)); {cfg.steps} steps = "
         f"{per_step * cfg.steps / max(train_ds.num_tokens, 1):.2f} epochs",
-        f"optimizer  AdamW lr {cfg.lr:g} wd {cfg.weight_decay:g}, warmup {cfg.warmup_steps}, cosine (T_max "
-        f"{cfg.steps}, min {cfg.final_lr_ratio:g}×), clip {cfg.grad_clip:g}",
+        f"optimizer  AdamW lr {cfg.lr:g} wd {cfg.weight_decay:g}, warmup {cfg.warmup_steps}, "
+        f"{cfg.lr_schedule().describe()}, clip {cfg.grad_clip:g}",
         f"device     {info.device} ({prec}), expert backend {cfg.backend or 'auto'}"
-        + (f", {'FSDP2' if cfg.fsdp else 'DDP'}" if info.distributed else ""),
+        + (f", {'FSDP2' if cfg.fsdp else 'DDP'}" if info.distributed else "")
+        + (f", activation checkpointing every {cfg.activation_checkpointing} layer application(s)"
+           if cfg.activation_checkpointing else ""),
         f"run        {cfg.out}" + (f" (resuming at step {start_step})" if start_step else ""),
     ]
     print("\n".join(lines), flush=True)

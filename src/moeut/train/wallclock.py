@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,7 +40,7 @@ from moeut.fileio import atomic_write_json
 from moeut.model import ModelConfig, build_model
 from moeut.model.config import parse_preset
 from moeut.report import format_table, pyplot, save_figure
-from moeut.runtime import progress, tune_malloc
+from moeut.runtime import current_rss_bytes, peak_rss_bytes, progress, tune_malloc
 from moeut.train.step import autocast_for, train_step
 
 _MARK = "WALLCLOCK_RESULT "
@@ -67,19 +65,6 @@ class WallclockRow:
     device: str
     iters: int
     warmup: int
-
-
-def _current_rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
-def _peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
 def measure_here(preset: str, model: dict[str, Any], batch_size: int, seq_len: int, grad_accum: int, device: str,
@@ -108,7 +93,7 @@ def measure_here(preset: str, model: dict[str, Any], batch_size: int, seq_len: i
         except Exception:  # noqa: BLE001 - an architecture that cannot be narrowed: no pre-warming
             pass
         gc.collect()
-    rss0 = _current_rss()
+    rss0 = current_rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(seed)
@@ -130,7 +115,7 @@ def measure_here(preset: str, model: dict[str, Any], batch_size: int, seq_len: i
     if cuda:
         peak, kind = torch.cuda.max_memory_allocated(dev), "cuda max_memory_allocated"
     else:
-        peak, kind = max(0, _peak_rss() - rss0), "cpu peak RSS - RSS before model build"
+        peak, kind = max(0, peak_rss_bytes() - rss0), "cpu peak RSS - RSS before model build"
     mean = statistics.fmean(times)
     return asdict(WallclockRow(preset=preset + (":" + ",".join(f"{k}={v}" for k, v in model.items()) if model else ""),
                                params=n_params, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,

@@ -1,0 +1,48 @@
+"""Activation checkpointing per layer *application* (``--activation-checkpointing [K]``), applied from outside
+the model.
+
+A universal transformer's activation memory grows with the number of layer applications (n_layers), not
+the number of distinct layers (G), so the unit of recomputation is one application ``idx`` of a shared
+layer: every K-th application (``idx % K == 0``; K = 1: all of them) keeps only its inputs in the forward
+pass and is run again during the backward pass (:func:`torch.utils.checkpoint.checkpoint`,
+``use_reentrant=False``, RNG state preserved, autocast state replayed).
+
+Why the result is unchanged: a layer returns everything it computes for the loss and for logging (its
+output, the routing logits feeding the regulariser, the selected expert indices feeding the routing
+counts) and stores nothing on modules. The forward pass returns those values once; the recomputation in
+the backward pass only rebuilds the tensors autograd saved and discards its outputs, so nothing is counted
+twice. Wrapping the shared module itself (torchtitan's ``checkpoint_wrapper``) would rename the parameters
+in the state dict and could not tell one application of a layer from another, hence the model's
+:attr:`~moeut.model.base.LanguageModel.layer_runner` hook.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from moeut.model.base import LanguageModel
+
+
+class CheckpointEveryK:
+    """A :data:`~moeut.model.base.LayerRunner` that recomputes every ``every``-th layer application."""
+
+    def __init__(self, every: int):
+        if every < 1:
+            raise ValueError(f"activation checkpointing every {every} layer applications: must be >= 1")
+        self.every = every
+
+    def __call__(self, idx: int, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if idx % self.every or not torch.is_grad_enabled():  # evaluation and generation: nothing to save
+            return layer(*args, **kwargs)
+        return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+
+
+def apply_activation_checkpointing(model: nn.Module, every: int) -> None:
+    """Recompute every ``every``-th layer application of ``model`` in the backward pass (0 = off)."""
+    if not isinstance(model, LanguageModel):
+        raise TypeError(f"activation checkpointing needs a moeut language model, got {type(model).__name__}")
+    model.layer_runner = CheckpointEveryK(every) if every > 0 else None
