@@ -12,7 +12,7 @@ from moeut.train import TrainConfig, TrainingError, train
 HELP = "train a model on data written by `moeut prepare` (the paper's recipe)"
 
 # flag → TrainConfig field, for the flags that map one to one
-_FLAGS = {"preset": "preset", "data": "data", "out": "out", "steps": "steps", "batch_size": "batch_size",
+_FLAGS = {"preset": "preset", "out": "out", "steps": "steps", "batch_size": "batch_size",
           "seq_len": "seq_len", "grad_accum": "grad_accum", "lr": "lr", "weight_decay": "weight_decay",
           "warmup": "warmup_steps", "clip": "grad_clip", "eval_every": "eval_every",
           "eval_batches": "eval_batches", "save_every": "save_every", "keep": "keep_checkpoints",
@@ -26,7 +26,9 @@ def add_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--preset", help="model preset (default moeut-tiny); see `moeut info`")
     tr.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a ModelConfig field, e.g. --model d_model=256 (repeatable)")
-    tr.add_argument("--data", help="directory written by `moeut prepare`")
+    tr.add_argument("--data", action="append", metavar="DIR[:WEIGHT]",
+                    help="directory written by `moeut prepare`; repeat it for a mixture, each drawn in proportion "
+                         "to its WEIGHT (default 1), e.g. --data c4:3 --data code:1 (validation: the first one's val)")
     tr.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, summary.json, tensorboard/)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     for flag, typ, hlp in [("steps", int, "optimizer steps (default 1000)"),
@@ -58,6 +60,8 @@ def add_arguments(tr: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     given = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag) is not None}
+    if args.data:  # one directory stays a plain string (as in older train_config.json files)
+        given["data"] = args.data[0] if len(args.data) == 1 else list(args.data)
     if args.fsdp:
         given["fsdp"] = True
     if args.compile:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moeut.data.mixture import MixtureSpecError, parse_sources
 from moeut.model.config import ConfigError, ModelConfig
 
 # Per-preset recipe details from the paper: no warmup and κ = 0.1 for the 44M models, 4000 warmup steps
@@ -37,7 +38,7 @@ _DEFAULT_RECIPE = dict(warmup_steps=4000, grad_clip=0.25)
 class TrainConfig:
     preset: str = "moeut-tiny"  # model preset (see `moeut info`)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields to change
-    data: str = ""  # directory written by `moeut prepare`
+    data: str | list = ""  # directory written by `moeut prepare`, or a list of "DIR[:WEIGHT]" (a mixture)
     out: str = ""  # run directory
     steps: int = 1000  # optimizer steps
     batch_size: int = 16  # global batch in sequences (split over ranks and accumulation steps)
@@ -96,6 +97,11 @@ class TrainConfig:
                      "keep_checkpoints"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.precision in ("auto", "bf16", "fp32"), "precision", 'must be "auto", "bf16" or "fp32"')
+        if self.data:  # the format of "DIR[:WEIGHT]" entries; the directories are opened by the trainer
+            try:
+                parse_sources(self.data)
+            except MixtureSpecError as e:
+                raise ConfigError(f"TrainConfig.data={self.data!r}: {e}") from None
         self.model_config()  # validates preset and overrides
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moeut.data import BatchSampler, TokenDataset, validation_batches
+from moeut.data import validation_batches
+from moeut.data.mixture import TrainingData
 from moeut.errors import MoeutError
 from moeut.fileio import atomic_write_json, atomic_write_text
 from moeut.model import build_model
@@ -44,12 +45,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
     info = init_distributed(cfg.device)
     try:
         run_dir = Path(cfg.out)
-        train_ds = TokenDataset.open(Path(cfg.data) / "train")
-        val_ds = TokenDataset.open(Path(cfg.data) / "val", expected_tokenizer_sha256=train_ds.tokenizer_sha256)
+        data = TrainingData.open(cfg.data)  # one directory, or a weighted mixture (validation: the first's val)
+        train_ds, val_ds = data, data.val
         model_cfg = cfg.model_config()
         if model_cfg.vocab_size != train_ds.vocab_size:
             model_cfg = model_cfg.replace(vocab_size=train_ds.vocab_size)
-        run_state = _prepare_run_dir(run_dir, cfg, model_cfg, train_ds.tokenizer_sha256, resume, info)
+        run_state = _prepare_run_dir(run_dir, cfg, model_cfg, data, resume, info)
 
         torch.manual_seed(cfg.seed)
         model = build_model(model_cfg, backend=cfg.backend).to(info.device)
@@ -73,7 +74,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
         if cfg.batch_size % (info.world_size * cfg.grad_accum):
             raise TrainingError(f"batch_size={cfg.batch_size} must be divisible by world_size×grad_accum="
                                 f"{info.world_size}×{cfg.grad_accum}")
-        sampler = BatchSampler(train_ds, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
+        sampler = data.sampler(batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
                                rank=info.rank, world_size=info.world_size)
         logger = MetricsLogger(run_dir, enabled=info.is_main)
         if run_state is not None:
@@ -113,7 +114,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
             if want_norms:
                 last.update(_residual_norms(wrapped, val_ds, cfg, autocast, info))
             if info.is_main and (done % max(cfg.log_every, 1) == 0 or want_routing or want_norms or done == cfg.steps):
-                logger.log(done, last)
+                logger.log(done, {**last, **data.tokens_per_source(sampler, done)})
             bar.update(1)
             bar.set_postfix(loss=f"{ce:.3f}", reg=f"{reg:+.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
 
@@ -210,9 +211,10 @@ def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: d
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, tokenizer_sha256: str, resume: bool,
+def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, data: TrainingData, resume: bool,
                      info: DistInfo) -> dict[str, Any] | None:
     """Check the run directory; on resume, return the newest loadable checkpoint's state."""
+    tokenizer_sha256 = data.tokenizer_sha256
     config_path = run_dir / TRAIN_CONFIG
     if config_path.exists():
         try:
@@ -238,7 +240,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, tokenizer_sha25
             path, state = found
             if state.get("tokenizer_sha256") != tokenizer_sha256:
                 raise TrainingError(f"checkpoint {path} was trained with tokenizer {state.get('tokenizer_sha256')}, "
-                                    f"but the data in {cfg.data} uses {tokenizer_sha256}: resume with the same data")
+                                    f"but the data in {data.describe()} uses {tokenizer_sha256}: resume with the same data")
             if info.is_main:
                 print(f"resuming from {path} (step {state['step']})")
         elif info.is_main:
@@ -247,7 +249,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, tokenizer_sha25
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in (TOKENIZER_MODEL, TOKENIZER_JSON):  # the run is self-contained for generate/eval
-            src = Path(cfg.data) / name
+            src = data.first_dir / name
             if src.exists() and not (run_dir / name).exists():
                 shutil.copyfile(src, run_dir / name)
         for path, text in ((config_path, cfg.to_json()), (run_dir / MODEL_CONFIG, model_cfg.to_json())):
@@ -278,7 +280,7 @@ def _print_header(cfg: TrainConfig, model_cfg, stats: dict[str, Any], info: Dist
         f"model      {cfg.preset}: {stats['params_total'] / 1e6:.2f}M params "
         f"({stats['active_params_per_token'] / 1e6:.2f}M active per token), {model_cfg.n_layers} layer "
         f"applications of {model_cfg.group_size} distinct layers, vocab {model_cfg.vocab_size}",
-        f"data       {cfg.data}: {train_ds.num_tokens:,} train / {val_ds.num_tokens:,} validation tokens",
+        f"data       {train_ds.describe()}: {train_ds.num_tokens:,} train / {val_ds.num_tokens:,} validation tokens",
         f"batch      {cfg.batch_size} × {cfg.seq_len} = {per_step:,} tokens per step "
         f"({info.world_size} rank(s) × {cfg.grad_accum} micro-batch(es)); {cfg.steps} steps = "
         f"{per_step * cfg.steps / max(train_ds.num_tokens, 1):.2f} epochs",
