@@ -18,7 +18,8 @@ _FLAGS = {"preset": "preset", "out": "out", "steps": "steps", "batch_size": "bat
           "eval_batches": "eval_batches", "save_every": "save_every", "keep": "keep_checkpoints",
           "log_every": "log_every", "routing_every": "routing_every",
           "residual_norm_every": "residual_norm_every", "seed": "seed", "device": "device",
-          "precision": "precision", "backend": "backend"}
+          "precision": "precision", "backend": "backend", "wandb_project": "wandb_project",
+          "wandb_run_name": "wandb_run_name", "wandb_entity": "wandb_entity"}
 
 
 def add_arguments(tr: argparse.ArgumentParser) -> None:
@@ -50,7 +51,10 @@ def add_arguments(tr: argparse.ArgumentParser) -> None:
                            ("seed", int, "seed (default 0)"),
                            ("device", str, "auto, cpu, cuda, cuda:N (default auto)"),
                            ("precision", str, "auto, bf16, fp32 (default auto: bf16 on CUDA)"),
-                           ("backend", str, "expert-matmul backend (default automatic)")]:
+                           ("backend", str, "expert-matmul backend (default automatic)"),
+                           ("wandb_project", str, "also log to this Weights & Biases project (pip install "
+                            "'moeut[wandb]'; files in RUN/wandb/; WANDB_MODE=offline works)"),
+                           ("wandb_run_name", str, "W&B run name"), ("wandb_entity", str, "W&B entity")]:
         tr.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None, help=hlp)
     tr.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
     tr.add_argument("--compile", action="store_true",

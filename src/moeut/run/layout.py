@@ -24,10 +24,11 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 TENSORBOARD = "tensorboard"
-WANDB = "wandb"
+WANDB = "wandb"  # W&B's own files (wandb.init(dir=RUN) writes RUN/wandb/)
+WANDB_RUN_ID = "moeut_run_id.txt"  # inside RUN/wandb/: the W&B run id, so a resumed run continues the same W&B run
 HF_CONFIG = "config.json"  # of a directory written by `moeut export-hf`
 
-__all__ = ["TRAIN_CONFIG", "MODEL_CONFIG", "CHECKPOINTS", "METRICS", "SUMMARY", "TENSORBOARD", "WANDB", "HF_CONFIG",
+__all__ = ["TRAIN_CONFIG", "MODEL_CONFIG", "CHECKPOINTS", "METRICS", "SUMMARY", "TENSORBOARD", "WANDB", "WANDB_RUN_ID", "HF_CONFIG",
            "TOKENIZER_MODEL", "TOKENIZER_JSON", "run_dir_of", "trained_val_split"]
 
 

@@ -64,6 +64,9 @@ class TrainConfig:
     backend: str | None = None  # expert-matmul backend (None = automatic)
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard each shared layer, then the root) instead of DDP
     compile: bool = False  # torch.compile the training forward/backward (the expert ops are custom ops: no breaks)
+    wandb_project: str = ""  # log to Weights & Biases (pip install 'moeut[wandb]'); "" = off
+    wandb_run_name: str = ""  # W&B run name (default: W&B's)
+    wandb_entity: str = ""  # W&B entity (team or user; default: yours)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]

@@ -31,7 +31,7 @@ from moeut.run.layout import CHECKPOINTS, MODEL_CONFIG, SUMMARY, TOKENIZER_JSON,
 from moeut.runtime import progress
 from moeut.train.config import TrainConfig
 from moeut.train.distributed import DistInfo, barrier, init_distributed, shutdown, wrap_model
-from moeut.train.metrics import MetricsLogger, residual_norm_metrics, routing_stats
+from moeut.train.metrics import MetricsLogger, WandbSink, residual_norm_metrics, routing_stats
 from moeut.train.schedule import lr_at
 from moeut.train.step import autocast_for, train_step
 
@@ -76,7 +76,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
                                 f"{info.world_size}×{cfg.grad_accum}")
         sampler = data.sampler(batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
                                rank=info.rank, world_size=info.world_size)
-        logger = MetricsLogger(run_dir, enabled=info.is_main)
+        sinks = []
+        if cfg.wandb_project and info.is_main:
+            sinks.append(WandbSink(run_dir, project=cfg.wandb_project, name=cfg.wandb_run_name,
+                                   entity=cfg.wandb_entity, config={"train": cfg.to_dict(),
+                                                                    "model": json.loads(model_cfg.to_json())}))
+        logger = MetricsLogger(run_dir, enabled=info.is_main, sinks=sinks)
         if run_state is not None:
             logger.truncate_after(start_step)
         stats = {**model_stats(model_cfg, context=cfg.seq_len), "hardware": _hardware(info.device)}
@@ -226,7 +231,8 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, data: TrainingD
                                 f"it or choose another --out")
         comparable = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "steps", "eval_every", "save_every",
                                                                        "keep_checkpoints", "log_every", "device",
-                                                                       "residual_norm_every", "compile")}
+                                                                       "residual_norm_every", "compile", "wandb_project",
+                                                                       "wandb_run_name", "wandb_entity")}
         if old is not None and any(old.get(k) != v for k, v in comparable.items()):
             diff = sorted(k for k, v in comparable.items() if old.get(k) != v)
             raise TrainingError(f"{run_dir} holds a run with a different configuration (fields {diff}); "
