@@ -36,7 +36,8 @@ def _fraction(s: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", action="extend", metavar="PATH", default=None,
                         help="text/.jsonl/.parquet files (optionally .gz), directories, or Hugging Face dataset names "
-                             "(NAME[?name=CONFIG&split=S&data_files=F,...], hf: forces it). Default: the built-in "
+                             "(NAME[?name=CONFIG&split=S&data_files=F,...], hf: forces it), or - for standard "
+                             "input (JSON lines, or text split by --doc-separator). Default: the built-in "
                              "corpus (pip install --no-deps exllamav2==0.3.2)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--vocab-size", type=_positive_int, default=8000, metavar="N",
@@ -62,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text sampled for tokenizer training (default 64 MiB)")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help="tokenizer threads (default: all cores)")
+    parser.add_argument("--passes", type=int, choices=(1, 2), default=None,
+                        help="1: read the inputs once (split on the fly, tokenizer trained on the first documents); "
+                             "2: scan, then tokenize (exact split size, tokenizer sample from the whole corpus). "
+                             "Default: 1 when an input is a stream (- for stdin, an HF dataset with streaming=1), else 2")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out that holds other things")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -73,13 +78,15 @@ def run(args: argparse.Namespace) -> int:
                       val_fraction=args.val_fraction, min_val_docs=args.min_val_docs, seed=args.seed,
                       text_field=args.text_field, doc_separator=args.doc_separator, errors=args.errors,
                       shard_tokens=args.shard_tokens, max_tokenizer_bytes=args.max_tokenizer_bytes,
-                      num_threads=args.threads, overwrite=args.overwrite, progress=not args.quiet)
+                      num_threads=args.threads, overwrite=args.overwrite, progress=not args.quiet,
+                      passes=args.passes)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     tok = res.tokenizer
     how = "trained" if res.tokenizer_trained else "given"
-    print(f"{res.num_documents:,} documents, {res.num_bytes:,} bytes -> {res.out_dir}")
+    how_read = "one pass (streamed; split on the fly)" if res.passes == 1 else "two passes (scan, then tokenize)"
+    print(f"{res.num_documents:,} documents, {res.num_bytes:,} bytes -> {res.out_dir}; read in {how_read}")
     print(f"tokenizer ({how}): vocab {tok.vocab_size}, eos {tok.eos_id}, sha256 {tok.sha256[:16]}...")
     for m in (res.train, res.val):
         print(f"{m.split:>5}: {m.num_documents:,} documents, {m.num_tokens:,} tokens ({m.dtype}) "

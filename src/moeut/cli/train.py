@@ -12,7 +12,7 @@ from moeut.train import TrainConfig, TrainingError, train
 HELP = "train a model on data written by `moeut prepare` (the paper's recipe)"
 
 # flag → TrainConfig field, for the flags that map one to one
-_FLAGS = {"preset": "preset", "data": "data", "out": "out", "steps": "steps", "batch_size": "batch_size",
+_FLAGS = {"preset": "preset", "out": "out", "steps": "steps", "batch_size": "batch_size",
           "seq_len": "seq_len", "grad_accum": "grad_accum", "lr": "lr", "weight_decay": "weight_decay",
           "warmup": "warmup_steps", "clip": "grad_clip", "eval_every": "eval_every",
           "eval_batches": "eval_batches", "save_every": "save_every", "keep": "keep_checkpoints",
@@ -20,7 +20,8 @@ _FLAGS = {"preset": "preset", "data": "data", "out": "out", "steps": "steps", "b
           "residual_norm_every": "residual_norm_every", "seed": "seed", "device": "device",
           "precision": "precision", "backend": "backend", "schedule": "schedule", "decay_steps": "decay_steps",
           "decay_fraction": "decay_fraction", "decay_shape": "decay_shape", "peak_tflops": "peak_tflops",
-          "init_from": "init_from", "activation_checkpointing": "activation_checkpointing"}
+          "init_from": "init_from", "activation_checkpointing": "activation_checkpointing",
+          "wandb_project": "wandb_project", "wandb_run_name": "wandb_run_name", "wandb_entity": "wandb_entity"}
 
 
 def add_arguments(tr: argparse.ArgumentParser) -> None:
@@ -28,7 +29,9 @@ def add_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--preset", help="model preset (default moeut-tiny); see `moeut info`")
     tr.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a ModelConfig field, e.g. --model d_model=256 (repeatable)")
-    tr.add_argument("--data", help="directory written by `moeut prepare`")
+    tr.add_argument("--data", action="append", metavar="DIR[:WEIGHT]",
+                    help="directory written by `moeut prepare`; repeat it for a mixture, each drawn in proportion "
+                         "to its WEIGHT (default 1), e.g. --data c4:3 --data code:1 (validation: the first one's val)")
     tr.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, summary.json, tensorboard/)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     for flag, typ, hlp in [("steps", int, "optimizer steps (default 1000)"),
@@ -50,7 +53,10 @@ def add_arguments(tr: argparse.ArgumentParser) -> None:
                            ("seed", int, "seed (default 0)"),
                            ("device", str, "auto, cpu, cuda, cuda:N (default auto)"),
                            ("precision", str, "auto, bf16, fp32 (default auto: bf16 on CUDA)"),
-                           ("backend", str, "expert-matmul backend (default automatic)")]:
+                           ("backend", str, "expert-matmul backend (default automatic)"),
+                           ("wandb_project", str, "also log to this Weights & Biases project (pip install "
+                            "'moeut[wandb]'; files in RUN/wandb/; WANDB_MODE=offline works)"),
+                           ("wandb_run_name", str, "W&B run name"), ("wandb_entity", str, "W&B entity")]:
         tr.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None, help=hlp)
     tr.add_argument("--schedule", choices=["cosine", "wsd"], default=None,
                     help="learning-rate schedule: cosine (the paper's, default) or wsd (warmup, stable, decay: "
@@ -82,6 +88,8 @@ def add_arguments(tr: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     given = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag) is not None}
+    if args.data:  # one directory stays a plain string (as in older train_config.json files)
+        given["data"] = args.data[0] if len(args.data) == 1 else list(args.data)
     if args.fsdp:
         given["fsdp"] = True
     if args.compile:

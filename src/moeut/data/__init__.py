@@ -15,6 +15,8 @@ Only the light modules are imported eagerly; ``sentencepiece``, ``pyarrow`` and 
 from moeut.data.corpus import INSTALL_COMMAND, default_corpus_dir, default_corpus_files, default_corpus_sources
 from moeut.data.errors import (DataError, DecodeError, DependencyError, EmptyCorpusError, InputFormatError,
                                MissingInputError, OutputDirError, ShardError, TokenizerError, TokenizerMismatchError)
+from moeut.data.mixture import (DataSource, MixtureSampler, MixtureSpecError, MixtureTokenizerError, TrainingData,
+                                parse_sources)
 from moeut.data.prepare import PrepareResult, prepare, split_documents
 from moeut.data.sampler import BatchSampler, EvalWindows, FeistelPermutation, validation_batches
 from moeut.data.shards import META_FILE, ShardInfo, ShardWriter, SplitMeta, TokenDataset, token_dtype
@@ -27,6 +29,7 @@ __all__ = [
     "prepare", "PrepareResult", "split_documents",
     "Tokenizer", "TokenizerConfig", "TrainingSample", "train_tokenizer",
     "TokenDataset", "TokenArray", "open_token_stream", "ShardWriter", "SplitMeta", "ShardInfo", "token_dtype", "META_FILE",
+    "DataSource", "MixtureSampler", "TrainingData", "parse_sources", "MixtureSpecError", "MixtureTokenizerError",
     "BatchSampler", "EvalWindows", "FeistelPermutation", "validation_batches",
     "DocumentSource", "SourceOptions", "TextFileSource", "JsonlSource", "ParquetSource", "HFDatasetSource",
     "resolve_inputs", "iter_documents",

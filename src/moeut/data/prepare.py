@@ -23,6 +23,17 @@ Output directory::
       val/meta.json
       val/val-00000.bin ...
 
+**Single pass** (``passes=1``; the default when an input is a stream: standard input ``-``, a Hugging Face
+dataset with ``streaming=1``): the inputs are read once. The split is decided per document on the fly: a
+document goes to validation when ``blake2b(content, key=seed) < val_fraction * 2**64`` (the same keyed hash,
+so the split is still by content, but ``n_val`` is about, not exactly, ``val_fraction * N``, and
+``min_val_docs`` is only checked at the end: a warning). Without ``tokenizer``, the first training documents
+are buffered up to the tokenizer sample budget (``max_tokenizer_bytes``, default 64 MiB), the tokenizer is
+trained on them, then they and the rest of the stream are tokenized. Peak memory: that buffer plus one
+tokenization batch, whatever the input size. Files keep the **two-pass** default (``passes=2``), which
+samples the tokenizer text from the whole corpus and gives the exact ``n_val``; a huge ``.jsonl.gz`` can
+be read once with ``passes=1`` (CLI ``--passes 1``).
+
 Everything is built in ``out/.prepare-tmp-<pid>/`` and renamed into place at the end. A non-empty
 ``out`` is replaced only when it is a previous output of the same inputs, or with
 ``overwrite=True`` (which replaces only the entries above and leaves other files alone).
@@ -71,6 +82,7 @@ class PrepareResult:
     num_bytes: int
     tokenizer_trained: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    passes: int = 2  # 1: streamed (split on the fly), 2: scan then tokenize
 
 
 def _doc_hash(text: str, key: bytes) -> int:
@@ -138,14 +150,16 @@ def prepare(inputs: Sequence[str | os.PathLike[str] | DocumentSource] | None, ou
             tokenizer_config: TokenizerConfig | None = None, val_fraction: float = 0.01, min_val_docs: int = 1,
             seed: int = 0, text_field: str = "text", doc_separator: str | None = None, errors: str = "strict",
             shard_tokens: int = DEFAULT_SHARD_TOKENS, max_tokenizer_bytes: int | None = None,
-            num_threads: int | None = None, overwrite: bool = False, progress: bool = True) -> PrepareResult:
+            num_threads: int | None = None, overwrite: bool = False, progress: bool = True,
+            passes: int | None = None) -> PrepareResult:
     """Tokenize ``inputs`` into ``out_dir/train`` and ``out_dir/val`` shards (see the module docstring).
 
     ``inputs``: paths, Hugging Face dataset specs, or :class:`~moeut.data.sources.DocumentSource`
     objects; ``None`` means the default corpus (:mod:`moeut.data.corpus`). ``tokenizer``: an existing
     ``tokenizer.model`` (or its directory) to use instead of training one with ``vocab_size``
     (``tokenizer_config`` overrides all training options). ``errors``: ``"strict"`` or ``"replace"``
-    for undecodable input bytes.
+    for undecodable input bytes. ``passes``: 1 (stream the inputs once), 2 (scan, then tokenize), or ``None``:
+    1 when an input is a stream (stdin, a streaming HF dataset), else 2.
     """
     t_start = time.perf_counter()
     if not 0.0 <= val_fraction < 1.0:
@@ -163,6 +177,15 @@ def prepare(inputs: Sequence[str | os.PathLike[str] | DocumentSource] | None, ou
     sample_bytes = {"max_sample_bytes": max_tokenizer_bytes} if max_tokenizer_bytes else {}
     tok_cfg = tokenizer_config or TokenizerConfig(vocab_size=vocab_size, seed=seed, **sample_bytes)
     seconds: dict[str, float] = {}
+    if passes is None:
+        passes = 1 if any(getattr(s, "is_stream", False) for s in sources) else 2
+    if passes not in (1, 2):
+        raise ValueError(f"passes must be 1 or 2, got {passes}")
+    if passes == 1:
+        return _prepare_one_pass(sources, described, out_dir, given, tokenizer, tok_cfg, val_fraction, min_val_docs,
+                                 seed, shard_tokens, num_threads, progress, t_start,
+                                 {"text_field": text_field, "doc_separator": doc_separator, "errors": errors,
+                                  "shard_tokens": shard_tokens})
 
     # 1. scan: hashes for the split, a sample for the tokenizer
     t0 = time.perf_counter()
@@ -248,7 +271,7 @@ def prepare(inputs: Sequence[str | os.PathLike[str] | DocumentSource] | None, ou
         _install(stage, out_dir)
         manifest = {
             "format": PREPARE_FORMAT, "format_version": PREPARE_FORMAT_VERSION,
-            "inputs": described,
+            "inputs": described, "passes": 2,
             "documents": n_docs, "bytes": n_bytes,
             "tokenizer": {"file": TOKENIZER_MODEL, "metadata": TOKENIZER_JSON, "sha256": tok.sha256,
                           "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "trained": sample is not None,
@@ -270,7 +293,126 @@ def prepare(inputs: Sequence[str | os.PathLike[str] | DocumentSource] | None, ou
     shutil.rmtree(stage, ignore_errors=True)
     seconds["total"] = time.perf_counter() - t_start
     return PrepareResult(out_dir=out_dir, tokenizer=Tokenizer.load(out_dir), train=train_meta, val=val_meta,
-                         num_documents=n_docs, num_bytes=n_bytes, tokenizer_trained=sample is not None, seconds=seconds)
+                         num_documents=n_docs, num_bytes=n_bytes, tokenizer_trained=sample is not None, seconds=seconds,
+                         passes=2)
+
+
+def _prepare_one_pass(sources: list[DocumentSource], described: list[str], out_dir: Path, given: Tokenizer | None,
+                      tokenizer: str | os.PathLike[str] | None, tok_cfg: TokenizerConfig, val_fraction: float,
+                      min_val_docs: int, seed: int, shard_tokens: int, num_threads: int | None, progress: bool,
+                      t_start: float, options: dict) -> PrepareResult:
+    """The single-pass variant (see the module docstring): split on the fly, tokenizer from the first documents."""
+    key = _split_key(seed)
+    threshold = min(int(val_fraction * 2.0 ** 64), (1 << 64) - 1)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = out_dir / f"{_STAGING_PREFIX}{os.getpid()}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir()
+    seconds: dict[str, float] = {}
+    try:
+        docs = iter_documents(sources)
+        n_docs = n_bytes = n_tokens = 0
+        buffered: list[tuple[str, bool]] = []  # documents read before the tokenizer exists
+        t0 = time.perf_counter()
+        if given is None:
+            sample = TrainingSample(tok_cfg.max_sample_bytes, tok_cfg.seed)
+            kept = 0
+            for doc in docs:
+                is_val = _doc_hash(doc, key) < threshold
+                buffered.append((doc, is_val))
+                if not is_val:
+                    sample.add(len(buffered) - 1, doc)
+                    kept += len(doc.encode("utf-8", "surrogatepass"))
+                    if kept >= tok_cfg.max_sample_bytes:
+                        break
+            if not buffered:
+                raise EmptyCorpusError(f"the inputs hold no text (every document is empty or whitespace): {described}")
+            if len(sample) == 0:  # every buffered document went to validation
+                raise EmptyCorpusError(f"the inputs hold no training document to train the tokenizer on: {described}")
+            tok = train_tokenizer(sample, stage, tok_cfg)
+            del sample
+        else:
+            given.save(stage)
+            tok = Tokenizer.load(stage)
+        seconds["tokenizer"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        common = dict(vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer_sha256=tok.sha256, shard_tokens=shard_tokens)
+        train_w = ShardWriter(stage / "train", "train", **common)
+        val_w = ShardWriter(stage / "val", "val", **common)
+        batch: list[tuple[str, bool]] = []
+        batch_chars = 0
+        with progress_bar(enabled=progress, desc="tokenize (one pass)", unit=" doc") as bar:
+            def flush() -> None:
+                nonlocal batch, batch_chars, n_tokens
+                ids = tok.encode_batch([d for d, _ in batch], num_threads)
+                for (_, is_val), doc_ids in zip(batch, ids, strict=True):
+                    (val_w if is_val else train_w).add_document(doc_ids)
+                    n_tokens += len(doc_ids) + 1
+                bar.update(len(batch))
+                bar.set_postfix(tokens=f"{n_tokens:,}", refresh=False)
+                batch, batch_chars = [], 0
+
+            buffered.reverse()
+            for doc, is_val in _drain_reversed(buffered, docs, key, threshold):
+                n_docs += 1
+                n_bytes += len(doc.encode("utf-8", "surrogatepass"))
+                batch.append((doc, is_val))
+                batch_chars += len(doc)
+                if len(batch) >= 512 or batch_chars >= 8 << 20:
+                    flush()
+            if batch:
+                flush()
+        if n_docs == 0:
+            raise EmptyCorpusError(f"the inputs hold no text (every document is empty or whitespace): {described}; "
+                                   "check the paths, --text-field and --doc-separator")
+        if val_w.num_documents < min_val_docs:
+            warnings.warn(f"single pass: {val_w.num_documents} validation document(s) of {n_docs}, fewer than "
+                          f"min_val_docs={min_val_docs} (the split is decided per document; raise --val-fraction, "
+                          "or use two passes for files)", stacklevel=3)
+        extra = {"seed": seed, "split_method": "blake2b(document, key=seed) < val_fraction * 2**64 goes to val"}
+        train_w.extra.update(extra)
+        val_w.extra.update(extra)
+        train_meta, val_meta = train_w.close(), val_w.close()
+        seconds["tokenize"] = time.perf_counter() - t0
+
+        _install(stage, out_dir)
+        manifest = {
+            "format": PREPARE_FORMAT, "format_version": PREPARE_FORMAT_VERSION,
+            "inputs": described, "passes": 1,
+            "documents": n_docs, "bytes": n_bytes,
+            "tokenizer": {"file": TOKENIZER_MODEL, "metadata": TOKENIZER_JSON, "sha256": tok.sha256,
+                          "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "trained": given is None,
+                          "source": None if tokenizer is None else str(Path(tokenizer).resolve())},
+            "split": {"seed": seed, "val_fraction": val_fraction, "min_val_docs": min_val_docs,
+                      "method": "single pass: a document goes to val when blake2b(document, key=seed) < "
+                                "val_fraction * 2**64"},
+            "splits": {m.split: {"dir": m.split, "tokens": m.num_tokens, "documents": m.num_documents,
+                                 "shards": len(m.shards)} for m in (train_meta, val_meta)},
+            "options": options,
+        }
+        atomic_write_json(out_dir / PREPARE_FILE, manifest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and out_dir.exists() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    seconds["total"] = time.perf_counter() - t_start
+    return PrepareResult(out_dir=out_dir, tokenizer=Tokenizer.load(out_dir), train=train_meta, val=val_meta,
+                         num_documents=n_docs, num_bytes=n_bytes, tokenizer_trained=given is None, seconds=seconds,
+                         passes=1)
+
+
+def _drain_reversed(buffered: list[tuple[str, bool]], docs, key: bytes, threshold: int):
+    """The buffered documents (stored in reverse, popped from the end so each is freed once handed out), then
+    the rest of the stream with its split decided on the fly."""
+    while buffered:
+        yield buffered.pop()
+    for doc in docs:
+        yield doc, _doc_hash(doc, key) < threshold
 
 
 # --------------------------------------------------------------------------- command line

@@ -131,6 +131,11 @@ class BatchSampler:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         g = step * self.batch_size + self.rank * self.local_batch_size + np.arange(self.local_batch_size, dtype=np.int64)
+        return self.windows_of_samples(g)
+
+    def windows_of_samples(self, g: np.ndarray) -> np.ndarray:
+        """Window numbers of sample indices ``g`` (sample ``g`` is window ``perm_e(g mod W)``, ``e = g // W``)."""
+        g = np.asarray(g, dtype=np.int64)
         epochs, pos = np.divmod(g, self.windows_per_epoch)
         out = np.empty_like(g)
         for e in np.unique(epochs):

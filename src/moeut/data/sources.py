@@ -17,6 +17,8 @@ An *input* is one of:
 * a directory: every file with a known extension (``.txt .text .md .utf8 .jsonl .ndjson .parquet``,
   plus ``.gz``) below it, recursively, in sorted path order; hidden files are skipped;
 * ``.json`` / ``.csv`` files are refused with a pointer to ``hf:json?data_files=...`` (below);
+* ``-``: standard input, as JSON lines (field ``text_field``), or as text split by ``doc_separator`` when one
+  is given. A stream: ``prepare`` reads it in a single pass;
 * anything else that is not an existing path: a Hugging Face dataset loaded with
   ``datasets.load_dataset`` (``pip install 'moeut[data]'``). Options go in a query string:
   ``NAME?name=CONFIG&split=train&data_files=a.jsonl,b.jsonl&streaming=1`` (also ``data_dir``,
@@ -34,11 +36,13 @@ blank lines; indentation of the first line is kept) and whitespace-only document
 from __future__ import annotations
 
 import codecs
+import contextlib
 import gzip
 import io
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,7 +263,7 @@ class JsonlSource:
     def __iter__(self) -> Iterator[str]:
         offset = 0
         try:
-            with _open_bytes(self.path) as f:
+            with self._open() as f:
                 for lineno, raw in enumerate(f, 1):
                     start, offset = offset, offset + len(raw)
                     if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
@@ -274,6 +278,9 @@ class JsonlSource:
         except (OSError, EOFError) as e:
             raise InputFormatError(f"{self.path}: cannot read it ({e}); check that the file is complete and, "
                                    "for .gz, a valid gzip stream") from None
+
+    def _open(self) -> IO[bytes]:
+        return _open_bytes(self.path)
 
     def _document(self, line: str, lineno: int) -> Iterator[str]:
         where = f"{self.path}:{lineno}"
@@ -295,6 +302,45 @@ class JsonlSource:
                                    "pass --text-field with the field holding the text")
         if doc := clean_document(_check_str(text, where, self.errors)):
             yield doc
+
+
+class StdinSource(JsonlSource):
+    """Standard input (``--input -``): JSON lines (the document in ``text_field``), or, when ``doc_separator``
+    is given, UTF-8 text split by it. A stream: it can be read once, so ``prepare`` reads it in one pass."""
+
+    is_stream = True
+
+    def __init__(self, text_field: str = "text", doc_separator: str | None = None, errors: Errors = "strict",
+                 stream: IO[bytes] | None = None) -> None:
+        super().__init__("<stdin>", text_field, errors)
+        self.doc_separator = doc_separator
+        self._stream = stream
+        self._read = False
+
+    def describe(self) -> str:
+        how = f"text split on {self.doc_separator!r}" if self.doc_separator is not None else f"jsonl[{self.text_field}]"
+        return f"stdin:{how}"
+
+    def _open(self) -> IO[bytes]:
+        if self._read:
+            raise DataError("standard input was already read; a stream can be read only once (prepare reads it in "
+                            "a single pass)")
+        self._read = True
+        return contextlib.nullcontext(self._stream if self._stream is not None else sys.stdin.buffer)  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[str]:
+        if self.doc_separator is None:
+            yield from super().__iter__()
+            return
+        with self._open() as raw:
+            lines = io.TextIOWrapper(raw, encoding="utf-8-sig", errors=self.errors, newline=None)
+            try:
+                yield from _LineSplitter(self.doc_separator).split(lines)
+            except UnicodeDecodeError as e:
+                raise DecodeError(f"standard input is not valid UTF-8 ({e.reason}); pass --errors replace",
+                                  path="<stdin>", offset=e.start) from None
+            finally:
+                lines.detach()
 
 
 class ParquetSource:
@@ -386,6 +432,11 @@ class HFDatasetSource:
             else:
                 kwargs[key] = value
         return cls(name, text_field=text_field, errors=errors, **kwargs)
+
+    @property
+    def is_stream(self) -> bool:
+        """A streaming dataset (``?streaming=1``): iterating it downloads it again, so prepare reads it once."""
+        return bool(self.load_kwargs.get("streaming", False))
 
     def describe(self) -> str:
         opts = "&".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in sorted(self.load_kwargs.items()))
@@ -487,6 +538,9 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike[str] | DocumentSource],
             sources.append(item)
             continue
         s = os.fspath(item)
+        if s == "-":
+            sources.append(StdinSource(options.text_field, options.doc_separator, options.errors))
+            continue
         if s.startswith("hf:"):
             sources.append(HFDatasetSource.from_spec(s, text_field=options.text_field, errors=options.errors,
                                                      default_split=options.hf_split))

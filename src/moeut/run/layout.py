@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moeut.data.mixture import MixtureSpecError, parse_sources
 from moeut.data.shards import META_FILE
 from moeut.data.tokenizer import TOKENIZER_JSON, TOKENIZER_MODEL
 
@@ -23,10 +24,11 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 TENSORBOARD = "tensorboard"
-WANDB = "wandb"
+WANDB = "wandb"  # W&B's own files (wandb.init(dir=RUN) writes RUN/wandb/)
+WANDB_RUN_ID = "moeut_run_id.txt"  # inside RUN/wandb/: the W&B run id, so a resumed run continues the same W&B run
 HF_CONFIG = "config.json"  # of a directory written by `moeut export-hf`
 
-__all__ = ["TRAIN_CONFIG", "MODEL_CONFIG", "CHECKPOINTS", "METRICS", "SUMMARY", "TENSORBOARD", "WANDB", "HF_CONFIG",
+__all__ = ["TRAIN_CONFIG", "MODEL_CONFIG", "CHECKPOINTS", "METRICS", "SUMMARY", "TENSORBOARD", "WANDB", "WANDB_RUN_ID", "HF_CONFIG",
            "TOKENIZER_MODEL", "TOKENIZER_JSON", "run_dir_of", "trained_val_split"]
 
 
@@ -43,7 +45,8 @@ def run_dir_of(path: str | Path) -> Path:
 
 
 def trained_val_split(run_dir: str | Path) -> list[Path]:
-    """The validation split of the data a run was trained on (``train_config.json``'s ``data``/val), when it is
+    """The validation split of the data a run was trained on (``train_config.json``'s ``data``/val; the first
+    directory's for a mixture), when it is
     still there; else an empty list."""
     run_dir = Path(run_dir)
     try:
@@ -51,6 +54,10 @@ def trained_val_split(run_dir: str | Path) -> list[Path]:
     except (OSError, ValueError, AttributeError):
         return []
     if not data:
+        return []
+    try:  # a mixture is validated on its first directory's val split
+        data = parse_sources(data)[0].dir
+    except MixtureSpecError:
         return []
     for cand in (Path(data) / "val", run_dir / data / "val"):
         if (cand / META_FILE).exists():

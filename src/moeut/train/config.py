@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moeut.data.mixture import MixtureSpecError, parse_sources
 from moeut.model.config import ConfigError, ModelConfig
 from moeut.train.schedule import DECAY_SHAPES, DEFAULT_DECAY_FRACTION, SCHEDULES, LRSchedule
 
@@ -38,7 +39,7 @@ _DEFAULT_RECIPE = dict(warmup_steps=4000, grad_clip=0.25)
 class TrainConfig:
     preset: str = "moeut-tiny"  # model preset (see `moeut info`)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields to change
-    data: str = ""  # directory written by `moeut prepare`
+    data: str | list = ""  # directory written by `moeut prepare`, or a list of "DIR[:WEIGHT]" (a mixture)
     out: str = ""  # run directory
     steps: int = 1000  # optimizer steps
     batch_size: int = 16  # global batch in sequences (split over ranks and accumulation steps)
@@ -71,6 +72,9 @@ class TrainConfig:
     decay_shape: str = "linear"  # wsd: "linear" or "cosine" decay from lr to final_lr_ratio · lr
     peak_tflops: float | None = None  # per-device peak for mfu; default: the table for known GPUs, none on CPU
     init_from: str = ""  # start from the weights of this run/checkpoint/export (fresh optimizer and schedule)
+    wandb_project: str = ""  # log to Weights & Biases (pip install 'moeut[wandb]'); "" = off
+    wandb_run_name: str = ""  # W&B run name (default: W&B's)
+    wandb_entity: str = ""  # W&B entity (team or user; default: yours)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -123,6 +127,11 @@ class TrainConfig:
             need(self.steps - self.wsd_decay_steps() >= self.warmup_steps, "warmup_steps",
                  f"must end before the decay starts (step {self.steps - self.wsd_decay_steps()})")
         need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
+        if self.data:  # the format of "DIR[:WEIGHT]" entries; the directories are opened by the trainer
+            try:
+                parse_sources(self.data)
+            except MixtureSpecError as e:
+                raise ConfigError(f"TrainConfig.data={self.data!r}: {e}") from None
         self.model_config()  # validates preset and overrides
 
     def wsd_decay_steps(self) -> int:

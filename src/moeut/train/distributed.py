@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,16 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
 
 
 def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool = False) -> nn.Module:
-    """DDP, or FSDP2 with each distinct (shared) layer sharded exactly once, then the root."""
+    """DDP, or FSDP2 with each distinct (shared) layer sharded exactly once, then the root.
+
+    A shared layer is one module applied ``n_layers / G`` times per forward. FSDP2's defaults
+    (``reshard_after_forward=True``, reshard after each backward) would all-gather it again at every
+    application, forward and backward: ``2 · n_layers / G`` gathers per layer and step. Instead each layer
+    keeps its unsharded parameters from its first application in the forward until its last use in the
+    backward (the backward of its first application) — one all-gather per layer and step, and one
+    reduce-scatter. Memory: the G distinct layers' full parameters are resident during the step (as the
+    interleaved applications L0 L1 … L0 L1 … need them anyway); their optimizer state stays sharded.
+    """
     if not info.distributed:
         return model
     if fsdp:
@@ -62,12 +72,55 @@ def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool = False) -> nn.Modul
         except ImportError as e:  # torch < 2.6
             raise RuntimeError("--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") from e
         for layer in model.layers:  # a shared layer is one module, applied n_layers/G times
-            fully_shard(layer)
+            fully_shard(layer, reshard_after_forward=False)
         fully_shard(model)
+        _reshard_shared_layers_after_last_use(model)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+class _ReshardAfterThisBackward(torch.autograd.Function):
+    """Identity on a layer's input; its backward runs right after that application's FSDP post-backward, so
+    the next post-backward (the layer's earlier application) reshards again."""
+
+    @staticmethod
+    def forward(ctx, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        ctx.layer = layer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        ctx.layer.set_reshard_after_backward(True)
+        return None, grad
+
+
+def _reshard_shared_layers_after_last_use(model: nn.Module) -> None:
+    """Forward hooks that keep each FSDP2 shared layer unsharded across its applications in the backward.
+
+    At a layer's second application of a forward, resharding after backward is switched off, and the
+    application's input passes through :class:`_ReshardAfterThisBackward`, which switches it back on once
+    the backward reaches that application: only the post-backward of the first application (the layer's
+    last use) reshards. Hooks do nothing without grad (evaluation) or inside the backward (recomputation).
+    """
+    uses: dict[int, int] = {}
+
+    def start(_module: nn.Module, _args: Any) -> None:
+        uses.clear()
+
+    def application(layer: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+            return None
+        n = uses[id(layer)] = uses.get(id(layer), 0) + 1
+        if n != 2 or not (args and isinstance(args[0], torch.Tensor) and args[0].requires_grad):
+            return None
+        layer.set_reshard_after_backward(False)
+        return (_ReshardAfterThisBackward.apply(layer, args[0]), *args[1:])
+
+    model.register_forward_pre_hook(start, prepend=True)
+    for layer in model.layers:
+        layer.register_forward_pre_hook(application, prepend=True)  # before FSDP's: its node runs after FSDP's
 
 
 def barrier(info: DistInfo) -> None:

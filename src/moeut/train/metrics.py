@@ -1,17 +1,22 @@
-"""Training metrics: a JSONL file, TensorBoard event files (when installed), routing statistics, residual norms."""
+"""Training metrics: a JSONL file, TensorBoard event files (when installed), Weights & Biases (optional sink),
+routing statistics, residual norms."""
 
 from __future__ import annotations
 
 import json
 import math
+import secrets
+import string
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from moeut.model.residual_norm import residual_norm_stats
-from moeut.run.layout import METRICS, TENSORBOARD
+from moeut.errors import MissingDependency
+from moeut.fileio import atomic_write_text
+from moeut.run.layout import METRICS, TENSORBOARD, WANDB, WANDB_RUN_ID
 
 
 def routing_stats(counts: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -47,12 +52,56 @@ def residual_norm_metrics(hidden_states: Sequence[torch.Tensor]) -> dict[str, fl
     return out
 
 
-class MetricsLogger:
-    """Appends one JSON line per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+class MetricsSink(Protocol):
+    """Somewhere else the metrics lines go (besides ``metrics.jsonl`` and TensorBoard)."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def log(self, step: int, values: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _new_wandb_id() -> str:
+    """A fresh W&B run id (8 lowercase letters and digits, as W&B makes them)."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+class WandbSink:
+    """Weights & Biases: the same values as ``metrics.jsonl`` at the same steps, and the resolved configuration.
+
+    W&B's files go to ``RUN/wandb/``; the run id is kept in ``RUN/wandb/moeut_run_id.txt``, so ``--resume``
+    continues the same W&B run (``resume="allow"``). ``WANDB_MODE=offline`` works as usual (``wandb sync``
+    uploads later). Steps logged again after a resume are dropped by W&B (they repeat earlier values).
+    """
+
+    def __init__(self, run_dir: Path, *, project: str, config: dict[str, Any], name: str = "", entity: str = ""):
+        try:  # optional dependency: imported only when --wandb-project is given
+            import wandb
+        except ImportError:
+            raise MissingDependency("--wandb-project needs the wandb package: pip install 'moeut[wandb]' "
+                                    "(or pip install wandb)") from None
+        folder = Path(run_dir) / WANDB
+        folder.mkdir(parents=True, exist_ok=True)
+        id_file = folder / WANDB_RUN_ID
+        run_id = id_file.read_text().strip() if id_file.exists() else _new_wandb_id()
+        atomic_write_text(id_file, run_id + "\n")
+        self.run = wandb.init(project=project, name=name or None, entity=entity or None, id=run_id, resume="allow",
+                              dir=str(run_dir), config=config)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in values.items() if v is not None}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricsLogger:
+    """Appends one JSON line per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard and to the
+    extra ``sinks`` (e.g. :class:`WandbSink`)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, sinks: Sequence[MetricsSink] = ()):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS
+        self.sinks = list(sinks) if enabled else []
         self._tb = None
         if enabled:
             try:
@@ -71,6 +120,8 @@ class MetricsLogger:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+        for sink in self.sinks:
+            sink.log(step, values)
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines logged after the checkpoint's step (they will be logged again)."""
@@ -83,3 +134,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        for sink in self.sinks:
+            sink.close()

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moeut.data import BatchSampler, TokenDataset, validation_batches
+from moeut.data import validation_batches
+from moeut.data.mixture import TrainingData
 from moeut.errors import MoeutError
 from moeut.fileio import atomic_write_json, atomic_write_text
 from moeut.model import build_model
@@ -32,7 +33,7 @@ from moeut.train.activation_checkpointing import apply_activation_checkpointing
 from moeut.train.config import TrainConfig
 from moeut.train.distributed import DistInfo, barrier, init_distributed, shutdown, wrap_model
 from moeut.train.init_from import InitFromError, load_init_weights
-from moeut.train.metrics import MetricsLogger, residual_norm_metrics, routing_stats
+from moeut.train.metrics import MetricsLogger, WandbSink, residual_norm_metrics, routing_stats
 from moeut.train.step import autocast_for, train_step
 from moeut.train.systems import PeakMemory, device_peak_tflops, train_flops_per_token
 
@@ -44,7 +45,8 @@ class TrainingError(MoeutError, RuntimeError):
 # settings that may change when a run is resumed: they do not change what is computed (the schedule's are
 # checked separately, see _check_schedule_change)
 _RESUMABLE_CHANGES = ("data", "steps", "eval_every", "save_every", "keep_checkpoints", "log_every", "device",
-                      "residual_norm_every", "compile", "activation_checkpointing", "peak_tflops")
+                      "residual_norm_every", "compile", "activation_checkpointing", "peak_tflops", "wandb_project",
+                      "wandb_run_name", "wandb_entity")
 _SCHEDULE_FIELDS = ("schedule", "decay_steps", "decay_fraction", "decay_shape")
 
 
@@ -61,8 +63,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True,
     memory.start()
     try:
         run_dir = Path(cfg.out)
-        train_ds = TokenDataset.open(Path(cfg.data) / "train")
-        val_ds = TokenDataset.open(Path(cfg.data) / "val", expected_tokenizer_sha256=train_ds.tokenizer_sha256)
+        data = TrainingData.open(cfg.data)  # one directory, or a weighted mixture (validation: the first's val)
+        train_ds, val_ds = data, data.val
         model_cfg = cfg.model_config()
         if model_cfg.vocab_size != train_ds.vocab_size:
             model_cfg = model_cfg.replace(vocab_size=train_ds.vocab_size)
@@ -73,8 +75,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True,
                                                          allow_tokenizer_mismatch=allow_tokenizer_mismatch)
             except InitFromError as e:
                 raise TrainingError(str(e)) from e
-        run_state = _prepare_run_dir(run_dir, cfg, model_cfg, train_ds.tokenizer_sha256, resume, info,
-                                     allow_schedule_change)
+        run_state = _prepare_run_dir(run_dir, cfg, model_cfg, data, resume, info, allow_schedule_change)
 
         torch.manual_seed(cfg.seed)
         model = build_model(model_cfg, backend=cfg.backend)
@@ -104,9 +105,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True,
         if cfg.batch_size % (info.world_size * cfg.grad_accum):
             raise TrainingError(f"batch_size={cfg.batch_size} must be divisible by world_size×grad_accum="
                                 f"{info.world_size}×{cfg.grad_accum}")
-        sampler = BatchSampler(train_ds, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
+        sampler = data.sampler(batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
                                rank=info.rank, world_size=info.world_size)
-        logger = MetricsLogger(run_dir, enabled=info.is_main)
+        sinks = []
+        if cfg.wandb_project and info.is_main:
+            sinks.append(WandbSink(run_dir, project=cfg.wandb_project, name=cfg.wandb_run_name,
+                                   entity=cfg.wandb_entity, config={"train": cfg.to_dict(),
+                                                                    "model": json.loads(model_cfg.to_json())}))
+        logger = MetricsLogger(run_dir, enabled=info.is_main, sinks=sinks)
         if run_state is not None:
             logger.truncate_after(start_step)
         stats = {**model_stats(model_cfg, context=cfg.seq_len), "hardware": _hardware(info.device)}
@@ -156,7 +162,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True,
                 last.update(_residual_norms(wrapped, val_ds, cfg, autocast, info))
             if done % max(cfg.log_every, 1) == 0 or want_routing or want_norms or done == cfg.steps:
                 if info.is_main:
-                    logger.log(done, last)
+                    logger.log(done, {**last, **data.tokens_per_source(sampler, done)})
                     if not show_bar:
                         print(_console_line(done, last), flush=True)
                 window_time, window_steps = 0.0, 0
@@ -258,9 +264,10 @@ def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: d
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, tokenizer_sha256: str, resume: bool,
+def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, data: TrainingData, resume: bool,
                      info: DistInfo, allow_schedule_change: bool = False) -> dict[str, Any] | None:
     """Check the run directory; on resume, return the newest loadable checkpoint's state."""
+    tokenizer_sha256 = data.tokenizer_sha256
     config_path = run_dir / TRAIN_CONFIG
     old = None
     if config_path.exists():
@@ -288,7 +295,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, tokenizer_sha25
             path, state = found
             if state.get("tokenizer_sha256") != tokenizer_sha256:
                 raise TrainingError(f"checkpoint {path} was trained with tokenizer {state.get('tokenizer_sha256')}, "
-                                    f"but the data in {cfg.data} uses {tokenizer_sha256}: resume with the same data")
+                                    f"but the data in {data.describe()} uses {tokenizer_sha256}: resume with the same data")
             if old is not None and not allow_schedule_change:
                 _check_schedule_change(TrainConfig.from_dict(old), cfg, state["step"], run_dir)
             if info.is_main:
@@ -299,7 +306,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, tokenizer_sha25
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in (TOKENIZER_MODEL, TOKENIZER_JSON):  # the run is self-contained for generate/eval
-            src = Path(cfg.data) / name
+            src = data.first_dir / name
             if src.exists() and not (run_dir / name).exists():
                 shutil.copyfile(src, run_dir / name)
         for path, text in ((config_path, cfg.to_json()), (run_dir / MODEL_CONFIG, model_cfg.to_json())):
@@ -360,7 +367,7 @@ def _print_header(cfg: TrainConfig, model_cfg, stats: dict[str, Any], info: Dist
         f"model      {cfg.preset}: {stats['params_total'] / 1e6:.2f}M params "
         f"({stats['active_params_per_token'] / 1e6:.2f}M active per token), {model_cfg.n_layers} layer "
         f"applications of {model_cfg.group_size} distinct layers, vocab {model_cfg.vocab_size}",
-        f"data       {cfg.data}: {train_ds.num_tokens:,} train / {val_ds.num_tokens:,} validation tokens",
+        f"data       {train_ds.describe()}: {train_ds.num_tokens:,} train / {val_ds.num_tokens:,} validation tokens",
         f"batch      {cfg.batch_size} × {cfg.seq_len} = {per_step:,} tokens per step "
         f"({info.world_size} rank(s) × {cfg.grad_accum} micro-batch(es)); {cfg.steps} steps = "
         f"{per_step * cfg.steps / max(train_ds.num_tokens, 1):.2f} epochs",
