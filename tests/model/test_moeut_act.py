@@ -165,3 +165,12 @@ def test_presets_exist_and_build():
         assert cfg.act and cfg.act_halt_bias_init < 0 and cfg.n_repeats == max_groups
     tiny = build_model(ModelConfig.from_name("moeut-tiny-act"))
     assert tiny.halting is not None
+
+
+def test_depth_metrics_mean_quantiles_and_histogram():
+    from moeut.train.metrics import depth_metrics  # the training stage's logging of LMOutput.depth
+
+    m = depth_metrics(torch.tensor([1.0, 1.2, 2.6, 3.0, 3.0]), max_depth=3)
+    assert m["act/mean_depth"] == pytest.approx(2.16)
+    assert m["act/depth_p50"] == pytest.approx(2.6)
+    assert [m[f"act/depth_frac/{k}"] for k in (1, 2, 3)] == pytest.approx([0.4, 0.0, 0.6])

@@ -21,7 +21,7 @@ from tests.data.helpers import make_documents
 from tests.train.conftest import train_args
 
 # the child trains with as many threads as this process: float reductions, hence bits, depend on it
-ENV = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+ENV = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2] / "src"), str(Path(__file__).resolve().parents[2])])}
 
 
 def _metrics(run: Path) -> list[dict]:

@@ -30,7 +30,7 @@ from moeut.run.layout import CHECKPOINTS, MODEL_CONFIG, SUMMARY, TOKENIZER_JSON,
 from moeut.runtime import progress
 from moeut.train.config import TrainConfig
 from moeut.train.distributed import DistInfo, barrier, init_distributed, shutdown, wrap_model
-from moeut.train.metrics import MetricsLogger, residual_norm_metrics, routing_stats
+from moeut.train.metrics import MetricsLogger, depth_metrics, residual_norm_metrics, routing_stats
 from moeut.train.schedule import lr_at
 from moeut.train.step import autocast_for, train_step
 
@@ -109,6 +109,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
                     "tok_per_s": tok_s}
             if want_routing and counts is not None:
                 last.update(routing_stats(counts))
+            if res.depth is not None:  # ACT: mean and distribution of the per-token depth, every step
+                last.update(depth_metrics(res.depth, _max_depth(model_cfg)))
             want_norms = cfg.residual_norm_every > 0 and done % cfg.residual_norm_every == 0
             if want_norms:
                 last.update(_residual_norms(wrapped, val_ds, cfg, autocast, info))
@@ -156,6 +158,11 @@ def _residual_norms(model: torch.nn.Module, val_ds, cfg: TrainConfig, autocast, 
     with autocast or contextlib.nullcontext():
         out = model(batch[:, :-1].to(info.device), output_hidden_states=True)
     return residual_norm_metrics(out.hidden_states) if out.hidden_states is not None else {}
+
+
+def _max_depth(model_cfg) -> int:
+    """The depth unit of ACT: group applications for MoEUT, layer applications for SUT."""
+    return model_cfg.n_layers if model_cfg.is_sut else model_cfg.n_repeats
 
 
 def _hardware(device: torch.device) -> str:
