@@ -58,6 +58,7 @@ def test_tiny_family_trains_resumes_bit_identically_and_evaluates(preset, tiny_d
         last = next(m for m in reversed(logged) if "act/mean_depth" in m)
         assert sum(last[f"act/depth_frac/{k}"] for k in range(1, max_depth + 1)) == pytest.approx(1)
         assert last["act/depth_p10"] <= last["act/depth_p50"] <= last["act/depth_p90"]
+        assert json.loads((run / "summary.json").read_text())["act_mean_depth"] == last["act/mean_depth"]
     else:
         assert not depths
 

@@ -268,7 +268,8 @@ def _write_summary(run_dir: Path, step: int, last: dict[str, Any], val_ppl: floa
     summary = {"step": step, "train_loss": last.get("train_loss"), "reg_loss": last.get("reg_loss"),
                "val_ppl": val_ppl, "tokens_seen": last.get("tokens_seen"), "wall_time_s": wall,
                "tok_per_s": last.get("tok_per_s"), "params_total": stats["params_total"],
-               "active_params_per_token": stats["active_params_per_token"], "hardware": stats.get("hardware")}
+               "active_params_per_token": stats["active_params_per_token"], "hardware": stats.get("hardware"),
+               "act_mean_depth": last.get("act/mean_depth")}  # ACT models: the last step's mean depth
     atomic_write_json(run_dir / SUMMARY, summary)
 
 
