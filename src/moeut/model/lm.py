@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeut.model.act import ACTState, HaltingGate, depth_per_token, expected_depth, frozen_mask, halt_step, mix_state
+from moeut.model.act import (
+    ACTState,
+    HaltingGate,
+    depth_per_token,
+    expected_depth,
+    frozen_mask,
+    halt_step,
+    mix_state,
+)
 from moeut.model.base import LanguageModel, LMOutput
 from moeut.model.cache import KVCache
 from moeut.model.config import ModelConfig
@@ -132,7 +140,7 @@ class MoEUTLM(LanguageModel):
         return LMOutput(logits, reg, run.new_cache, self._expert_counts(run.applied), run.hidden, returned, depth)
 
     def _apply_group(self, r: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                     mask: torch.Tensor | None, run: "_Pass") -> torch.Tensor:
+                     mask: torch.Tensor | None, run: _Pass) -> torch.Tensor:
         """Group application ``r``: layer applications ``r·G … r·G + G − 1`` on ``h``; records their KV,
         routing and hidden states in ``run``. Returns the residual stream after the group."""
         cfg = self.cfg
@@ -143,7 +151,7 @@ class MoEUTLM(LanguageModel):
         return h
 
     def _halting_stack(self, n_groups: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                       mask: torch.Tensor | None, run: "_Pass") -> tuple[torch.Tensor, torch.Tensor]:
+                       mask: torch.Tensor | None, run: _Pass) -> tuple[torch.Tensor, torch.Tensor]:
         """ACT over group applications (stick-breaking, :mod:`moeut.model.act`): group 0 always runs; before
         each further group r the gate reads the previous group's output and a token halts with probability p_r.
         The output state is ``acc + q·h``; a frozen token keeps its state, and the group reads that state for
