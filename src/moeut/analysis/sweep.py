@@ -124,6 +124,7 @@ class SweepRow:
     tokens: int
     val_ppl: float | None
     wall_time_s: float | None
+    mean_depth: float | None = None  # ACT: expected (group) applications per token, the last training step's
 
 
 def _finished(run_dir: Path, steps: int) -> dict[str, Any] | None:
@@ -196,16 +197,17 @@ def run_sweep(entries: Sequence[SweepEntry], data: str | Path, out: str | Path, 
         rows.append(SweepRow(name=e.name, preset=e.preset, model=e.model, run_dir=str(run_dir), status=status,
                              params=stats["params_total"], active_params=stats["active_params_per_token"],
                              macs_per_token=stats["macs_per_token"], tokens=summary.get("tokens_seen") or 0,
-                             val_ppl=summary.get("val_ppl"), wall_time_s=summary.get("wall_time_s")))
+                             val_ppl=summary.get("val_ppl"), wall_time_s=summary.get("wall_time_s"),
+                             mean_depth=summary.get("act_mean_depth")))
     return rows
 
 
 def table(rows: Sequence[SweepRow]) -> str:
     body = [[r.name, ", ".join(f"{k}={v}" for k, v in r.model.items()) or "-", f"{r.params / 1e6:.2f}M",
              f"{r.active_params / 1e6:.2f}M", f"{r.macs_per_token / 1e6:.2f}M", f"{r.tokens:,}", r.val_ppl,
-             r.wall_time_s, r.status] for r in rows]
-    return format_table(["run", "overrides", "params", "active/tok", "MACs/tok", "tokens", "val ppl", "train s",
-                         "status"], body, ".2f")
+             "-" if r.mean_depth is None else f"{r.mean_depth:.2f}", r.wall_time_s, r.status] for r in rows]
+    return format_table(["run", "overrides", "params", "active/tok", "MACs/tok", "tokens", "val ppl", "ACT depth",
+                         "train s", "status"], body, ".2f")
 
 
 def _curve(run_dir: Path) -> tuple[list[int], list[float]]:

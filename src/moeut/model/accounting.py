@@ -100,7 +100,17 @@ def active_params_per_token(cfg: ModelConfig) -> int:
         mlp = 2 * d * cfg.d_ff + cfg.d_ff + d
     per_layer = att + mlp + 4 * d  # two LayerNorms
     out_norm = 0 if cfg.is_moe and cfg.norm_placement == "post" else 2 * d
-    return cfg.n_layers * per_layer + cfg.vocab_size * d + (d * cfg.vocab_size + cfg.vocab_size) + out_norm
+    return (cfg.n_layers * per_layer + cfg.vocab_size * d + (d * cfg.vocab_size + cfg.vocab_size) + out_norm
+            + moeut_halting_cost(cfg)["params"])
+
+
+def moeut_halting_cost(cfg: ModelConfig) -> dict[str, int]:
+    """MoEUT with ACT: the halting gate (LN → d×d → GELU → d×2) runs before every group application but
+    the first; per token at the maximum depth (no token halting), its parameters and MACs. 0 without ACT."""
+    if not (cfg.is_moe and cfg.act):
+        return {"params": 0, "macs": 0}
+    d, n = cfg.d_model, cfg.n_repeats - 1
+    return {"params": n * (2 * d + d * d + d + 2 * d + 2), "macs": n * (d * d + 2 * d)}
 
 
 # ------------------------------------------------------------------------------ the authors' accounting
@@ -154,7 +164,7 @@ def model_stats(cfg: ModelConfig, context: int | None = None) -> dict[str, Any]:
     moeut's own count (``macs_*``) and in the authors' accounting (``paper_*``; None for SUT)."""
     T = context or cfg.context_length
     per_layer = layer_macs(cfg, T)
-    layers = cfg.n_layers * (per_layer["attention"] + per_layer["mlp"])
+    layers = cfg.n_layers * (per_layer["attention"] + per_layer["mlp"]) + moeut_halting_cost(cfg)["macs"]
     head = cfg.d_model * cfg.vocab_size
     paper = None if cfg.is_sut else paper_flops(cfg, T)
     return {

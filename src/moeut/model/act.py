@@ -12,6 +12,10 @@ layer output ``h_{t−1}``:
 
 Once ``q_t < 1 − threshold`` a token is frozen: q is set to 0, its state no longer changes (attention reads
 its final state) and its routers give it zero gates.
+
+SUT halts over single layer applications; MoEUT (:mod:`moeut.model.lm`, ``act=True``) over applications of the
+whole group of G shared layers, with a gate that reads ``LN(h)`` (its residual stream is not normalised) and
+has a halt-logit bias (``act_halt_bias_init``; negative = "deep start").
 """
 
 from __future__ import annotations
@@ -24,20 +28,31 @@ from torch import nn
 
 
 class HaltingGate(nn.Module):
-    """``Linear(d, d) → GELU → Linear(d, 2, bias=False)`` with the last layer zero-initialised; log-softmax."""
+    """``Linear(d, d) → GELU → Linear(d, 2, bias=False)`` with the last layer zero-initialised; log-softmax.
 
-    def __init__(self, d_model: int):
+    ``halt_bias`` (MoEUT): the last layer gets a bias, initialised to (0, halt_bias), so at init
+    ``g[halt] = σ(halt_bias)``; ``normalize``: the gate reads ``LN(h)`` (a LayerNorm with parameters)."""
+
+    def __init__(self, d_model: int, halt_bias: float | None = None, normalize: bool = False):
         super().__init__()
+        self.halt_bias = halt_bias
+        self.norm = nn.LayerNorm(d_model) if normalize else None
         self.hidden = nn.Linear(d_model, d_model)
-        self.out = nn.Linear(d_model, 2, bias=False)
+        self.out = nn.Linear(d_model, 2, bias=halt_bias is not None)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        if self.norm is not None:
+            self.norm.reset_parameters()
         self.hidden.reset_parameters()
         nn.init.zeros_(self.out.weight)
+        if self.out.bias is not None:
+            self.out.bias.copy_(torch.tensor([0.0, float(self.halt_bias)]))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``log (g[continue], g[halt])`` ``[..., 2]`` in fp32."""
+        if self.norm is not None:
+            h = self.norm(h)
         return F.log_softmax(self.out(F.gelu(self.hidden(h))).float(), dim=-1)
 
 
@@ -73,10 +88,23 @@ def halt_step(state: ACTState, log_g: torch.Tensor, h_prev: torch.Tensor, thresh
 def mix_state(state: ACTState, q: torch.Tensor, h: torch.Tensor, previous: torch.Tensor,
               threshold: float) -> torch.Tensor:
     """The new state ``acc + q · h``; frozen tokens keep ``previous``."""
-    frozen = (q < 1 - threshold).unsqueeze(-1)
+    frozen = frozen_mask(q, threshold).unsqueeze(-1)
     return torch.where(frozen, previous, state.acc + q.unsqueeze(-1).to(h.dtype) * h)
 
 
 def expected_depth(state: ACTState, q: torch.Tensor) -> torch.Tensor:
     """``E[depth]`` per token ``[B, T]`` after the latest step (the ACT loss, averaged over tokens)."""
     return state.expected_depth + q * state.step
+
+
+def frozen_mask(q: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``[B, T]`` True for the tokens :func:`halt_step` froze (their state no longer changes)."""
+    return q < 1 - threshold
+
+
+def depth_per_token(state: ACTState | None, q: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Expected number of applications per token ``[B, T]`` fp32, counting the first: ``1 + E[depth]``
+    (1 everywhere when no halting step ran; ``like`` ``[B, T, d]`` gives shape and device)."""
+    if state is None or q is None:
+        return torch.ones(like.shape[:-1], device=like.device, dtype=torch.float32)
+    return 1 + expected_depth(state, q)

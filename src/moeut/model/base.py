@@ -39,6 +39,9 @@ class LMOutput:
     # in application order (None entries for the dense baseline).
     hidden_states: list[torch.Tensor] | None = None
     routing: list[LayerRouting | None] | None = None
+    # ACT models only (always, no gradient needed): each token's expected number of applications [B, T] fp32,
+    # counting the first: MoEUT 1 … R group applications, SUT 1 … n_layers layer applications. Else None.
+    depth: torch.Tensor | None = None
 
     def loss(self, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """The training objective: mean next-token cross-entropy (fp32) plus ``reg_loss`` when it was computed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -66,10 +67,14 @@ class ModelConfig:
     # ablations of the MoEUT layer (Sec. 3.5 / 3.6); the defaults are the paper's MoEUT
     norm_placement: str = "peri"  # "peri" (Sec. 2.4), "pre" (x += f(LN(x))) or "post" (x = LN(x + f(x)))
     group_order: str = "abab"  # application order of the G layers: "abab" (A B A B …) or "aabb" (A A … B B …)
-    # SUT only (Tan et al., 2023, as configured in the MoEUT paper)
-    act: bool = True  # ACT halting (stick-breaking); False = "SUT without ACT"
-    act_reg: float = 0.01  # weight of the ACT loss (the expected number of layer applications per token)
+    # ACT halting (stick-breaking, moeut.model.act): SUT (Tan et al., 2023, as configured in the MoEUT paper)
+    # halts over layer applications; MoEUT (beyond the paper) over applications of the whole group of G layers
+    act: bool | None = None  # None = the architecture's default: on for SUT ("SUT without ACT": false), off else
+    act_reg: float = 0.01  # weight of the ACT loss (the expected number of (group) applications per token)
     act_threshold: float = 0.999  # a token freezes once its probability of never halting is < 1 - threshold
+    # MoEUT only: initial bias of the halting gate's halt logit over its continue logit; 0 = g_halt = 1/2 as SUT,
+    # negative = "deep start" (tokens initially do not halt: e.g. -3 gives g_halt = σ(-3) ≈ 0.05)
+    act_halt_bias_init: float = 0.0
     mi_reg: float = 0.001  # weight of the mutual-information router loss (each attention and MLP MoE)
     mi_loss: str = "code"  # "code": H(E|X) + H(E), as the SUT authors' code; "paper": H(E|X) - H(E) = -MI
     sample_topk: int = 0  # training only: the last sample_topk of the att_k attention experts are sampled
@@ -79,6 +84,8 @@ class ModelConfig:
     n_rotate: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.act is None:
+            self.act = self.arch == "sut"
         self.validate()
         n_rot = int(self.rope_fraction * self.d_head)
         self.n_rotate = n_rot - n_rot % 2  # RoPE rotates channel pairs: odd widths round down, as the authors do
@@ -165,10 +172,19 @@ class ModelConfig:
                  f"K cannot exceed the number of experts ff_n_experts={self.ff_n_experts}; lower ff_k or add experts")
             need(self.att_k <= self.att_n_experts, "att_k",
                  f"K_A cannot exceed att_n_experts={self.att_n_experts}; lower att_k or add experts")
-        if self.arch == "sut":
-            need(isinstance(self.act, bool), "act", "must be true or false")
+        need(isinstance(self.act, bool), "act", "must be true or false")
+        need(not self.act or self.arch != "dense", "act",
+             "the dense baseline shares no layers, so it has no depth to halt over; use act=false")
+        if self.act:
             need(self.act_reg >= 0, "act_reg", "must be >= 0 (0 disables the ACT loss)")
             need(0.0 < self.act_threshold < 1.0, "act_threshold", "must be in (0, 1), e.g. 0.999")
+        need(isinstance(self.act_halt_bias_init, (int, float)) and math.isfinite(self.act_halt_bias_init),
+             "act_halt_bias_init", "must be a finite number (negative = deep start)")
+        need(not self.act or self.group_order == "abab", "group_order",
+             'ACT halts between applications of the whole group (A B | A B | …): use group_order="abab"')
+        need(self.act_halt_bias_init == 0.0 or (self.act and self.arch == "moeut"), "act_halt_bias_init",
+             "only MoEUT's halting gate has a bias (needs arch='moeut' and act=true); leave it at 0")
+        if self.arch == "sut":
             need(self.mi_reg >= 0, "mi_reg", "must be >= 0 (0 disables the mutual-information loss)")
             need(self.mi_loss in MI_LOSS_FORMS, "mi_loss",
                  'must be "code" (H(E|X) + H(E), the SUT authors\' code) or "paper" (H(E|X) - H(E))')
@@ -194,7 +210,7 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return cls(**_upgrade_pre_moeut_act(d))
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return self.from_dict({**self.to_dict(), **changes})
@@ -231,6 +247,21 @@ def parse_preset(spec: str) -> tuple[str, dict[str, Any]]:
         return name, parse_overrides(filter(None, rest.split(",")), flag=f"preset {spec!r}:")
     except ConfigError as e:
         raise ConfigError(f"{e}; overrides are field=value pairs separated by commas") from e
+
+
+# fields that only a complete dump (``to_dict``) of a MoEUT/dense config holds, never a preset with overrides
+_DUMP_MARKERS = ("act_reg", "act_threshold", "mi_reg", "mi_loss", "rel_pos_max", "d_ff", "sample_topk")
+
+
+def _upgrade_pre_moeut_act(d: dict[str, Any]) -> dict[str, Any]:
+    """A complete config written before MoEUT had ACT (it lacks ``act_halt_bias_init``) carries ``act: true``
+    for every architecture, where it only meant something for SUT: read it as act=false for MoEUT and dense,
+    so those runs and exports keep loading as the models they are."""
+    if "act_halt_bias_init" in d or d.get("arch", "moeut") == "sut" or d.get("act") is not True:
+        return d
+    if not all(k in d for k in _DUMP_MARKERS):
+        return d  # a partial dict (a preset with overrides): act=true is meant
+    return {**d, "act": False}
 
 
 def _divisors(n: int) -> list[int]:

@@ -6,6 +6,11 @@ order A B … A B … (n_layers/G repeats; ``group_order="aabb"``: A A … B B �
     for each layer application i = 0 … R·G − 1:  R = n_layers/G as trained, or ``repeats`` at inference
         h = layer_{g(i)}(h)                        g(i) = i mod G (abab) or i div R (aabb)
     logits = W_out · LN(h) + b_out                 head not tied to the embedding (post-LN: no LN)
+
+With ``act=True`` (beyond the paper) the group of G layers is the unit of halting: group application 0 always
+runs; before each further one a gate reads the previous group's output and each token halts by stick-breaking
+(:mod:`moeut.model.act`, as the SUT baseline). The head reads the halting-weighted state, ``n_layers/G`` (or
+``repeats``) is the maximum depth, and ``reg_loss`` adds ``act_reg · Σ_{r ≥ 1} mean_tokens E[depth]_r``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeut.model.act import (
+    ACTState,
+    HaltingGate,
+    depth_per_token,
+    expected_depth,
+    frozen_mask,
+    halt_step,
+    mix_state,
+)
 from moeut.model.base import LanguageModel, LMOutput
 from moeut.model.cache import KVCache
 from moeut.model.config import ModelConfig
@@ -45,6 +59,8 @@ class MoEUTLM(LanguageModel):
         # post-LN: every layer ends in a LayerNorm, so no output LayerNorm (the input one has no parameters)
         self.out_norm = nn.Identity() if self.post_ln else nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        # ACT over group applications (MoEUT only): one halting decision per application of the G layers
+        self.halting = HaltingGate(cfg.d_model, halt_bias=cfg.act_halt_bias_init, normalize=True) if cfg.act else None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -58,6 +74,8 @@ class MoEUTLM(LanguageModel):
             layer.reset_parameters(std_scale)
         if isinstance(self.out_norm, nn.LayerNorm):
             self.out_norm.reset_parameters()
+        if self.halting is not None:
+            self.halting.reset_parameters()
         self.lm_head.reset_parameters()
 
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
@@ -75,10 +93,11 @@ class MoEUTLM(LanguageModel):
         * ``output_hidden_states`` / ``output_routing``: also return the residual stream around every layer
           application and every application's :class:`LayerRouting` (for the analyses).
         * ``repeats``: apply the G shared layers R times (R·G applications) instead of the trained
-          n_layers/G (None). A cache must be used with the repeats that built it.
+          n_layers/G (None). A cache must be used with the repeats that built it. Under ACT: the maximum depth.
 
         ``reg_loss`` and ``expert_counts`` are computed in training mode or with ``output_routing=True``;
-        in eval mode without it they are None (see :class:`LMOutput`).
+        in eval mode without it they are None (see :class:`LMOutput`). Under ACT ``depth`` holds every token's
+        expected number of group applications, and the last hidden state is the halting-weighted one.
         """
         cfg = self.cfg
         if tokens.dim() != 2:
@@ -95,32 +114,56 @@ class MoEUTLM(LanguageModel):
         h = self.embedding(tokens)
         if self.post_ln:
             h = F.layer_norm(h * math.sqrt(cfg.d_model), (cfg.d_model,))
-        new_cache = KVCache() if cache is not None else None
-        stats = self.training or output_routing  # regulariser and routing counts (else not kept at all)
-        routings: list[list[LayerRouting]] = [[] for _ in range(cfg.group_size)]
-        hidden = [h] if output_hidden_states else None
-        applied: list[LayerRouting | None] = []
-        for idx in range(n_apps):  # absolute layer application
-            g = cfg.layer_index(idx, repeats)
-            h, kv, routing = self.apply_layer(idx, self.layers[g], h, rope, mask,
-                                              cache.get(idx) if cache is not None else None)
-            if new_cache is not None:
-                new_cache.layers[idx] = kv
-            if stats:
-                if routing is not None:
-                    routings[g].append(routing)
-                applied.append(routing)
-            if hidden is not None:
-                hidden.append(h)
+        run = _Pass(cfg, repeats, cache, stats=self.training or output_routing,  # regulariser, routing counts
+                    hidden=[h] if output_hidden_states else None, device=h.device)
+        if self.halting is None:
+            for r in range(n_apps // cfg.group_size):
+                h = self._apply_group(r, h, rope, mask, run)
+            depth = None
+        else:
+            h, depth = self._halting_stack(n_apps // cfg.group_size, h, rope, mask, run)
 
         logits = self.lm_head(self.out_norm(h))
-        returned = applied if output_routing else None
-        if not stats:
-            return LMOutput(logits, None, new_cache, None, hidden, None)
+        returned = run.applied if output_routing else None
+        if not run.stats:
+            return LMOutput(logits, None, run.new_cache, None, run.hidden, None, depth)
         if not cfg.is_moe:
-            return LMOutput(logits, torch.zeros((), device=h.device), new_cache, None, hidden, returned)
-        return LMOutput(logits, self._reg_loss(routings), new_cache, self._expert_counts(applied), hidden,
-                        returned)
+            return LMOutput(logits, torch.zeros((), device=h.device), run.new_cache, None, run.hidden, returned)
+        reg = self._reg_loss(run.routings) + cfg.act_reg * run.act_loss
+        return LMOutput(logits, reg, run.new_cache, self._expert_counts(run.applied), run.hidden, returned, depth)
+
+    def _apply_group(self, r: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     mask: torch.Tensor | None, run: _Pass) -> torch.Tensor:
+        """Group application ``r``: layer applications ``r·G … r·G + G − 1`` on ``h``; records their KV,
+        routing and hidden states in ``run``. Returns the residual stream after the group."""
+        cfg = self.cfg
+        for idx in range(r * cfg.group_size, (r + 1) * cfg.group_size):  # absolute layer application
+            g = cfg.layer_index(idx, run.repeats)
+            h, kv, routing = self.apply_layer(idx, self.layers[g], h, rope, mask,
+                                              run.cache.get(idx) if run.cache is not None else None)
+            run.record(idx, g, kv, routing, h)
+        return h
+
+    def _halting_stack(self, n_groups: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                       mask: torch.Tensor | None, run: _Pass) -> tuple[torch.Tensor, torch.Tensor]:
+        """ACT over group applications (stick-breaking, :mod:`moeut.model.act`): group 0 always runs; before
+        each further group r the gate reads the previous group's output and a token halts with probability p_r.
+        The output state is ``acc + q·h``; a frozen token keeps its state, and the group reads that state for
+        it (so later layers attend to its final state: its keys and values, cached or not, depend on that
+        token alone). Returns the state and the expected number of group applications per token ``[B, T]``."""
+        thr = self.cfg.act_threshold
+        prev = self._apply_group(0, h, rope, mask, run)
+        state, act, q = prev, ACTState.start(prev), None
+        for r in range(1, n_groups):
+            act, q = halt_step(act, self.halting(prev), prev, thr)
+            group_in = torch.where(frozen_mask(q, thr).unsqueeze(-1), state, prev)
+            prev = self._apply_group(r, group_in, rope, mask, run)
+            state = mix_state(act, q, prev, state, thr)
+            if run.stats:
+                run.act_loss = run.act_loss + expected_depth(act, q).mean()
+        if run.hidden is not None:
+            run.hidden[-1] = state  # the final entry is what the output head reads
+        return state, depth_per_token(act, q, state)
 
     def _reg_loss(self, routings: list[list[LayerRouting]]) -> torch.Tensor:
         """γ·Σ_g −H(p_ffn,g) + δ·Σ_g (−H(p_V,g) − H(p_O,g)); p pooled over the repeats of g and over time
@@ -142,3 +185,27 @@ class MoEUTLM(LanguageModel):
             "att_v": torch.stack([expert_counts(r.att_v.indices + head_offset, n_att) for r in flat]),
             "att_o": torch.stack([expert_counts(r.att_o.indices + head_offset, n_att) for r in flat]),
         }
+
+
+class _Pass:
+    """What one forward pass collects across its layer applications (returned in LMOutput, never kept on
+    the model): the new KV cache, the routings (per distinct layer and in application order), the hidden
+    states and the ACT loss."""
+
+    def __init__(self, cfg: ModelConfig, repeats: int | None, cache: KVCache | None, stats: bool,
+                 hidden: list[torch.Tensor] | None, device: torch.device):
+        self.repeats, self.cache, self.stats, self.hidden = repeats, cache, stats, hidden
+        self.new_cache = KVCache() if cache is not None else None
+        self.routings: list[list[LayerRouting]] = [[] for _ in range(cfg.group_size)]
+        self.applied: list[LayerRouting | None] = []
+        self.act_loss = torch.zeros((), device=device)  # Σ over halting group applications of mean_tokens E[depth]
+
+    def record(self, idx: int, g: int, kv, routing: LayerRouting | None, h: torch.Tensor) -> None:
+        if self.new_cache is not None:
+            self.new_cache.layers[idx] = kv
+        if self.stats:
+            if routing is not None:
+                self.routings[g].append(routing)
+            self.applied.append(routing)
+        if self.hidden is not None:
+            self.hidden.append(h)

@@ -51,6 +51,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's MoEUT models. moeut-727m uses d_model 1280 as the paper's run did (the authors' minimal
     # reference has 1024 there, which gives 582M parameters).
     "moeut-44m": _moeut(16, 2, 412, 4, 8, 82, 155, 12),  # 44.3M
+    # Beyond the paper: MoEUT with ACT over group applications; a deep start (g_halt = σ(-3) ≈ 0.05 at init),
+    # at most the twin's 8 group applications.
+    "moeut-44m-act": _moeut(16, 2, 412, 4, 8, 82, 155, 12, act=True, act_halt_bias_init=-3.0),  # 44.5M
     "moeut-126m": _moeut(18, 2, 768, 4, 10, 96, 254, 12),  # 125.7M
     "moeut-244m": _moeut(18, 2, 1024, 4, 10, 128, 387, 16),  # 243.3M
     "moeut-318m": _moeut(24, 3, 1024, 4, 10, 128, 338, 16),  # 318.1M
@@ -66,6 +69,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Small presets for CPUs. tiny: hundreds of steps a minute on 2 cores; small: a few million
     # non-embedding parameters. Each dense preset matches its MoEUT twin's total parameter count.
     "moeut-tiny": _moeut(4, 2, 128, 4, 4, 32, 32, 4, context_length=256),  # 4.50M
+    # moeut-tiny with ACT: at most 4 group applications (the twin's 2 leave a single halting decision), deep start
+    "moeut-tiny-act": _moeut(8, 2, 128, 4, 4, 32, 32, 4, act=True, act_halt_bias_init=-3.0,
+                             context_length=256),  # 4.52M
     "dense-tiny": _dense(4, 128, 2118, 4, 32, context_length=256),  # 4.50M
     "moeut-small": _moeut(8, 2, 256, 4, 4, 64, 32, 4, context_length=512),  # 9.64M
     "dense-small": _dense(8, 256, 836, 4, 64, context_length=512),  # 9.64M
@@ -112,4 +118,4 @@ ATT_NORM_INIT_PRESETS = (
 for _name in ATT_NORM_INIT_PRESETS:
     PRESETS[_name]["att_norm_init"] = True
 
-PAPER_PRESETS = [name for name in PRESETS if not name.endswith(("-tiny", "-small", "-tiny-noact"))]
+PAPER_PRESETS = [name for name in PRESETS if not name.endswith(("-tiny", "-small", "-tiny-noact", "-act"))]

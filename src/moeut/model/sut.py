@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeut.model.act import ACTState, HaltingGate, expected_depth, halt_step, mix_state
+from moeut.model.act import ACTState, HaltingGate, depth_per_token, expected_depth, halt_step, mix_state
 from moeut.model.base import LanguageModel, LMOutput
 from moeut.model.cache import KVCache, LayerKV
 from moeut.model.config import ModelConfig
@@ -152,12 +152,13 @@ class SUTLM(LanguageModel):
                 hidden.append(state)
 
         logits = self.lm_head(state)
+        depth = depth_per_token(act, q, state) if cfg.act else None
         if not stats:
-            return LMOutput(logits, None, new_cache, None, hidden, None)
+            return LMOutput(logits, None, new_cache, None, hidden, None, depth)
         reg = self._mi_loss(applied, repeats) + cfg.act_reg * act_loss
         counts = {"ffn": torch.stack([expert_counts(r.ffn.indices, cfg.ff_n_experts) for r in applied]),
                   "att": torch.stack([expert_counts(r.att.indices, cfg.att_n_experts) for r in applied])}
-        return LMOutput(logits, reg, new_cache, counts, hidden, applied if output_routing else None)
+        return LMOutput(logits, reg, new_cache, counts, hidden, applied if output_routing else None, depth)
 
     def _mi_loss(self, applied: list[SUTLayerRouting], repeats: int | None) -> torch.Tensor:
         cfg = self.cfg

@@ -39,6 +39,23 @@ def routing_stats(counts: dict[str, torch.Tensor]) -> dict[str, float]:
     return stats
 
 
+DEPTH_QUANTILES = (0.1, 0.5, 0.9)
+
+
+def depth_metrics(depth: torch.Tensor, max_depth: int) -> dict[str, float]:
+    """ACT: the per-token expected depth ``[N]`` (1 … ``max_depth`` applications) as ``act/mean_depth``, its
+    quantiles ``act/depth_p10`` / ``p50`` / ``p90`` and a histogram ``act/depth_frac/{k}``: the fraction of
+    tokens whose expected depth rounds to k, for k = 1 … max_depth."""
+    d = depth.double().flatten()
+    out = {"act/mean_depth": d.mean().item()}
+    for q, v in zip(DEPTH_QUANTILES, torch.quantile(d, torch.tensor(DEPTH_QUANTILES, dtype=d.dtype)).tolist()):
+        out[f"act/depth_p{round(q * 100)}"] = v
+    bins = torch.bincount(d.round().long().clamp(1, max_depth) - 1, minlength=max_depth).double() / d.numel()
+    for k in range(max_depth):
+        out[f"act/depth_frac/{k + 1}"] = bins[k].item()
+    return out
+
+
 def residual_norm_metrics(hidden_states: Sequence[torch.Tensor]) -> dict[str, float]:
     """Flat metrics for the training log: ``resnorm/L{i}/residual`` and ``resnorm/L{i}/update`` (means over
     tokens of the residual entering application i and of its update), and ``resnorm/final``."""

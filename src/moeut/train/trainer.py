@@ -33,7 +33,7 @@ from moeut.train.activation_checkpointing import apply_activation_checkpointing
 from moeut.train.config import TrainConfig
 from moeut.train.distributed import DistInfo, barrier, init_distributed, shutdown, wrap_model
 from moeut.train.init_from import InitFromError, load_init_weights
-from moeut.train.metrics import MetricsLogger, WandbSink, residual_norm_metrics, routing_stats
+from moeut.train.metrics import MetricsLogger, WandbSink, depth_metrics, residual_norm_metrics, routing_stats
 from moeut.train.step import autocast_for, train_step
 from moeut.train.systems import PeakMemory, device_peak_tflops, train_flops_per_token
 
@@ -157,6 +157,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True,
                     "peak_memory_bytes": memory.peak_bytes()}
             if want_routing and counts is not None:
                 last.update(routing_stats(counts))
+            if res.depth is not None:  # ACT: mean and distribution of the per-token depth, every step
+                last.update(depth_metrics(res.depth, _max_depth(model_cfg)))
             want_norms = cfg.residual_norm_every > 0 and done % cfg.residual_norm_every == 0
             if want_norms:
                 last.update(_residual_norms(wrapped, val_ds, cfg, autocast, info))
@@ -210,6 +212,11 @@ def _residual_norms(model: torch.nn.Module, val_ds, cfg: TrainConfig, autocast, 
     with autocast or contextlib.nullcontext():
         out = model(batch[:, :-1].to(info.device), output_hidden_states=True)
     return residual_norm_metrics(out.hidden_states) if out.hidden_states is not None else {}
+
+
+def _max_depth(model_cfg) -> int:
+    """The depth unit of ACT: group applications for MoEUT, layer applications for SUT."""
+    return model_cfg.n_layers if model_cfg.is_sut else model_cfg.n_repeats
 
 
 def _hardware(device: torch.device) -> str:
@@ -342,7 +349,8 @@ def _write_summary(run_dir: Path, step: int, last: dict[str, Any], val_ppl: floa
                "tok_per_s": last.get("tok_per_s"), "grad_norm": last.get("grad_norm"), "tflops": last.get("tflops"),
                "mfu": last.get("mfu"), "peak_memory_bytes": last.get("peak_memory_bytes"),
                "peak_memory_kind": memory_kind, "params_total": stats["params_total"],
-               "active_params_per_token": stats["active_params_per_token"], "hardware": stats.get("hardware")}
+               "active_params_per_token": stats["active_params_per_token"], "hardware": stats.get("hardware"),
+               "act_mean_depth": last.get("act/mean_depth")}  # ACT models: the last step's mean depth
     atomic_write_json(run_dir / SUMMARY, summary)
 
 

@@ -34,6 +34,11 @@ class MoEUTConfig(PreTrainedConfig):
     * ``repeats``: depth chosen at inference: apply the G distinct layers ``repeats`` times (``repeats·G``
       applications) instead of the trained ``num_hidden_layers / G``; None = as trained. Also a forward (and
       ``generate``) argument. With ``"aabb"`` each distinct layer runs ``repeats`` times in a row.
+    * ``act`` (None = the architecture's default: on for SUT, off otherwise). MoEUT with ``act=True`` halts per
+      token over applications of the whole group (stick-breaking, as SUT): ``act_reg``, ``act_threshold`` as
+      for SUT, ``act_halt_bias_init`` the halting gate's initial halt-logit bias (negative = deep start). A
+      config.json written before MoEUT had ACT holds ``act: true`` for every architecture and no
+      ``act_halt_bias_init``: for MoEUT and dense that is read as ``act=False``, the model it describes.
     * ``arch="sut"``, the Sparse Universal Transformer baseline (post-LN, mixture of attention heads with
       ``num_attention_heads`` heads *per attention expert*, softmax MoE): ``act`` (ACT halting), ``act_reg``,
       ``act_threshold``, ``mi_reg`` / ``mi_loss`` (its router loss, ``"code"`` or ``"paper"``), ``sample_topk``,
@@ -77,9 +82,10 @@ class MoEUTConfig(PreTrainedConfig):
         norm_placement="peri",
         group_order="abab",
         repeats=None,
-        act=True,
+        act=None,
         act_reg=0.01,
         act_threshold=0.999,
+        act_halt_bias_init=None,
         mi_reg=0.001,
         mi_loss="code",
         sample_topk=0,
@@ -106,6 +112,14 @@ class MoEUTConfig(PreTrainedConfig):
         if group_size <= 0 or num_hidden_layers % group_size:
             raise ValueError(f"MoEUTConfig.group_size={group_size} must divide num_hidden_layers={num_hidden_layers}")
         _check_repeats(repeats, arch)
+        if act is None:
+            act = arch == "sut"
+        elif act and arch != "sut" and act_halt_bias_init is None:
+            act = False  # a config.json from before MoEUT had ACT (every one of them said act: true)
+        if act and arch == "dense":
+            raise ValueError("MoEUTConfig.act=True: the dense baseline has no shared depth to halt over")
+        if act and arch == "moeut" and group_order != "abab":
+            raise ValueError('MoEUTConfig.act=True halts between group applications: needs group_order="abab"')
         self.arch = arch
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -132,6 +146,7 @@ class MoEUTConfig(PreTrainedConfig):
         self.act = act
         self.act_reg = act_reg
         self.act_threshold = act_threshold
+        self.act_halt_bias_init = 0.0 if act_halt_bias_init is None else act_halt_bias_init
         self.mi_reg = mi_reg
         self.mi_loss = mi_loss
         self.sample_topk = sample_topk

@@ -28,6 +28,13 @@ A cache must be continued with the R that filled it.
 attention heads (relative positions, no RoPE) and a softmax MoE, with ACT halting; ``aux_loss`` is its
 mutual-information router loss plus the ACT loss (summed over the halting applications).
 
+``act=True`` on a MoEUT config: per-token ACT over applications of the whole group (moeut.model.lm): group 0
+always runs; before each further group a gate reads ``LN`` of the previous group's output and the token halts by
+stick-breaking (log q += log g[continue], p = q·g[halt], acc += p·h, state = acc + q·h). Once q < 1 − act_threshold
+the token is frozen: its state stays and the group reads that state for it (so its keys and values depend on it
+alone: the cache is exact). The head reads the state; ``depth`` in the outputs is each token's expected number of
+group applications, and ``aux_loss`` adds ``act_reg · Σ_r mean E[depth]_r``.
+
 ``aux_loss`` (and the router logits) are computed in training mode or with ``output_router_logits=True``;
 in eval mode otherwise ``aux_loss`` is None.
 """
@@ -533,6 +540,30 @@ class SUTHalting(nn.Module):
         return F.log_softmax(self.out(F.gelu(self.hidden(h))).float(), dim=-1)
 
 
+class MoEUTHalting(nn.Module):
+    """MoEUT ACT gate: ``log_softmax(Linear(d, 2)(GELU(Linear(d, d)(LN(h)))))`` = log (continue, halt)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.hidden = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, h):
+        return F.log_softmax(self.out(F.gelu(self.hidden(self.norm(h)))).float(), dim=-1)
+
+
+def _halt_step(gate_log, log_never, acc, depth, prev, step, threshold):
+    """One stick-breaking step (as moeut.model.act.halt_step): the new log q, acc, Σ(s−1)·p_s and q (0 = frozen)."""
+    log_halt = log_never.unsqueeze(-1) + gate_log
+    p = log_halt[..., 1].exp()
+    acc = acc + p.unsqueeze(-1).to(prev.dtype) * prev
+    depth = depth + step * p
+    log_never = log_halt[..., 0]
+    q = log_never.exp()
+    return log_never, acc, depth, q.masked_fill(q < 1 - threshold, 0.0)
+
+
 class SUTLayer(nn.Module):
     """Post-LN: ``x = LN₁(x_q + Att(x_q, x_kv)); x = LN₂(x + MoE(x))``."""
 
@@ -615,6 +646,12 @@ def _fit_cache_depth(cache, applications, past):
 
 
 # ---------------------------------------------------------------------------------------- pretrained base
+def _halting_linears(model):
+    """The two Linear layers of the MoEUT halting gate of ``model`` (a MoEUTModel or MoEUTForCausalLM), or ()."""
+    halting = getattr(model, "halting", None) or getattr(getattr(model, "model", None), "halting", None)
+    return () if halting is None else (halting.hidden, halting.out)
+
+
 def _needs_init(param):
     """False for tensors that from_pretrained already loaded (never overwrite them)."""
     return param is not None and not getattr(param, "_is_hf_initialized", False)
@@ -720,6 +757,20 @@ class MoEUTPreTrainedModel(PreTrainedModel):
                 if lin.bias is not None and _needs_init(lin.bias):
                     bound = 1 / math.sqrt(lin.in_features)
                     nn.init.uniform_(lin.bias, -bound, bound)
+        elif isinstance(module, nn.Linear) and module in _halting_linears(self):
+            # MoEUT's halting gate (set per Linear: transformers skips a custom module without own parameters):
+            # torch's default hidden layer; out: zero weight, bias (0, act_halt_bias_init)
+            if module.out_features == 2:
+                if _needs_init(module.weight):
+                    nn.init.zeros_(module.weight)
+                if _needs_init(module.bias):
+                    module.bias.copy_(torch.tensor([0.0, float(cfg.act_halt_bias_init)]))
+            else:
+                if _needs_init(module.weight):
+                    nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+                if _needs_init(module.bias):
+                    bound = 1 / math.sqrt(module.in_features)
+                    nn.init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, nn.Linear) and module is getattr(self, "lm_head", None):
             # torch's default nn.Linear init, as moeut's output head
             if _needs_init(module.weight):
@@ -740,6 +791,7 @@ class MoEUTModelOutput(ModelOutput):
     hidden_states: Optional[tuple] = None
     aux_loss: Optional[torch.FloatTensor] = None
     router_logits: Optional[tuple] = None
+    depth: Optional[torch.FloatTensor] = None  # ACT: each token's expected number of (group) applications
 
 
 class MoEUTModel(MoEUTPreTrainedModel):
@@ -753,6 +805,7 @@ class MoEUTModel(MoEUTPreTrainedModel):
         # post-LN (and SUT, which is post-LN): input LayerNorm without parameters, no output LayerNorm
         self.post_ln = config.arch == "sut" or (config.arch == "moeut" and config.norm_placement == "post")
         self.norm = nn.Identity() if self.post_ln else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.halting = MoEUTHalting(config) if config.arch == "moeut" and config.act else None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -798,17 +851,17 @@ class MoEUTModel(MoEUTPreTrainedModel):
             return MoEUTModelOutput(last_hidden_state=h, cache=cache, hidden_states=all_hidden, aux_loss=aux_loss,
                                     router_logits=applied if output_router_logits else None)
 
-        all_hidden = (h,) if output_hidden_states else None
-        routing = [[] for _ in range(cfg.group_size)]  # per distinct layer g: (logits_v, logits_o, logits_ff)
-        applied = []  # the σ-MoE router logits in absolute application order
-        for idx in range(repeats * cfg.group_size):  # absolute layer application
-            g = cfg.layer_index(idx, repeats)
-            h, logits = self.layers[g](h, rope, mask, cache, idx)
-            if logits is not None and with_aux:
-                routing[g].append(logits)
-                applied.append(logits[2])
-            if output_hidden_states:
-                all_hidden = all_hidden + (h,)
+        rec = {"hidden": [h] if output_hidden_states else None, "with_aux": with_aux,
+               "routing": [[] for _ in range(cfg.group_size)],  # per distinct layer g: (logits_v, logits_o, logits_ff)
+               "applied": []}  # the σ-MoE router logits in absolute application order
+        depth, act_loss = None, None
+        if self.halting is None:
+            for r in range(repeats):
+                h = self._group(r, h, rope, mask, cache, repeats, rec)
+        else:
+            h, depth, act_loss = self._halting_stack(h, rope, mask, cache, repeats, rec)
+        routing, applied = rec["routing"], rec["applied"]
+        all_hidden = tuple(rec["hidden"]) if output_hidden_states else None
         h = self.norm(h)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (h,)
@@ -821,6 +874,8 @@ class MoEUTModel(MoEUTPreTrainedModel):
             att = sum(entropy_of_mean_softmax([lg[0] for lg in rs], mode) +
                       entropy_of_mean_softmax([lg[1] for lg in rs], mode) for rs in routing)
             aux_loss = cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
+            if act_loss is not None:
+                aux_loss = aux_loss + cfg.act_reg * act_loss
             router_logits = None
             if output_router_logits:  # absolute application order
                 router_logits = tuple(applied)
@@ -828,7 +883,49 @@ class MoEUTModel(MoEUTPreTrainedModel):
             aux_loss = torch.zeros((), device=h.device)
             router_logits = None
         return MoEUTModelOutput(last_hidden_state=h, cache=cache, hidden_states=all_hidden, aux_loss=aux_loss,
-                                router_logits=router_logits)
+                                router_logits=router_logits, depth=depth)
+
+    def _group(self, r, h, rope, mask, cache, repeats, rec):
+        """Group application ``r``: layer applications ``r·G … r·G + G − 1``; routing and hidden states into ``rec``."""
+        cfg = self.config
+        for idx in range(r * cfg.group_size, (r + 1) * cfg.group_size):  # absolute layer application
+            g = cfg.layer_index(idx, repeats)
+            h, logits = self.layers[g](h, rope, mask, cache, idx)
+            if logits is not None and rec["with_aux"]:
+                rec["routing"][g].append(logits)
+                rec["applied"].append(logits[2])
+            if rec["hidden"] is not None:
+                rec["hidden"].append(h)
+        return h
+
+    def _halting_stack(self, h, rope, mask, cache, repeats, rec):
+        """MoEUT ACT over group applications. Returns the state, the expected number of group applications per
+        token and the ACT loss (Σ over the halting applications of mean E[depth]; None without ``with_aux``)."""
+        thr = self.config.act_threshold
+        prev = self._group(0, h, rope, mask, cache, repeats, rec)
+        state, q = prev, None
+        log_never = torch.zeros(prev.shape[:-1], device=prev.device, dtype=torch.float32)
+        acc, depth = torch.zeros_like(prev), log_never.clone()
+        act_loss = torch.zeros((), device=prev.device) if rec["with_aux"] else None
+        for r in range(1, repeats):
+            log_never, acc, depth, q = _halt_step(self.halting(prev), log_never, acc, depth, prev, r - 1, thr)
+            frozen = (q < 1 - thr).unsqueeze(-1)
+            prev = self._group(r, torch.where(frozen, state, prev), rope, mask, cache, repeats, rec)
+            state = torch.where(frozen, state, acc + q.unsqueeze(-1).to(prev.dtype) * prev)
+            if act_loss is not None:
+                act_loss = act_loss + (depth + q * r).mean()
+        if rec["hidden"] is not None:
+            rec["hidden"][-1] = state
+        expected = torch.ones_like(log_never) if q is None else 1 + depth + q * (repeats - 1)
+        return state, expected, act_loss
+
+
+@dataclass
+class MoEUTCausalLMOutput(MoeCausalLMOutputWithPast):
+    """transformers' MoE causal-LM output plus ``depth``: under ACT each token's expected number of (group)
+    applications ``[batch, length]`` (None without ACT)."""
+
+    depth: Optional[torch.FloatTensor] = None
 
 
 class MoEUTForCausalLM(MoEUTPreTrainedModel, GenerationMixin):
@@ -884,9 +981,9 @@ class MoEUTForCausalLM(MoEUTPreTrainedModel, GenerationMixin):
             if output_router_logits:
                 loss = loss + out.aux_loss.to(loss.device)
 
-        result = MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=logits,
-                                           hidden_states=out.hidden_states, router_logits=out.router_logits,
-                                           **{_CACHE_FIELD: out.cache})
+        result = MoEUTCausalLMOutput(loss=loss, aux_loss=out.aux_loss, logits=logits,
+                                     hidden_states=out.hidden_states, router_logits=out.router_logits,
+                                     depth=out.depth, **{_CACHE_FIELD: out.cache})
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         return result if return_dict else result.to_tuple()
 
