@@ -284,3 +284,28 @@ def test_analyze_and_export_hf_accept_the_imported_run(imported_run, tmp_path, c
     # the exporter verifies logits and the tokenizer (release normalisation, unknown pieces) itself
     assert main(["export-hf", "--checkpoint", str(imported_run), "--out", str(tmp_path / "hf")]) == 0
     assert "verified" in capsys.readouterr().out
+
+
+def test_an_imported_run_is_fine_tuned_with_init_from_and_its_own_tokenizer(imported_run, tmp_path):
+    """`moeut train --init-from RUN` without --preset takes the paper model's configuration and weights; the data
+    is prepared with the release tokenizer (nmt_nfkc normalisation)."""
+    from moeut.run import latest_checkpoint
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shared_file("data/MANIFEST.md").read_text(encoding="utf-8") * 4, encoding="utf-8")
+    data = tmp_path / "data"
+    assert main(["prepare", "--input", str(corpus), "--out", str(data), "--tokenizer",
+                 str(imported_run / "tokenizer.model"), "--doc-separator", "blank", "--val-fraction", "0.2",
+                 "--quiet"]) == 0
+    run = tmp_path / "ft"
+    assert main(["train", "--init-from", str(imported_run), "--data", str(data), "--out", str(run), "--steps", "1",
+                 "--batch-size", "2", "--seq-len", "16", "--eval-every", "0", "--save-every", "1",
+                 "--no-progress"]) == 0
+    source = load_model(imported_run)
+    tuned = load_model(run)
+    assert tuned.cfg == source.cfg  # the whole model configuration came from the source
+    state = latest_checkpoint(run)[1]
+    assert state["step"] == 1 and all(s["step"] == 1 for s in state["optimizer"]["state"].values())
+    lr = json.loads((run / "train_config.json").read_text())["lr"]
+    step = max((v - source.state_dict()[k]).abs().max().item() for k, v in tuned.state_dict().items())
+    assert 0 < step <= 1.01 * lr  # one AdamW step (|update| <= lr) away from the paper's weights

@@ -7,6 +7,7 @@ import sys
 
 from moeut.cli.common import UsageError
 from moeut.model.config import parse_overrides
+from moeut.run import load_run
 from moeut.train import TrainConfig, TrainingError, train
 
 HELP = "train a model on data written by `moeut prepare` (the paper's recipe)"
@@ -77,13 +78,27 @@ def add_arguments(tr: argparse.ArgumentParser) -> None:
                          "no mfu on CPU)")
     tr.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", default=None,
                     help="start from these weights only (a moeut run, checkpoint, export-hf or import-paper "
-                         "directory): fresh optimizer, schedule and data; the model configuration must match")
+                         "directory): fresh optimizer, schedule and data; the model configuration must match "
+                         "(without --preset/--model/--config it is taken from the source)")
     tr.add_argument("--allow-tokenizer-mismatch", action="store_true",
                     help="with --init-from: train on data whose tokenizer is not the source run's (a warning)")
     tr.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
     tr.add_argument("--compile", action="store_true",
                     help="torch.compile the model (whole graph: the expert ops are registered custom ops)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# the base preset per architecture when the whole model configuration comes from --init-from's source
+_BASE_PRESET = {"moeut": "moeut-tiny", "dense": "dense-tiny", "sut": "sut-tiny"}
+
+
+def _model_of(source: str, allow_tokenizer_mismatch: bool) -> dict:
+    """``--init-from`` without ``--preset``/``--model``: the source's model configuration, as every field
+    written over its architecture's tiny preset (vocab_size still follows the data)."""
+    src = load_run(source, device="cpu", require_tokenizer=False,
+                   allow_tokenizer_mismatch=allow_tokenizer_mismatch).config
+    overrides = {k: v for k, v in src.to_dict().items() if k != "vocab_size"}
+    return {"preset": _BASE_PRESET[src.arch], "model_overrides": overrides}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         given["compile"] = True
     if args.model:
         given["model_overrides"] = parse_overrides(args.model)
+    if args.init_from and not (args.preset or args.model or args.config):
+        given.update(_model_of(args.init_from, args.allow_tokenizer_mismatch))
     cfg = TrainConfig.from_file(args.config, **given) if args.config else TrainConfig.from_dict(given)
     for name in ("data", "out"):
         if not getattr(cfg, name):
