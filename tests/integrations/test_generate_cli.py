@@ -90,5 +90,5 @@ def test_errors_name_the_fix(run_dir, tmp_path):
     train_tokenizer(make_documents(60, seed=4), tmp_path / "other", TokenizerConfig(vocab_size=380))
     shutil.copyfile(tmp_path / "other" / "tokenizer.model", fake / "tokenizer.model")
     (fake / "tokenizer.json").unlink()
-    with pytest.raises(ValueError, match="is not the one"):
+    with pytest.raises(ValueError, match="tokenizer mismatch: .* is not the tokenizer"):
         load_run(fake)

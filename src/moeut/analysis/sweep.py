@@ -186,10 +186,15 @@ def run_sweep(entries: Sequence[SweepEntry], data: str | Path, out: str | Path, 
             log(f"[{i + 1}/{len(entries)}] {e.name}: finished earlier (val ppl {summary['val_ppl']:.2f}), skipped")
         else:
             status = "resumed" if bool(list_checkpoints(run_dir)) else "trained"
+            if status == "resumed":
+                log(f"[{i + 1}/{len(entries)}] {e.name}: resuming from its newest checkpoint (a different budget "
+                    f"reshapes the learning-rate schedule from there on)")
             log(f"[{i + 1}/{len(entries)}] {e.name}: {cfg.preset} + {e.model or 'no overrides'}, "
                 f"{cfg.steps * cfg.batch_size * cfg.seq_len:,} tokens")
             try:
-                summary = train_run(cfg, resume=True, show_progress=show_progress)
+                # a longer budget than an earlier call's extends its runs: that reshapes their cosine from the
+                # checkpoint on (the trainer's --allow-schedule-change), which the log line says
+                summary = train_run(cfg, resume=True, show_progress=show_progress, allow_schedule_change=True)
             except TrainingError as err:
                 raise AnalysisError(f"sweep run {e.name!r} ({run_dir}): {err}") from err
         model_cfg = json.loads((run_dir / MODEL_CONFIG).read_text())
