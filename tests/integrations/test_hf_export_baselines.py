@@ -63,9 +63,8 @@ def test_variant_exports_and_round_trips(variant, tokenizer, tmp_path):
 def test_sut_exports_and_round_trips(act, tokenizer, tmp_path):
     """SUT (ACT halting with non-trivial gates, so tokens freeze): logits, aux loss, cached greedy generate."""
     need_hf()
-    from transformers import AutoModelForCausalLM
 
-    from moeut.integrations.hf import export_hf, import_hf
+    from moeut.integrations.hf import import_hf
 
     cfg = ModelConfig(arch="sut", vocab_size=tokenizer.vocab_size, d_model=24, n_layers=5, group_size=1, n_heads=2,
                       d_head=6, att_n_experts=3, att_k=2, ff_n_experts=5, ff_expert_size=8, ff_k=2, rel_pos_max=4,
@@ -78,12 +77,7 @@ def test_sut_exports_and_round_trips(act, tokenizer, tmp_path):
             if layer.halting is not None:
                 torch.nn.init.normal_(layer.halting.out.weight, 0, 3.0)
             torch.nn.init.normal_(layer.attention.rel_pos)
-    tokenizer.save(tmp_path / "run")
-    save_checkpoint(tmp_path / "run", STEP, {"model": model.state_dict(), "model_config": cfg.to_json(),
-                                             "train_config": "{}", "tokenizer_sha256": tokenizer.sha256})
-    out = export_hf(tmp_path / "run", tmp_path / "out")
-    ref = load_model(tmp_path / "run")
-    hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    out, ref, hf = _export(model, cfg, tokenizer, tmp_path)
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, cfg.vocab_size, (2, 13), generator=g)
     mask = torch.ones_like(tokens)
@@ -107,9 +101,8 @@ def test_moeut_act_exports_and_round_trips(tokenizer, tmp_path):
     """moeut-tiny-act at the tests' tiny size, with a random halting gate and a threshold at which tokens freeze:
     logits, aux loss (ACT loss included), per-token depth, gradients, the cache, left-padded batches, repeats."""
     need_hf()
-    from transformers import AutoModelForCausalLM
 
-    from moeut.integrations.hf import export_hf, import_hf
+    from moeut.integrations.hf import import_hf
 
     cfg = ModelConfig.from_name("moeut-tiny-act", vocab_size=tokenizer.vocab_size,
                                 **{**TINY["moeut"], "act_threshold": 0.6})
@@ -118,12 +111,7 @@ def test_moeut_act_exports_and_round_trips(tokenizer, tmp_path):
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
         torch.nn.init.normal_(model.halting.out.weight, 0, 1.0)
-    tokenizer.save(tmp_path / "run")
-    save_checkpoint(tmp_path / "run", STEP, {"model": model.state_dict(), "model_config": cfg.to_json(),
-                                             "train_config": "{}", "tokenizer_sha256": tokenizer.sha256})
-    out = export_hf(tmp_path / "run", tmp_path / "out")
-    ref = load_model(tmp_path / "run")
-    hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    out, ref, hf = _export(model, cfg, tokenizer, tmp_path)
     assert hf.config.act is True and hf.config.act_halt_bias_init == cfg.act_halt_bias_init
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, cfg.vocab_size, (2, 13), generator=g)
@@ -168,3 +156,16 @@ def test_moeut_act_fresh_hf_init_and_configs_from_before_act(tokenizer):
     # an export written before MoEUT had ACT says act: true without act_halt_bias_init: no halting gate
     assert MoEUTConfig(**kw, act=True).act is False and MoEUTConfig(**kw).act is False
     assert MoEUTConfig(**{**kw, "arch": "sut", "group_size": 1}).act is True
+
+
+def _export(model, cfg, tokenizer, tmp_path):
+    """Save ``model`` as a run, export it, and load both sides: (export dir, moeut model, transformers model)."""
+    from transformers import AutoModelForCausalLM
+
+    from moeut.integrations.hf import export_hf
+
+    tokenizer.save(tmp_path / "run")
+    save_checkpoint(tmp_path / "run", STEP, {"model": model.state_dict(), "model_config": cfg.to_json(),
+                                             "train_config": "{}", "tokenizer_sha256": tokenizer.sha256})
+    out = export_hf(tmp_path / "run", tmp_path / "out")
+    return out, load_model(tmp_path / "run"), AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()

@@ -261,30 +261,15 @@ def prepare(inputs: Sequence[str | os.PathLike[str] | DocumentSource] | None, ou
         if train_w.num_documents + val_w.num_documents != n_docs:
             raise DataError(f"the inputs changed between two reads ({n_docs} documents, then "
                             f"{train_w.num_documents + val_w.num_documents}): {described}")
-        extra = {"seed": seed, "split_method": "smallest blake2b(document, key=seed) hashes go to val"}
-        train_w.extra.update(extra)
-        val_w.extra.update(extra)
-        train_meta, val_meta = train_w.close(), val_w.close()
-        seconds["tokenize"] = time.perf_counter() - t0
-
-        # 4. install
-        _install(stage, out_dir)
-        manifest = {
-            "format": PREPARE_FORMAT, "format_version": PREPARE_FORMAT_VERSION,
-            "inputs": described, "passes": 2,
-            "documents": n_docs, "bytes": n_bytes,
-            "tokenizer": {"file": TOKENIZER_MODEL, "metadata": TOKENIZER_JSON, "sha256": tok.sha256,
-                          "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "trained": sample is not None,
-                          "source": None if tokenizer is None else str(Path(tokenizer).resolve())},
-            "split": {"seed": seed, "val_fraction": val_fraction, "min_val_docs": min_val_docs,
-                      "method": "the n_val documents with the smallest blake2b(document, key=seed) go to val, "
-                                "n_val = max(ceil(val_fraction * documents), min_val_docs)"},
-            "splits": {m.split: {"dir": m.split, "tokens": m.num_tokens, "documents": m.num_documents,
-                                 "shards": len(m.shards)} for m in (train_meta, val_meta)},
-            "options": {"text_field": text_field, "doc_separator": doc_separator, "errors": errors,
-                        "shard_tokens": shard_tokens},
-        }
-        atomic_write_json(out_dir / PREPARE_FILE, manifest)
+        train_meta, val_meta = _finish(
+            stage, out_dir, train_w, val_w, seconds, t0, passes=2, described=described, n_docs=n_docs,
+            n_bytes=n_bytes, tok=tok, trained=sample is not None, tokenizer=tokenizer, seed=seed,
+            val_fraction=val_fraction, min_val_docs=min_val_docs,
+            split_method="smallest blake2b(document, key=seed) hashes go to val",
+            method="the n_val documents with the smallest blake2b(document, key=seed) go to val, "
+                   "n_val = max(ceil(val_fraction * documents), min_val_docs)",
+            options={"text_field": text_field, "doc_separator": doc_separator, "errors": errors,
+                     "shard_tokens": shard_tokens})
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         if created and not any(out_dir.iterdir()):
@@ -372,28 +357,13 @@ def _prepare_one_pass(sources: list[DocumentSource], described: list[str], out_d
             warnings.warn(f"single pass: {val_w.num_documents} validation document(s) of {n_docs}, fewer than "
                           f"min_val_docs={min_val_docs} (the split is decided per document; raise --val-fraction, "
                           "or use two passes for files)", stacklevel=3)
-        extra = {"seed": seed, "split_method": "blake2b(document, key=seed) < val_fraction * 2**64 goes to val"}
-        train_w.extra.update(extra)
-        val_w.extra.update(extra)
-        train_meta, val_meta = train_w.close(), val_w.close()
-        seconds["tokenize"] = time.perf_counter() - t0
-
-        _install(stage, out_dir)
-        manifest = {
-            "format": PREPARE_FORMAT, "format_version": PREPARE_FORMAT_VERSION,
-            "inputs": described, "passes": 1,
-            "documents": n_docs, "bytes": n_bytes,
-            "tokenizer": {"file": TOKENIZER_MODEL, "metadata": TOKENIZER_JSON, "sha256": tok.sha256,
-                          "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "trained": given is None,
-                          "source": None if tokenizer is None else str(Path(tokenizer).resolve())},
-            "split": {"seed": seed, "val_fraction": val_fraction, "min_val_docs": min_val_docs,
-                      "method": "single pass: a document goes to val when blake2b(document, key=seed) < "
-                                "val_fraction * 2**64"},
-            "splits": {m.split: {"dir": m.split, "tokens": m.num_tokens, "documents": m.num_documents,
-                                 "shards": len(m.shards)} for m in (train_meta, val_meta)},
-            "options": options,
-        }
-        atomic_write_json(out_dir / PREPARE_FILE, manifest)
+        train_meta, val_meta = _finish(
+            stage, out_dir, train_w, val_w, seconds, t0, passes=1, described=described, n_docs=n_docs,
+            n_bytes=n_bytes, tok=tok, trained=given is None, tokenizer=tokenizer, seed=seed,
+            val_fraction=val_fraction, min_val_docs=min_val_docs,
+            split_method="blake2b(document, key=seed) < val_fraction * 2**64 goes to val",
+            method="single pass: a document goes to val when blake2b(document, key=seed) < val_fraction * 2**64",
+            options=options)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         if created and out_dir.exists() and not any(out_dir.iterdir()):
@@ -404,6 +374,32 @@ def _prepare_one_pass(sources: list[DocumentSource], described: list[str], out_d
     return PrepareResult(out_dir=out_dir, tokenizer=Tokenizer.load(out_dir), train=train_meta, val=val_meta,
                          num_documents=n_docs, num_bytes=n_bytes, tokenizer_trained=given is None, seconds=seconds,
                          passes=1)
+
+
+def _finish(stage: Path, out_dir: Path, train_w, val_w, seconds: dict[str, float], t0: float, *, passes: int,
+            described: list[str], n_docs: int, n_bytes: int, tok: Tokenizer, trained: bool, tokenizer, seed: int,
+            val_fraction: float, min_val_docs: int, split_method: str, method: str, options: dict):
+    """Close both split writers, move the staged output into place and write ``prepare.json`` (both modes)."""
+    extra = {"seed": seed, "split_method": split_method}
+    train_w.extra.update(extra)
+    val_w.extra.update(extra)
+    train_meta, val_meta = train_w.close(), val_w.close()
+    seconds["tokenize"] = time.perf_counter() - t0
+    _install(stage, out_dir)
+    manifest = {
+        "format": PREPARE_FORMAT, "format_version": PREPARE_FORMAT_VERSION,
+        "inputs": described, "passes": passes,
+        "documents": n_docs, "bytes": n_bytes,
+        "tokenizer": {"file": TOKENIZER_MODEL, "metadata": TOKENIZER_JSON, "sha256": tok.sha256,
+                      "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "trained": trained,
+                      "source": None if tokenizer is None else str(Path(tokenizer).resolve())},
+        "split": {"seed": seed, "val_fraction": val_fraction, "min_val_docs": min_val_docs, "method": method},
+        "splits": {m.split: {"dir": m.split, "tokens": m.num_tokens, "documents": m.num_documents,
+                             "shards": len(m.shards)} for m in (train_meta, val_meta)},
+        "options": options,
+    }
+    atomic_write_json(out_dir / PREPARE_FILE, manifest)
+    return train_meta, val_meta
 
 
 def _drain_reversed(buffered: list[tuple[str, bool]], docs, key: bytes, threshold: int):
