@@ -15,14 +15,17 @@ SMALL = dict(d_model=32, n_layers=6, group_size=2, n_heads=2, d_head=16, att_n_e
              ff_expert_size=16, ff_k=2, context_length=16, vocab_size=50)
 
 
-def _run(model, tokens, every: int, autocast=None, seed: int = 0):
+def _run(model, tokens, every: int, autocast=None, seed: int = 0, head_chunk_tokens: int | None = None):
     apply_activation_checkpointing(model, every)
+    if head_chunk_tokens is not None:
+        model.head_chunk_tokens = head_chunk_tokens
     model.train()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # sampled routing (sample_topk) draws the same numbers in both runs
     with autocast or torch.autocast("cpu", enabled=False):
-        out = model(tokens[:, :-1])
-    ce = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        out = model(tokens[:, :-1], targets=tokens[:, 1:])  # as train_step: the head computes the CE
+    ce = out.ce
+    assert (out.logits is None) == (model.head_chunk_tokens > 0)
     (ce + out.reg_loss).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return ce.detach(), out.reg_loss.detach(), out.expert_counts, grads
@@ -50,7 +53,8 @@ def _assert_same(ref, got, rel=1e-6):
     ("sut-tiny", {}),
 ])
 @pytest.mark.parametrize("every", [1, 2, 4])
-def test_checkpointing_gives_the_same_loss_regulariser_counts_and_gradients(preset, extra, every):
+@pytest.mark.parametrize("head_chunk_tokens", [None, 7])  # None: the default (one chunk here); 7: uneven chunks
+def test_checkpointing_gives_the_same_loss_regulariser_counts_and_gradients(preset, extra, every, head_chunk_tokens):
     over = {**SMALL, **extra}
     if preset == "dense-tiny":
         over = {k: v for k, v in over.items() if k in ("d_model", "n_layers", "n_heads", "d_head",
@@ -63,7 +67,7 @@ def test_checkpointing_gives_the_same_loss_regulariser_counts_and_gradients(pres
     model = build_model(cfg)
     tokens = torch.randint(cfg.vocab_size, (3, 17))
     ref = _run(model, tokens, 0)
-    _assert_same(ref, _run(model, tokens, every))
+    _assert_same(ref, _run(model, tokens, every, head_chunk_tokens=head_chunk_tokens))
 
 
 def test_checkpointing_under_bf16_autocast_matches():
@@ -73,6 +77,30 @@ def test_checkpointing_under_bf16_autocast_matches():
     tokens = torch.randint(cfg.vocab_size, (3, 17))
     ac = lambda: autocast_for("bf16", torch.device("cpu"))  # noqa: E731
     _assert_same(_run(model, tokens, 0, ac()), _run(model, tokens, 1, ac()))
+    # in chunks, each chunk's bf16 head-weight gradient is rounded to bf16 before the chunks are summed (the
+    # plain head rounds the sum once): equal to bf16 precision, not to 1e-6
+    _assert_same(_run(model, tokens, 0, ac()), _run(model, tokens, 1, ac(), head_chunk_tokens=5), rel=1.6e-2)
+
+
+def test_chunked_head_is_the_plain_cross_entropy_and_keeps_no_logits():
+    """The head + loss in recomputed chunks: the CE and every gradient of the plain head (summation order
+    aside), the logits of the whole batch never returned; without targets or gradients, logits as usual."""
+    cfg = ModelConfig.from_name("moeut-tiny", **SMALL)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    tokens = torch.randint(cfg.vocab_size, (3, 17))
+    plain = _run(model, tokens, 0)
+    ref = F.cross_entropy(model(tokens[:, :-1]).logits.flatten(0, 1), tokens[:, 1:].flatten())
+    assert torch.allclose(plain[0], ref.detach(), rtol=1e-7, atol=0)
+    model.head_chunk_tokens = 4
+    model.train()
+    out = model(tokens[:, :-1], targets=tokens[:, 1:])
+    assert out.logits is None and torch.allclose(out.ce.detach(), plain[0], rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="use its `ce`"):
+        out.loss(tokens[:, 1:])
+    assert model(tokens[:, :-1]).logits.shape == (3, 16, cfg.vocab_size)  # no targets: the logits
+    with torch.no_grad():  # nothing to recompute: one pass, logits kept
+        assert model(tokens[:, :-1], targets=tokens[:, 1:]).logits is not None
 
 
 def test_checkpointing_recomputes_the_chosen_applications_only(monkeypatch):

@@ -13,6 +13,7 @@ from torch import nn
 
 from moeut.model.cache import KVCache
 from moeut.model.generate import generate
+from moeut.model.head_loss import chunked_cross_entropy, cross_entropy
 from moeut.model.layer import LayerRouting
 
 
@@ -25,7 +26,9 @@ class LMOutput:
     nothing is spent on them. The logits never depend on it.
     """
 
-    logits: torch.Tensor  # [B, T, vocab]
+    # [B, T, vocab]; None only when the forward pass got ``targets`` and ran the head in recomputed chunks
+    # (:attr:`LanguageModel.head_chunk_tokens`), so that the logits of the whole batch never existed
+    logits: torch.Tensor | None
     # scalar fp32, the auxiliary loss of the training objective: MoEUT γ·Σ_MLP + δ·Σ_attention entropy
     # regularisers (a zero tensor for dense), SUT mutual-information + ACT losses. None when not computed.
     reg_loss: torch.Tensor | None
@@ -42,10 +45,14 @@ class LMOutput:
     # ACT models only (always, no gradient needed): each token's expected number of applications [B, T] fp32,
     # counting the first: MoEUT 1 … R group applications, SUT 1 … n_layers layer applications. Else None.
     depth: torch.Tensor | None = None
+    # Only when the forward pass got ``targets``: the mean next-token cross-entropy, fp32 (no regulariser).
+    ce: torch.Tensor | None = None
 
     def loss(self, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """The training objective: mean next-token cross-entropy (fp32) plus ``reg_loss`` when it was computed
         (training mode or ``output_routing=True``). In plain eval mode it is the cross-entropy alone."""
+        if self.logits is None:
+            raise ValueError("this output has no logits (the head ran in chunks): use its `ce`")
         ce = F.cross_entropy(self.logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
         return ce if self.reg_loss is None else ce + self.reg_loss
 
@@ -64,12 +71,27 @@ class LanguageModel(nn.Module):
     # None: call the layer. A component outside the model may set a :data:`LayerRunner` here (the model
     # itself stays single-device code that knows nothing of recomputation).
     layer_runner: LayerRunner | None = None
+    # 0: the forward pass computes the whole batch's logits. > 0 (set from outside, with activation
+    # checkpointing): when the forward pass gets ``targets``, the head and the cross-entropy run over chunks of
+    # this many tokens, recomputed in the backward pass, and the output's logits are None.
+    head_chunk_tokens: int = 0
 
     def apply_layer(self, idx: int, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """Run layer application ``idx`` (absolute, 0 … n_layers − 1) of the shared ``layer``."""
         if self.layer_runner is None:
             return layer(*args, **kwargs)
         return self.layer_runner(idx, layer, *args, **kwargs)
+
+    def head(self, features: torch.Tensor, targets: torch.Tensor | None
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits, mean cross-entropy) of the output head on ``features`` (after the output norm). The
+        cross-entropy only with ``targets``; the logits are None when the head runs in chunks."""
+        if targets is None:
+            return self.lm_head(features), None
+        if self.head_chunk_tokens > 0 and torch.is_grad_enabled():
+            return None, chunked_cross_entropy(self.lm_head, features, targets, self.head_chunk_tokens)
+        logits = self.lm_head(features)
+        return logits, cross_entropy(logits, targets)
 
     def generate(self, prompts, max_new_tokens: int, **kw) -> list[list[int]]:
         """Sample continuations of token-id prompts with the KV cache; see :func:`moeut.model.generate.generate`."""

@@ -81,7 +81,8 @@ class MoEUTLM(LanguageModel):
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
-                output_routing: bool = False, repeats: int | None = None) -> LMOutput:
+                output_routing: bool = False, repeats: int | None = None,
+                targets: torch.Tensor | None = None) -> LMOutput:
         """Run the model on ``tokens`` ``[B, T]``.
 
         * ``cache``: pass a :class:`KVCache` (empty to start) to decode incrementally; the output carries
@@ -94,6 +95,8 @@ class MoEUTLM(LanguageModel):
           application and every application's :class:`LayerRouting` (for the analyses).
         * ``repeats``: apply the G shared layers R times (R·G applications) instead of the trained
           n_layers/G (None). A cache must be used with the repeats that built it. Under ACT: the maximum depth.
+        * ``targets``: ``[B, T]`` next tokens; the output's ``ce`` is then their mean cross-entropy (fp32), and
+          with :attr:`head_chunk_tokens` set the head runs in recomputed chunks and ``logits`` is None.
 
         ``reg_loss`` and ``expert_counts`` are computed in training mode or with ``output_routing=True``;
         in eval mode without it they are None (see :class:`LMOutput`). Under ACT ``depth`` holds every token's
@@ -123,14 +126,16 @@ class MoEUTLM(LanguageModel):
         else:
             h, depth = self._halting_stack(n_apps // cfg.group_size, h, rope, mask, run)
 
-        logits = self.lm_head(self.out_norm(h))
+        logits, ce = self.head(self.out_norm(h), targets)
         returned = run.applied if output_routing else None
         if not run.stats:
-            return LMOutput(logits, None, run.new_cache, None, run.hidden, None, depth)
+            return LMOutput(logits, None, run.new_cache, None, run.hidden, None, depth, ce)
         if not cfg.is_moe:
-            return LMOutput(logits, torch.zeros((), device=h.device), run.new_cache, None, run.hidden, returned)
+            return LMOutput(logits, torch.zeros((), device=h.device), run.new_cache, None, run.hidden, returned,
+                            ce=ce)
         reg = self._reg_loss(run.routings) + cfg.act_reg * run.act_loss
-        return LMOutput(logits, reg, run.new_cache, self._expert_counts(run.applied), run.hidden, returned, depth)
+        return LMOutput(logits, reg, run.new_cache, self._expert_counts(run.applied), run.hidden, returned, depth,
+                        ce)
 
     def _apply_group(self, r: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                      mask: torch.Tensor | None, run: _Pass) -> torch.Tensor:

@@ -109,8 +109,9 @@ class SUTLM(LanguageModel):
 
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                output_hidden_states: bool = False, output_routing: bool = False, repeats: int | None = None):
-        """As :meth:`moeut.model.lm.MoEUTLM.forward` (``repeats``: the shared layers' applications, as there). ``hidden_states``: the state entering each layer
+                output_hidden_states: bool = False, output_routing: bool = False, repeats: int | None = None,
+                targets: torch.Tensor | None = None):
+        """As :meth:`moeut.model.lm.MoEUTLM.forward` (``repeats``, ``targets``: as there). ``hidden_states``: the state entering each layer
         application (under ACT the halting-weighted state attention reads) plus the final one."""
         cfg = self.cfg
         if tokens.dim() != 2:
@@ -151,14 +152,14 @@ class SUTLM(LanguageModel):
             if hidden is not None:
                 hidden.append(state)
 
-        logits = self.lm_head(state)
+        logits, ce = self.head(state, targets)
         depth = depth_per_token(act, q, state) if cfg.act else None
         if not stats:
-            return LMOutput(logits, None, new_cache, None, hidden, None, depth)
+            return LMOutput(logits, None, new_cache, None, hidden, None, depth, ce)
         reg = self._mi_loss(applied, repeats) + cfg.act_reg * act_loss
         counts = {"ffn": torch.stack([expert_counts(r.ffn.indices, cfg.ff_n_experts) for r in applied]),
                   "att": torch.stack([expert_counts(r.att.indices, cfg.att_n_experts) for r in applied])}
-        return LMOutput(logits, reg, new_cache, counts, hidden, applied if output_routing else None, depth)
+        return LMOutput(logits, reg, new_cache, counts, hidden, applied if output_routing else None, depth, ce)
 
     def _mi_loss(self, applied: list[SUTLayerRouting], repeats: int | None) -> torch.Tensor:
         cfg = self.cfg

@@ -14,6 +14,10 @@ the backward pass only rebuilds the tensors autograd saved and discards its outp
 twice. Wrapping the shared module itself (torchtitan's ``checkpoint_wrapper``) would rename the parameters
 in the state dict and could not tell one application of a layer from another, hence the model's
 :attr:`~moeut.model.base.LanguageModel.layer_runner` hook.
+
+Once the layers are recomputed, the largest tensors left are the output head's: logits, log-softmax and their
+gradients, each ``[tokens, vocab]`` fp32. So the head and the cross-entropy are recomputed too, in chunks of
+tokens (:attr:`~moeut.model.base.LanguageModel.head_chunk_tokens`, :mod:`moeut.model.head_loss`).
 """
 
 from __future__ import annotations
@@ -41,8 +45,15 @@ class CheckpointEveryK:
         return checkpoint(layer, *args, use_reentrant=False, **kwargs)
 
 
+# Tokens per chunk of the recomputed output head + cross-entropy (:mod:`moeut.model.head_loss`): 1024 tokens ×
+# a vocabulary of 8000 is a 33 MB fp32 chunk of logits, against 131 MB for a whole batch of 8 × 512.
+HEAD_CHUNK_TOKENS = 1024
+
+
 def apply_activation_checkpointing(model: nn.Module, every: int) -> None:
-    """Recompute every ``every``-th layer application of ``model`` in the backward pass (0 = off)."""
+    """Recompute every ``every``-th layer application of ``model`` in the backward pass, and the output head
+    with the cross-entropy in chunks of :data:`HEAD_CHUNK_TOKENS` tokens (0 = off, both)."""
     if not isinstance(model, LanguageModel):
         raise TypeError(f"activation checkpointing needs a moeut language model, got {type(model).__name__}")
     model.layer_runner = CheckpointEveryK(every) if every > 0 else None
+    model.head_chunk_tokens = HEAD_CHUNK_TOKENS if every > 0 else 0

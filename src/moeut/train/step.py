@@ -1,7 +1,7 @@
 """One optimizer step of the paper's recipe — the only place it is written (the trainer, the wall-clock
 measurement and the step benchmark all call :func:`train_step`).
 
-    loss = CE(logits, next tokens) + regulariser          averaged over ``grad_accum`` micro-batches
+    loss = CE(logits, next tokens) + regulariser          the CE from the model's head (``targets=``)          averaged over ``grad_accum`` micro-batches
     ‖g‖ = global gradient norm (before clipping); clip to κ when κ > 0; AdamW step
 """
 
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 
 @dataclass
@@ -50,8 +49,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
         no_sync = distributed and not sync and hasattr(model, "no_sync")
         with model.no_sync() if no_sync else contextlib.nullcontext():
             with autocast or contextlib.nullcontext():
-                out = model(mb[:, :-1])
-            ce = F.cross_entropy(out.logits.float().flatten(0, 1), mb[:, 1:].flatten())
+                out = model(mb[:, :-1], targets=mb[:, 1:])  # the model's head computes the CE (maybe in chunks)
+            ce = out.ce
             loss = (ce + out.reg_loss) / len(micro)
             loss.backward()
         ce_sum += ce.detach() / len(micro)
