@@ -18,14 +18,18 @@ def _run(*args: str) -> dict:
     return json.loads(proc.stdout)
 
 
-def test_model_step_benchmark_quick_compares_moeut_with_dense():
-    out = _run(str(BENCH / "model_step.py"), "--quick")
-    presets = [r["preset"] for r in out["results"]]
-    assert presets == ["moeut-tiny", "dense-tiny"]
-    for r in out["results"]:
+def test_model_step_benchmark_quick_compares_moeut_with_dense_in_both_precisions():
+    out = _run(str(BENCH / "model_step.py"), "--quick", "--precision", "both")
+    rows = {(r["preset"], r["precision"]): r for r in out["results"]}
+    assert list(rows) == [("moeut-tiny", "fp32"), ("moeut-tiny", "bf16"), ("dense-tiny", "fp32"),
+                          ("dense-tiny", "bf16")]
+    for r in rows.values():
         assert r["step_ms"] > 0 and r["peak_memory_mb"] >= 0 and r["params"] > 4_000_000
-    pair = out["pairs"][0]
-    assert pair["step_time_ratio"] == round(out["results"][0]["step_ms"] / out["results"][1]["step_ms"], 3)
+        assert isinstance(r["native_bf16"], bool) and r["device"]
+    assert [(p["precision"], p["step_time_ratio"]) for p in out["pairs"]] == [
+        (q, round(rows[("moeut-tiny", q)]["step_ms"] / rows[("dense-tiny", q)]["step_ms"], 3)) for q in ("fp32", "bf16")]
+    speed = {s["preset"]: s["speedup"] for s in out["bf16_speedup"]}
+    assert speed["moeut-tiny"] == round(rows[("moeut-tiny", "fp32")]["step_ms"] / rows[("moeut-tiny", "bf16")]["step_ms"], 3)
 
 
 def test_cvmm_throughput_benchmark_quick_on_cpu():
