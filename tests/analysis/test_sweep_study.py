@@ -37,3 +37,36 @@ def test_study_sweep_file_gives_one_valid_config_per_run(tmp_path):
 
     with pytest.raises(AnalysisError, match="token budget"):
         run_sweep(entries, tmp_path, tmp_path / "o")
+
+
+def test_builtin_cpu_study_runs_every_model_at_three_learning_rates():
+    entries, _ = load_sweep("cpu-study")
+    groups = {}
+    for e in entries:
+        groups.setdefault(e.group, []).append(e)
+        assert e.name == f"{e.group}-lr{e.train['lr']:.0e}".replace("e-0", "e-")
+    assert list(groups) == ["moeut-tiny", "moeut-tiny-batch", "moeut-tiny-act", "sigma-moe-tiny", "sut-tiny",
+                            "dense-tiny"]
+    for g, es in groups.items():
+        assert sorted(e.train["lr"] for e in es) == [1e-3, 2e-3, 4e-3], g
+    assert {e.model.get("entropy_reg_mode") for e in groups["moeut-tiny-batch"]} == {"batch"}
+    assert all(ModelConfig.from_name(e.preset, **e.model).act for e in groups["moeut-tiny-act"])
+
+
+def test_best_of_groups_picks_each_models_lowest_perplexity_and_flags_an_edge():
+    from moeut.analysis.sweep import SweepRow, best_of_groups, best_table
+
+    def row(name, group, lr, ppl, depth=None):
+        return SweepRow(name=name, preset="p", model={}, run_dir="", status="trained", params=4_500_000,
+                        active_params=1, macs_per_token=1, tokens=10, val_ppl=ppl, wall_time_s=1.0,
+                        mean_depth=depth, lr=lr, group=group, tok_per_s=100.0)
+
+    rows = [row("a1", "a", 1e-3, 150.0), row("a2", "a", 2e-3, 140.0), row("a4", "a", 4e-3, 145.0),
+            row("b1", "b", 1e-3, 240.0), row("b2", "b", 2e-3, 190.0), row("b4", "b", 4e-3, 175.0, 1.5),
+            row("solo", None, 2e-3, 100.0), row("c1", "c", 1e-3, None)]
+    best = best_of_groups(rows)
+    assert [(b["group"], b["best_run"], b["best_lr"], b["best_at_edge"]) for b in best] == [
+        ("a", "a2", 2e-3, False), ("b", "b4", 4e-3, True)]
+    assert best[1]["ppl_by_lr"] == {"0.001": 240.0, "0.002": 190.0, "0.004": 175.0} and best[1]["mean_depth"] == 1.5
+    text = best_table(best)
+    assert "0.004 (edge)" in text and "175.00" in text

@@ -13,10 +13,17 @@ N_E = 32 experts of d_expert = 128, K = 4):
 * ``k``: K ∈ {2, 4, 6} at d_expert = 128 (the paper's K ∈ {8, 16, 24} relative to its default 16).
 * ``group-size``: G ∈ {1, 2, 4} (4 applications; more distinct layers = more parameters).
 * ``norm-placement``: peri-LN (MoEUT), pre-LN, post-LN — needs the ``norm_placement`` ModelConfig field.
+* ``cpu-study``: what shared layers make possible, at the demo's scale — moeut-tiny with the paper's
+  per-sequence balancing and with ``entropy_reg_mode="batch"``, moeut-tiny-act, and the baselines
+  (sigma-moe-tiny, sut-tiny, dense-tiny), each at lr 1e-3, 2e-3 and 4e-3 (every model is compared at its
+  own best learning rate: the ``best`` table). ``global`` balancing is not a separate row: in one process
+  it is exactly ``batch`` (it differs only across data-parallel ranks).
 
 A sweep file (JSON, or YAML with PyYAML installed) is either a list of runs or
 ``{"runs": [...], "train": {...}}``; each run is ``{"name": ..., "preset": ..., "model": {ModelConfig
-overrides}, "train": {TrainConfig overrides}}``. Runs may not change steps, batch size or context.
+overrides}, "train": {TrainConfig overrides}, "group": ...}``. Runs may not change steps, batch size or
+context. Runs with the same ``group`` (e.g. one model at several learning rates) are also summarised by
+their best validation perplexity (:func:`best_of_groups`).
 """
 
 from __future__ import annotations
@@ -48,14 +55,16 @@ class SweepEntry:
     preset: str = "moeut-tiny"
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+    group: str | None = None  # runs of one group are compared by their best validation perplexity
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SweepEntry":
-        unknown = sorted(set(d) - {"name", "preset", "model", "train"})
+        unknown = sorted(set(d) - {"name", "preset", "model", "train", "group"})
         if unknown or "name" not in d:
-            raise AnalysisError(f"a sweep run needs 'name' and may have 'preset', 'model', 'train'; got keys {sorted(d)}")
+            raise AnalysisError("a sweep run needs 'name' and may have 'preset', 'model', 'train', 'group'; got keys "
+                                f"{sorted(d)}")
         return cls(name=str(d["name"]), preset=d.get("preset", "moeut-tiny"), model=dict(d.get("model", {})),
-                   train=dict(d.get("train", {})))
+                   train=dict(d.get("train", {})), group=None if d.get("group") is None else str(d["group"]))
 
 
 def _has_model_field(name: str) -> bool:
@@ -75,11 +84,18 @@ def builtin_sweep(name: str, preset: str = "moeut-tiny") -> list[SweepEntry]:
             raise AnalysisError("the norm-placement sweep needs ModelConfig.norm_placement (the LayerNorm placement "
                                 "ablation), which this version of moeut does not have")
         return [SweepEntry(f"{p}-ln", preset, {"norm_placement": p}) for p in ("peri", "pre", "post")]
+    if name == "cpu-study":
+        models = [("moeut-tiny", "moeut-tiny", {}), ("moeut-tiny-batch", "moeut-tiny", {"entropy_reg_mode": "batch"}),
+                  ("moeut-tiny-act", "moeut-tiny-act", {}), ("sigma-moe-tiny", "sigma-moe-tiny", {}),
+                  ("sut-tiny", "sut-tiny", {}), ("dense-tiny", "dense-tiny", {})]
+        return [SweepEntry(f"{label}-lr{lr}", p, over, {"lr": float(lr)}, group=label)
+                for label, p, over in models for lr in STUDY_LRS]
     raise AnalysisError(f"unknown sweep {name!r}: built-in sweeps are {', '.join(BUILTIN_SWEEPS)}, or give a "
                         "JSON/YAML file")
 
 
-BUILTIN_SWEEPS = ("expert-size-k", "k", "group-size", "norm-placement")
+BUILTIN_SWEEPS = ("expert-size-k", "k", "group-size", "norm-placement", "cpu-study")
+STUDY_LRS = ("1e-3", "2e-3", "4e-3")  # the cpu-study's learning rates (run names keep this spelling)
 
 
 def load_sweep(spec: str, preset: str = "moeut-tiny") -> tuple[list[SweepEntry], dict[str, Any]]:
@@ -125,6 +141,9 @@ class SweepRow:
     val_ppl: float | None
     wall_time_s: float | None
     mean_depth: float | None = None  # ACT: expected (group) applications per token, the last training step's
+    lr: float | None = None
+    group: str | None = None
+    tok_per_s: float | None = None  # training throughput of the run (summary.json)
 
 
 def _finished(run_dir: Path, steps: int) -> dict[str, Any] | None:
@@ -203,16 +222,52 @@ def run_sweep(entries: Sequence[SweepEntry], data: str | Path, out: str | Path, 
                              params=stats["params_total"], active_params=stats["active_params_per_token"],
                              macs_per_token=stats["macs_per_token"], tokens=summary.get("tokens_seen") or 0,
                              val_ppl=summary.get("val_ppl"), wall_time_s=summary.get("wall_time_s"),
-                             mean_depth=summary.get("act_mean_depth")))
+                             mean_depth=summary.get("act_mean_depth"), lr=cfg.lr, group=e.group,
+                             tok_per_s=summary.get("tok_per_s")))
     return rows
 
 
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
 def table(rows: Sequence[SweepRow]) -> str:
-    body = [[r.name, ", ".join(f"{k}={v}" for k, v in r.model.items()) or "-", f"{r.params / 1e6:.2f}M",
-             f"{r.active_params / 1e6:.2f}M", f"{r.macs_per_token / 1e6:.2f}M", f"{r.tokens:,}", r.val_ppl,
-             "-" if r.mean_depth is None else f"{r.mean_depth:.2f}", r.wall_time_s, r.status] for r in rows]
-    return format_table(["run", "overrides", "params", "active/tok", "MACs/tok", "tokens", "val ppl", "ACT depth",
-                         "train s", "status"], body, ".2f")
+    body = [[r.name, ", ".join(f"{k}={v}" for k, v in r.model.items()) or "-", _fmt(r.lr, "g"),
+             f"{r.params / 1e6:.2f}M", f"{r.active_params / 1e6:.2f}M", f"{r.macs_per_token / 1e6:.2f}M",
+             f"{r.tokens:,}", r.val_ppl, _fmt(r.mean_depth, ".2f"), _fmt(r.tok_per_s, ",.0f"), r.wall_time_s, r.status]
+            for r in rows]
+    return format_table(["run", "overrides", "lr", "params", "active/tok", "MACs/tok", "tokens", "val ppl",
+                         "ACT depth", "tok/s", "train s", "status"], body, ".2f")
+
+
+def best_of_groups(rows: Sequence[SweepRow]) -> list[dict[str, Any]]:
+    """Per group (runs with the same ``group``, in order of first appearance): the run with the lowest
+    validation perplexity, and every run's perplexity by learning rate."""
+    groups: dict[str, list[SweepRow]] = {}
+    for r in rows:
+        if r.group is not None:
+            groups.setdefault(r.group, []).append(r)
+    out = []
+    for g, rs in groups.items():
+        done = [r for r in rs if r.val_ppl is not None]
+        if not done:
+            continue
+        best = min(done, key=lambda r: r.val_ppl)
+        out.append({"group": g, "best_run": best.name, "best_lr": best.lr, "val_ppl": best.val_ppl,
+                    "mean_depth": best.mean_depth, "tok_per_s": best.tok_per_s, "params": best.params,
+                    "ppl_by_lr": {format(r.lr, "g"): r.val_ppl for r in done},
+                    # the best learning rate is the largest or smallest tried: a wider range might do better
+                    "best_at_edge": len(done) > 2 and best.lr in (min(r.lr for r in done), max(r.lr for r in done))})
+    return out
+
+
+def best_table(best: Sequence[dict[str, Any]]) -> str:
+    lrs = sorted({lr for b in best for lr in b["ppl_by_lr"]}, key=float)
+    body = [[b["group"], f"{b['params'] / 1e6:.2f}M", format(b["best_lr"], "g") + (" (edge)" if b["best_at_edge"] else ""),
+             b["val_ppl"], *[b["ppl_by_lr"].get(lr) for lr in lrs], _fmt(b["mean_depth"], ".2f"),
+             _fmt(b["tok_per_s"], ",.0f")] for b in best]
+    return format_table(["model", "params", "best lr", "val ppl", *[f"ppl @ {lr}" for lr in lrs], "ACT depth",
+                         "tok/s"], body, ".2f")
 
 
 def _curve(run_dir: Path) -> tuple[list[int], list[float]]:
@@ -267,9 +322,12 @@ def run(spec: str, data: str | Path, out: str | Path, *, preset: str = "moeut-ti
     rows = run_sweep(entries, data, out, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, train=shared,
                      show_progress=show_progress)
     title = Path(spec).stem if Path(spec).is_file() else spec
+    best = best_of_groups(rows)
     j = atomic_write_json(out / "sweep.json", {"analysis": "sweep", "sweep": spec, "data": str(data), "steps": steps,
                                         "batch_size": batch_size, "seq_len": seq_len,
                                         "token_budget": rows[0].tokens if rows else 0,
-                                        "wall_time_s": time.perf_counter() - t0, "rows": [asdict(r) for r in rows]})
+                                        "wall_time_s": time.perf_counter() - t0, "rows": [asdict(r) for r in rows],
+                                        "best": best})
     png = plot(rows, out / "sweep.png", title)
-    return {"rows": rows, "table": table(rows), "files": [j, png]}
+    text = table(rows) + (f"\n\nbest learning rate of each model:\n{best_table(best)}" if best else "")
+    return {"rows": rows, "table": text, "best": best, "files": [j, png]}

@@ -5,7 +5,7 @@
     moeut analyze layer-similarity --checkpoint RUN --data DATA --out DIR [--kind ...]
     moeut analyze token-diversity  --checkpoint RUN --data DATA --out DIR [--top-n 6000]
     moeut analyze depth            --checkpoint RUN --data DATA --out DIR [--max-repeats 2×trained]
-    moeut analyze sweep            --sweep expert-size-k|k|group-size|norm-placement|FILE --data DATA --out DIR
+    moeut analyze sweep            --sweep expert-size-k|k|group-size|norm-placement|cpu-study|FILE --data DATA --out DIR
     moeut analyze wallclock        --presets moeut-tiny dense-tiny ... --out DIR
     moeut analyze compute          --checkpoint RUN [RUN ...] [--presets ...] --out DIR
 
@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("sweep", help="train and evaluate a list of configurations on one token budget "
                        "(resumable; one run directory each)")
     p.add_argument("--sweep", required=True, metavar="NAME|FILE",
-                   help="built-in: expert-size-k, k, group-size, norm-placement; or a JSON/YAML sweep file")
+                   help="built-in: expert-size-k, k, group-size, norm-placement, cpu-study; or a JSON/YAML sweep file")
     p.add_argument("--data", required=True, metavar="DIR", help="directory written by `moeut prepare`")
     p.add_argument("--preset", default="moeut-tiny", help="base preset of the built-in sweeps (default moeut-tiny)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default 200)")
