@@ -36,6 +36,15 @@ def resolve_device(name: str | torch.device | None = "auto", local_rank: int = 0
     return dev
 
 
+def cpu_has_native_bf16() -> bool:
+    """Does oneDNN run bf16 natively on this CPU (AVX512-BF16 / AMX, e.g. AMD Zen 4, Intel Sapphire Rapids)?
+    Without it bf16 matmuls are emulated and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def tune_malloc() -> bool:
     """Keep glibc from mmap-ing and unmapping every large tensor (see the README's CPU section).
 

@@ -65,6 +65,16 @@ def test_flops_convention_and_peak_table():
     assert peak_for_name("Some Future Accelerator") is None
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_is_flagged(tiny_data, tmp_path, capsys, monkeypatch, native):
+    monkeypatch.setattr("moeut.train.trainer.cpu_has_native_bf16", lambda: native)
+    assert main([*train_args(tiny_data, tmp_path / "run", steps=1, eval_every=0, save_every=1),
+                 "--precision", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 autocast" in out
+    assert ("no native bf16" in out) == (not native)
+
+
 # ------------------------------------------------------------------ activation checkpointing
 
 def test_activation_checkpointing_trains_exactly_as_without(tiny_data, tmp_path):

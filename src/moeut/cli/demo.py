@@ -19,7 +19,7 @@ from moeut.run import load_run
 from moeut.runtime import tune_malloc
 from moeut.train import TrainConfig, train
 
-HELP = "the main job: tokenizer + shards, train moeut-tiny, validation perplexity, a sample (about 6 minutes on 2 CPU cores)"
+HELP = "the main job: tokenizer + shards, train moeut-tiny, validation perplexity, a sample (about 9 minutes on 2 CPU cores)"
 DEMO_PROMPT = "Once upon a time, there was a little"
 
 

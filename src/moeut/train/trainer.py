@@ -28,7 +28,7 @@ from moeut.model.accounting import model_stats
 from moeut.model.perplexity import window_nll
 from moeut.run.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from moeut.run.layout import CHECKPOINTS, MODEL_CONFIG, SUMMARY, TOKENIZER_JSON, TOKENIZER_MODEL, TRAIN_CONFIG
-from moeut.runtime import progress
+from moeut.runtime import cpu_has_native_bf16, progress
 from moeut.train.activation_checkpointing import apply_activation_checkpointing
 from moeut.train.config import TrainConfig
 from moeut.train.distributed import DistInfo, barrier, init_distributed, shutdown, wrap_model
@@ -387,4 +387,7 @@ def _print_header(cfg: TrainConfig, model_cfg, stats: dict[str, Any], info: Dist
            if cfg.activation_checkpointing else ""),
         f"run        {cfg.out}" + (f" (resuming at step {start_step})" if start_step else ""),
     ]
+    if autocast is not None and info.device.type == "cpu" and not cpu_has_native_bf16():
+        lines.append("warning    this CPU has no native bf16 (no AVX512-BF16/AMX): bf16 is emulated and slower than "
+                     "fp32 here; --precision auto uses fp32 on CPUs")
     print("\n".join(lines), flush=True)
