@@ -48,7 +48,7 @@ def test_builtin_cpu_study_runs_every_model_at_three_learning_rates():
     assert list(groups) == ["moeut-tiny", "moeut-tiny-batch", "moeut-tiny-act", "sigma-moe-tiny", "sut-tiny",
                             "dense-tiny"]
     for g, es in groups.items():
-        assert sorted(e.train["lr"] for e in es) == [1e-3, 2e-3, 4e-3], g
+        assert sorted(e.train["lr"] for e in es) == [2e-3, 4e-3, 8e-3], g
     assert {e.model.get("entropy_reg_mode") for e in groups["moeut-tiny-batch"]} == {"batch"}
     assert all(ModelConfig.from_name(e.preset, **e.model).act for e in groups["moeut-tiny-act"])
 
