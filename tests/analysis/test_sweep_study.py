@@ -70,3 +70,13 @@ def test_best_of_groups_picks_each_models_lowest_perplexity_and_flags_an_edge():
     assert best[1]["ppl_by_lr"] == {"0.001": 240.0, "0.002": 190.0, "0.004": 175.0} and best[1]["mean_depth"] == 1.5
     text = best_table(best)
     assert "0.004 (edge)" in text and "175.00" in text
+
+
+def test_report_only_trains_nothing_and_lists_unfinished_runs(tmp_path):
+    from moeut.analysis.sweep import run_sweep
+
+    entries, _ = load_sweep("cpu-study")
+    rows = run_sweep(entries[:2], tmp_path / "data", tmp_path / "out", steps=500, report_only=True, log=lambda m: None)
+    assert [r.status for r in rows] == ["not run", "not run"]
+    assert all(r.val_ppl is None and r.tokens == 0 and r.params > 4_000_000 for r in rows)
+    assert not (tmp_path / "out").exists()

@@ -177,8 +177,9 @@ def _check_same_config(run_dir: Path, cfg: Any) -> None:
 
 def run_sweep(entries: Sequence[SweepEntry], data: str | Path, out: str | Path, *, steps: int = 200,
               batch_size: int = 16, seq_len: int | None = 256, lr: float = 2e-3, train: dict[str, Any] | None = None,
-              show_progress: bool = True, log=print) -> list[SweepRow]:
-    """Train (or resume, or skip when finished) every entry into ``out/<name>``; the rows of the table."""
+              show_progress: bool = True, log=print, report_only: bool = False) -> list[SweepRow]:
+    """Train (or resume, or skip when finished) every entry into ``out/<name>``; the rows of the table.
+    ``report_only``: train nothing; unfinished runs are rows with status "not run" (no perplexity)."""
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise AnalysisError(f"sweep run names must be unique, got {names}")
@@ -204,6 +205,9 @@ def run_sweep(entries: Sequence[SweepEntry], data: str | Path, out: str | Path, 
         if summary is not None:
             status = "done earlier"
             log(f"[{i + 1}/{len(entries)}] {e.name}: finished earlier (val ppl {summary['val_ppl']:.2f}), skipped")
+        elif report_only:
+            status, summary = "not run", {}
+            log(f"[{i + 1}/{len(entries)}] {e.name}: not finished, not trained (--report-only)")
         else:
             status = "resumed" if bool(list_checkpoints(run_dir)) else "trained"
             if status == "resumed":
@@ -217,8 +221,9 @@ def run_sweep(entries: Sequence[SweepEntry], data: str | Path, out: str | Path, 
                 summary = train_run(cfg, resume=True, show_progress=show_progress, allow_schedule_change=True)
             except TrainingError as err:
                 raise AnalysisError(f"sweep run {e.name!r} ({run_dir}): {err}") from err
-        model_cfg = json.loads((run_dir / MODEL_CONFIG).read_text())
-        stats = model_stats(ModelConfig.from_dict(model_cfg), context=cfg.seq_len)
+        model_cfg = (ModelConfig.from_dict(json.loads((run_dir / MODEL_CONFIG).read_text())) if summary
+                     else cfg.model_config())
+        stats = model_stats(model_cfg, context=cfg.seq_len)
         rows.append(SweepRow(name=e.name, preset=e.preset, model=e.model, run_dir=str(run_dir), status=status,
                              params=stats["params_total"], active_params=stats["active_params_per_token"],
                              macs_per_token=stats["macs_per_token"], tokens=summary.get("tokens_seen") or 0,
@@ -315,13 +320,13 @@ def plot(rows: Sequence[SweepRow], path: str | Path, title: str = "sweep") -> Pa
 
 
 def run(spec: str, data: str | Path, out: str | Path, *, preset: str = "moeut-tiny", steps: int = 200,
-        batch_size: int = 16, seq_len: int | None = 256, lr: float = 2e-3, show_progress: bool = True
-        ) -> dict[str, Any]:
+        batch_size: int = 16, seq_len: int | None = 256, lr: float = 2e-3, show_progress: bool = True,
+        report_only: bool = False) -> dict[str, Any]:
     entries, shared = load_sweep(spec, preset)
     out = Path(out)
     t0 = time.perf_counter()
     rows = run_sweep(entries, data, out, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, train=shared,
-                     show_progress=show_progress)
+                     show_progress=show_progress, report_only=report_only)
     title = Path(spec).stem if Path(spec).is_file() else spec
     best = best_of_groups(rows)
     j = atomic_write_json(out / "sweep.json", {"analysis": "sweep", "sweep": spec, "data": str(data), "steps": steps,

@@ -100,6 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
     p.add_argument("--seq-len", type=int, default=256, help="context (default 256)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3, the demo's)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: tabulate the finished runs (unfinished ones are listed as not run)")
     p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)  # accepted for symmetry, unused
     _common(p)
 
@@ -136,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     elif a == "sweep":
         positive("steps", args.steps)
         res = run_sweep(args.sweep, args.data, out, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
-                        seq_len=args.seq_len, lr=args.lr, show_progress=not args.no_progress)
+                        seq_len=args.seq_len, lr=args.lr, show_progress=not args.no_progress,
+                        report_only=args.report_only)
     elif a == "wallclock":
         positive("iters", args.iters)
         positive("warmup", args.warmup, allow_zero=True)
