@@ -31,7 +31,8 @@ def _run(model, tokens, every: int, autocast=None, seed: int = 0, head_chunk_tok
     return ce.detach(), out.reg_loss.detach(), out.expert_counts, grads
 
 
-def _assert_same(ref, got, rel=1e-6):
+def _assert_same(ref, got, rel=1e-6, grad_rel=None):
+    grad_rel = rel if grad_rel is None else grad_rel
     (ce0, reg0, c0, g0), (ce1, reg1, c1, g1) = ref, got
     assert torch.allclose(ce1, ce0, rtol=rel, atol=0)
     assert torch.allclose(reg1, reg0, rtol=rel, atol=1e-12)
@@ -42,7 +43,7 @@ def _assert_same(ref, got, rel=1e-6):
     assert set(g0) == set(g1) and g0
     for n in g0:
         scale = g0[n].abs().max().clamp_min(1e-30)
-        assert ((g1[n] - g0[n]).abs().max() / scale).item() <= rel, n
+        assert ((g1[n] - g0[n]).abs().max() / scale).item() <= grad_rel, n
 
 
 @pytest.mark.parametrize("preset, extra", [
@@ -67,7 +68,10 @@ def test_checkpointing_gives_the_same_loss_regulariser_counts_and_gradients(pres
     model = build_model(cfg)
     tokens = torch.randint(cfg.vocab_size, (3, 17))
     ref = _run(model, tokens, 0)
-    _assert_same(ref, _run(model, tokens, every, head_chunk_tokens=head_chunk_tokens))
+    # in uneven chunks the head-weight (and upstream) gradients are summed chunk by chunk: fp32 summation order,
+    # 1.5e-6 relative seen with 2 threads; the loss stays within 1e-6
+    grad_rel = 1e-5 if head_chunk_tokens else None
+    _assert_same(ref, _run(model, tokens, every, head_chunk_tokens=head_chunk_tokens), grad_rel=grad_rel)
 
 
 def test_checkpointing_under_bf16_autocast_matches():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,20 +52,32 @@ def _records(path: Path) -> list:
 
 
 def _offline_runs(run: Path) -> list[tuple[str, dict, dict[int, dict]]]:
-    """(run id, config, {step: logged values}) of each offline W&B run under RUN/wandb/, oldest first."""
+    """(run id, config, {step: logged values}) of each offline W&B run under RUN/wandb/, oldest first.
+
+    W&B's service process may still be flushing a run's log when ``wandb.finish()`` has returned (seen once under
+    a loaded CI machine: no run record yet), so a log without its run record is read again for a few seconds."""
     found = []
     for d in sorted((run / "wandb").glob("offline-run-*")):
-        run_id, config, history = None, {}, {}
-        for rec in _records(next(d.glob("run-*.wandb"))):
-            kind = rec.WhichOneof("record_type")
-            if kind == "run":
-                run_id = rec.run.run_id
-                config = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.run.config.update}
-            elif kind == "history":
-                row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
-                history.setdefault(row.get("_step", rec.history.step.num), {}).update(row)
-        found.append((run_id, config, history))
+        for _ in range(50):
+            parsed = _parse_offline_run(d)
+            if parsed[0] is not None:
+                break
+            time.sleep(0.2)
+        found.append(parsed)
     return found
+
+
+def _parse_offline_run(d: Path) -> tuple[str | None, dict, dict[int, dict]]:
+    run_id, config, history = None, {}, {}
+    for rec in _records(next(d.glob("run-*.wandb"))):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            run_id = rec.run.run_id
+            config = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.run.config.update}
+        elif kind == "history":
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+            history.setdefault(row.get("_step", rec.history.step.num), {}).update(row)
+    return run_id, config, history
 
 
 def _metrics(run: Path) -> list[dict]:
