@@ -30,18 +30,9 @@ import sys
 import time
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+sys.path.insert(0, SRC)
 
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), for naming the machine next to every figure."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+from moeut.runtime import cpu_has_native_bf16, cpu_model, tune_malloc  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -51,9 +42,6 @@ def log(msg: str) -> None:
 def run_one(preset: str, device: str, batch: int, seq: int, warmup: int, reps: int, backend: str | None,
             precision: str) -> dict:
     """Time one preset at one precision in this process (called in a fresh subprocess by :func:`main`)."""
-    sys.path.insert(0, SRC)
-    from moeut.runtime import tune_malloc
-
     tuned = tune_malloc()
     import torch
 
@@ -96,7 +84,7 @@ def run_one(preset: str, device: str, batch: int, seq: int, warmup: int, reps: i
     else:
         res["peak_memory_mb"] = round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024, 1)
         res["device"] = cpu_model()
-        res["native_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        res["native_bf16"] = cpu_has_native_bf16()
     return res
 
 

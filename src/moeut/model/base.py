@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeut.model.cache import KVCache
@@ -53,7 +52,7 @@ class LMOutput:
         (training mode or ``output_routing=True``). In plain eval mode it is the cross-entropy alone."""
         if self.logits is None:
             raise ValueError("this output has no logits (the head ran in chunks): use its `ce`")
-        ce = F.cross_entropy(self.logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
+        ce = cross_entropy(self.logits, targets, ignore_index)
         return ce if self.reg_loss is None else ce + self.reg_loss
 
 

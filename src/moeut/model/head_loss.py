@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32 of ``logits`` ``[..., V]`` against ``targets`` ``[...]``."""
-    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
 
 
 def _chunk_ce_sum(head: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """One optimizer step of the paper's recipe — the only place it is written (the trainer, the wall-clock
 measurement and the step benchmark all call :func:`train_step`).
 
-    loss = CE(logits, next tokens) + regulariser          the CE from the model's head (``targets=``)          averaged over ``grad_accum`` micro-batches
+    loss = CE(logits, next tokens) + regulariser          averaged over ``grad_accum`` micro-batches
+                                                         (the CE from the model's head: ``targets=``)
     ‖g‖ = global gradient norm (before clipping); clip to κ when κ > 0; AdamW step
 """
 
