@@ -23,6 +23,24 @@ def shared_file(rel: str) -> Path:
     return path
 
 
+def pytest_configure(config):
+    # A fresh inductor cache per test session: its FX-graph cache keys do not cover a custom op's fake
+    # kernel, so a cache left by an older checkout can hand torch.compile tests stale saved-tensor layouts.
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = config._moeut_inductor_dir = tempfile.mkdtemp(prefix="moeut-inductor-")
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "_moeut_inductor_dir", None)
+    if path:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

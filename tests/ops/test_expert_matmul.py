@@ -111,12 +111,13 @@ def test_backend_matches_reference_forward_and_gradients(backend, gemm, case):
 @pytest.mark.parametrize("gemm", ["grouped_mm", "loop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("g_in,s,g_out,gated", [(1, 4, 4, False), (4, 4, 1, True), (1, 4, 2, True)])
-def test_backend_gemm_paths_in_fp32_and_bf16(backend, gemm, dtype, g_in, s, g_out, gated, monkeypatch):
+@pytest.mark.parametrize("d_in,d_out", [(16, 32), (32, 16)])  # gate on the input / the output side
+def test_backend_gemm_paths_in_fp32_and_bf16(backend, gemm, dtype, g_in, s, g_out, gated, d_in, d_out, monkeypatch):
     # widths that are multiples of 16 bytes, so grouped_mm really runs where it is available
     if gemm == "grouped_mm" and not torch_backend._grouped_mm_works(torch.device("cpu"), dtype):
         pytest.skip(f"grouped_mm unavailable for cpu/{dtype}")
     monkeypatch.setattr(torch_backend, "GEMM_IMPL", gemm)
-    case = dict(n=37, g_in=g_in, s=s, g_out=g_out, d_in=16, d_out=32, n_experts=7, gated=gated, seed=s)
+    case = dict(n=37, g_in=g_in, s=s, g_out=g_out, d_in=d_in, d_out=d_out, n_experts=7, gated=gated, seed=s)
     got = run(*make_case(**case, dtype=dtype), g_out, backend)
     want = run(*make_case(**case, dtype=torch.float64), g_out, "reference")
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)

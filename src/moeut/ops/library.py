@@ -8,10 +8,11 @@ the graph. ``torch.library.opcheck`` tests the registration (tests/ops/test_libr
 Two operators, both functional (no input is mutated, no output aliases an input):
 
 * ``moeut::expert_matmul(x, weight, gates?, perm, inv_perm, offsets, out_groups, backend, save_rows,
-  need_gate_grad) -> (y, rows, gated_rows)`` — the forward of backend ``backend`` ("torch" or "triton").
-  ``rows``/``gated_rows`` are what the backend keeps for backward (the gathered input rows, on CPU) or
-  empty ``[0, d_in]`` tensors; their shapes follow from the arguments alone (see :func:`_saved_shapes`).
-* ``moeut::expert_matmul_backward(grad_y, x, rows, gated_rows, weight, gates?, perm, inv_perm, offsets,
+  need_gate_grad) -> (y, rows, side_rows)`` — the forward of backend ``backend`` ("torch" or "triton").
+  ``rows``/``side_rows`` are what the backend keeps for backward (on CPU: the gathered input rows, and the
+  gated input rows or the ungated output rows) or empty ``[0, d_in]`` tensors; their shapes follow from the
+  arguments alone (see :func:`_saved_shapes`).
+* ``moeut::expert_matmul_backward(grad_y, x, rows, side_rows, weight, gates?, perm, inv_perm, offsets,
   out_groups, backend, need_x, need_w, need_gates) -> (grad_x, grad_weight, grad_gates)`` — empty
   ``[0]`` tensors stand for gradients that were not asked for.
 
@@ -45,13 +46,23 @@ def _plan(x: Tensor, weight: Tensor, perm: Tensor, inv_perm: Tensor, offsets: Te
 
 def _saved_shapes(x: Tensor, weight: Tensor, gates: Optional[Tensor], m: int, save_rows: bool,
                   need_gate_grad: bool) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Shapes of ``(rows, gated_rows)``: a function of the arguments only, as the fake kernel needs."""
+    """Shapes of ``(rows, side_rows)``: a function of the arguments only, as the fake kernel needs.
+
+    ``rows``: the ungated gathered input rows ``[M, d_in]``; ``side_rows``: the gated input rows ``[M, d_in]``
+    (gate on the input side) or the ungated output rows ``[M, d_out]`` (gate on the output side, with the
+    gates' gradient wanted); see :func:`moeut.ops.torch_backend.forward`."""
     d_in, d_out = x.shape[2], weight.shape[2]
     if not save_rows or x.shape[0] == 0 or m == 0:
         return (0, d_in), (0, d_in)
     scale_input = gates is not None and d_in <= d_out
     keep_plain = (not scale_input) or need_gate_grad
-    return ((m if keep_plain else 0), d_in), ((m if scale_input else 0), d_in)
+    if scale_input:
+        side = (m, d_in)
+    elif gates is not None and need_gate_grad:
+        side = (m, d_out)
+    else:
+        side = (0, d_in)
+    return ((m if keep_plain else 0), d_in), side
 
 
 @torch.library.custom_op("moeut::expert_matmul", mutates_args=())
@@ -59,28 +70,28 @@ def expert_matmul_op(x: Tensor, weight: Tensor, gates: Optional[Tensor], perm: T
                      offsets: Tensor, out_groups: int, backend: str, save_rows: bool,
                      need_gate_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     plan = _plan(x, weight, perm, inv_perm, offsets)
-    y, rows, gated = _impl(backend).forward(x, weight, gates, plan, out_groups, save_rows, need_gate_grad)
-    shape_rows, shape_gated = _saved_shapes(x, weight, gates, perm.shape[0], save_rows, need_gate_grad)
+    y, rows, side = _impl(backend).forward(x, weight, gates, plan, out_groups, save_rows, need_gate_grad)
+    shape_rows, shape_side = _saved_shapes(x, weight, gates, perm.shape[0], save_rows, need_gate_grad)
     rows = rows if rows is not None and rows.shape[0] else x.new_empty(shape_rows)
-    gated = gated if gated is not None and gated.shape[0] else x.new_empty(shape_gated)
-    return y, rows, gated
+    side = side if side is not None and side.shape[0] else x.new_empty(shape_side)
+    return y, rows, side
 
 
 @expert_matmul_op.register_fake
 def _(x, weight, gates, perm, inv_perm, offsets, out_groups, backend, save_rows, need_gate_grad):
-    shape_rows, shape_gated = _saved_shapes(x, weight, gates, perm.shape[0], save_rows, need_gate_grad)
+    shape_rows, shape_side = _saved_shapes(x, weight, gates, perm.shape[0], save_rows, need_gate_grad)
     return (x.new_empty(x.shape[0], out_groups, weight.shape[2]), x.new_empty(shape_rows),
-            x.new_empty(shape_gated))
+            x.new_empty(shape_side))
 
 
 @torch.library.custom_op("moeut::expert_matmul_backward", mutates_args=())
-def expert_matmul_backward_op(grad_y: Tensor, x: Tensor, rows: Tensor, gated_rows: Tensor, weight: Tensor,
+def expert_matmul_backward_op(grad_y: Tensor, x: Tensor, rows: Tensor, side_rows: Tensor, weight: Tensor,
                               gates: Optional[Tensor], perm: Tensor, inv_perm: Tensor, offsets: Tensor,
                               out_groups: int, backend: str, need_x: bool, need_w: bool,
                               need_gates: bool) -> tuple[Tensor, Tensor, Tensor]:
     plan = _plan(x, weight, perm, inv_perm, offsets)
     gx, gw, gc = _impl(backend).backward(grad_y, x, rows if rows.shape[0] else None,
-                                         gated_rows if gated_rows.shape[0] else None, weight, gates, plan,
+                                         side_rows if side_rows.shape[0] else None, weight, gates, plan,
                                          out_groups, need_x, need_w, need_gates)
     empty = x.new_empty(0)
     return (gx if need_x else empty, gw if need_w else empty.clone(),
@@ -88,7 +99,7 @@ def expert_matmul_backward_op(grad_y: Tensor, x: Tensor, rows: Tensor, gated_row
 
 
 @expert_matmul_backward_op.register_fake
-def _(grad_y, x, rows, gated_rows, weight, gates, perm, inv_perm, offsets, out_groups, backend, need_x, need_w,
+def _(grad_y, x, rows, side_rows, weight, gates, perm, inv_perm, offsets, out_groups, backend, need_x, need_w,
       need_gates):
     return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
             x.new_empty(gates.shape if need_gates and gates is not None else (0,)))
@@ -96,15 +107,20 @@ def _(grad_y, x, rows, gated_rows, weight, gates, perm, inv_perm, offsets, out_g
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, gates, perm, inv_perm, offsets, out_groups, backend, _save, _need_c = inputs
-    _, rows, gated = output
-    ctx.save_for_backward(x, rows, gated, weight, gates, perm, inv_perm, offsets)
+    _, rows, side = output
+    ctx.save_for_backward(x, rows, side, weight, gates, perm, inv_perm, offsets)
     ctx.out_groups, ctx.backend = out_groups, backend
+    # the saved-row outputs never get a gradient: without this autograd would fill an [M, d] zero tensor
+    # for each of them on every backward
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_y, _grad_rows, _grad_gated):
-    x, rows, gated, weight, gates, perm, inv_perm, offsets = ctx.saved_tensors
+def _backward(ctx, grad_y, _grad_rows, _grad_side):
+    if grad_y is None:  # y did not reach the loss
+        return (None,) * 10
+    x, rows, side, weight, gates, perm, inv_perm, offsets = ctx.saved_tensors
     need_x, need_w, need_c = ctx.needs_input_grad[:3]
-    gx, gw, gc = expert_matmul_backward_op(grad_y, x, rows, gated, weight, gates, perm, inv_perm, offsets,
+    gx, gw, gc = expert_matmul_backward_op(grad_y, x, rows, side, weight, gates, perm, inv_perm, offsets,
                                            ctx.out_groups, ctx.backend, need_x, need_w, need_c)
     return (gx if need_x else None, gw if need_w else None, gc if need_c else None,
             None, None, None, None, None, None, None)
@@ -165,9 +181,12 @@ def _sigma_setup_context(ctx, inputs, output) -> None:
     x, keys, values, gates, perm, inv_perm, offsets, _save = inputs
     _, rows, hidden = output
     ctx.save_for_backward(x, rows, hidden, keys, values, gates, perm, inv_perm, offsets)
+    ctx.set_materialize_grads(False)  # no [M, d] / [M, d_e] zero gradients for the saved outputs
 
 
 def _sigma_backward(ctx, grad_y, _grad_rows, _grad_hidden):
+    if grad_y is None:
+        return (None,) * 8
     x, rows, hidden, keys, values, gates, perm, inv_perm, offsets = ctx.saved_tensors
     needs = ctx.needs_input_grad[:4]
     grads = sigma_moe_backward_op(grad_y, x, rows, hidden, keys, values, gates, perm, inv_perm, offsets, *needs)

@@ -334,9 +334,11 @@ def saves_rows(device: torch.device) -> bool:
 
 def forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor | None, plan: ExpertPlan, g_out: int,
             save_rows: bool, need_gate_grad: bool):
-    """``(y [N, G_out, d_out], a, a_gated)``. With ``save_rows``, ``a`` holds the ungated gathered rows
-    (kept when backward needs them: ∂c, or ∂W with the gate on the output side) and ``a_gated`` the gated
-    ones (gate on the input side); otherwise both are None and backward gathers from ``x`` again."""
+    """``(y [N, G_out, d_out], a, side)``. With ``save_rows`` the backward's inputs are returned instead of
+    gathered again: ``a`` the ungated gathered input rows (when backward reads them: ∂W with the gate on
+    the output side, ∂c with it on the input side) and ``side`` the gated input rows (gate on the input
+    side) or the ungated output rows ``a_m W_e`` (gate on the output side, with ∂c wanted: ∂c is then a
+    row dot product at the narrow width ``d_out``). Otherwise both are None."""
     n, g_in, d_in = x.shape
     s, d_out = plan.shape[1], weight.shape[2]
     scale_input = gates is not None and d_in <= d_out  # gate the narrower side
@@ -347,26 +349,38 @@ def forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor | None, p
     if strategy(x) == "loop" and not save_rows:
         return _unsort_reduce(_loop_forward(x2d, rows, weight, plan, c, scale_input), plan, n, g_out), None, None
     grouped = strategy(x) == "grouped"
+    mm = grouped_mm if grouped else _loop_mm
     # [M, d_in], sorted by expert; a padded row stride for grouped_mm unless it is returned (op outputs
     # are contiguous), in which case grouped_mm pads a copy if the width needs it
     a = _gather_rows(x2d, rows, aligned=grouped and not save_rows)
-    a_in = a
+    side = None
     if scale_input:
         a_in = a * c if save_rows and need_gate_grad else a.mul_(c)  # keep ungated a for ∂c
-    y = grouped_mm(a_in, weight, plan) if grouped else _loop_mm(a_in, weight, plan)
-    if c is not None and not scale_input:
-        y.mul_(c)
+        y = mm(a_in, weight, plan)
+        side, a = a_in, (a if a is not a_in else None)
+    else:
+        y = mm(a, weight, plan)
+        if c is not None:
+            if save_rows and need_gate_grad:
+                side, y = y.contiguous(), y * c  # ungated rows for ∂c (an op output: contiguous)
+            else:
+                y.mul_(c)
     y = _unsort_reduce(y, plan, n, g_out)
     if not save_rows:
         return y, None, None
-    # ∂W needs the gated rows (a_in), ∂c the ungated ones (a)
-    return y, (a if (a is not a_in or not scale_input) else None), (a_in if scale_input else None)
+    return y, a, side
 
 
-def backward(grad_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor | None, a_in: torch.Tensor | None,
+def backward(grad_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor | None, side: torch.Tensor | None,
              weight: torch.Tensor, gates: torch.Tensor | None, plan: ExpertPlan, g_out: int,
              need_x: bool, need_w: bool, need_c: bool):
-    """``(∂x, ∂W, ∂gates)`` (None where not needed) from what :func:`forward` returned."""
+    """``(∂x, ∂W, ∂gates)`` (None where not needed) from what :func:`forward` returned.
+
+    Gate on the output side (``d_out < d_in``): ``g̃_m = c_m g_m`` serves both ``∂W_e = Σ a_mᵀ g̃_m`` and
+    ``∂x_m = g̃_m W_eᵀ``, and ``∂c_m = (a_m W_e)·g_m`` reads the saved ungated output rows (width ``d_out``)
+    when forward kept them; otherwise ``∂c_m = a_m·(g_m W_eᵀ)`` at width ``d_in``. Gate on the input side:
+    ``∂W_e = Σ (c_m a_m)ᵀ g_m``, ``t_m = g_m W_eᵀ``, ``∂c_m = a_m·t_m``, ``∂x_m = c_m t_m`` (all at ``d_in``).
+    """
     n, g_in, d_in = x.shape
     s, d_out = plan.shape[1], weight.shape[2]
     if n == 0 or s == 0:
@@ -379,7 +393,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor | None, a_
     rows_in, rows_out = plan.rows(s // g_in), plan.rows(s // g_out)
     grad_x = grad_w = grad_c = None
 
-    if strategy(x) == "loop" and a is None and a_in is None:
+    if strategy(x) == "loop" and a is None and side is None:
         t, grad_w, gc = _loop_backward(x.reshape(n * g_in, d_in), rows_in, g2d, rows_out, weight, plan, c,
                                        scale_input, need_x, need_w, need_c)
         if need_c:
@@ -389,11 +403,25 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor | None, a_
         return grad_x, grad_w, grad_c
 
     grouped = strategy(x) == "grouped"
-    if a is None and (a_in is None or need_c or not scale_input):  # not kept: gather again
+    a_in = side if scale_input else None  # gated input rows
+    y_raw = side if not scale_input else None  # ungated output rows
+    out_gated = c is not None and not scale_input
+    narrow_c = out_gated and y_raw is not None  # ∂c from the saved output rows
+    need_a = (need_c or (need_w and a_in is None)) if scale_input else (need_w or (need_c and not narrow_c))
+    if a is None and need_a:  # not kept: gather again
         a = _gather_rows(x.reshape(n * g_in, d_in), rows_in, aligned=grouped)
     mm = grouped_mm if grouped else _loop_mm
     wgrad = grouped_mm_wgrad if grouped else _loop_mm_wgrad
     g = _gather_rows(g2d, rows_out, aligned=grouped)  # [M, d_out]
+    if narrow_c:
+        g_c = _scaled(g, c, grouped) if need_w or need_x else None  # c_m g_m, [M, d_out]
+        if need_w:
+            grad_w = wgrad(a, g_c, plan)
+        if need_c:
+            grad_c = (y_raw * g).sum(1).index_select(0, plan.inv_perm).view_as(gates)
+        if need_x:
+            grad_x = _unsort_reduce(mm(g_c, weight.transpose(1, 2), plan), plan, n, g_in)
+        return grad_x, grad_w, grad_c
     if need_w:  # ∂L/∂W_e = Σ_m c_m a_mᵀ g_m, with c applied to the narrower side
         if c is None:
             grad_w = wgrad(a, g, plan)
