@@ -76,3 +76,16 @@ def test_gpu_json_goals_from_rows(tmp_path):
     assert g["kernel_fraction_of_cublas"] == round((0.5 * 0.8) ** 0.5, 4)
     assert g["step_ratio_moeut_244m_vs_dense"] == 0.9 and g["memory_ratio_moeut_244m_vs_dense"] == 0.6
     assert g["step_speedup_vs_reference_model_244m"] == 2.0
+
+
+def test_bf16_probe_quick_times_fixed_varying_and_bucketed_gemm_shapes():
+    out = _run(str(BENCH / "bf16_probe.py"), "--quick")
+    assert isinstance(out["native_bf16"], bool) and out["cpu"]
+    assert {(r["dtype"], r["op"]) for r in out["gemm"]} == {(d, o) for d in ("float32", "bfloat16")
+                                                            for o in ("mm", "wgrad")}
+    for r in out["gemm"]:
+        assert r["fixed_ms"] > 0 and r["varying_ms"] > 0 and r["bucketed_ms"] > 0
+        assert abs(r["varying_over_fixed"] - r["varying_ms"] / r["fixed_ms"]) < 0.01 * r["varying_over_fixed"] + 1e-3
+    assert [g["dtype"] for g in out["glue"]] == ["float32", "bfloat16"]
+    assert all(g["gather_ms"] > 0 and g["slot_sum_ms"] > 0 and g["gate_mul_ms"] > 0 for g in out["glue"])
+    assert set(out["summary"]) == {"bf16_varying_over_fixed_median", "bf16_bucketed_over_fixed_median"}
