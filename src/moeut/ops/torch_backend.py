@@ -250,7 +250,7 @@ def _unsort_reduce(y: torch.Tensor, plan: ExpertPlan, n: int, groups: int,
     if groups == s:  # a pure permutation: a gather (faster than the scatter ``index_copy_``)
         out = y.new_empty(n, groups, d)
         torch.index_select(y, 0, plan.inv_perm, out=out.view(n * groups, d))
-        return out if gates is None else out.mul_(gates.view(n, groups, 1))
+        return out if gates is None else out.mul_(gates.reshape(n, groups, 1))
     bags = plan.inv_perm.view(n * groups, s // groups)  # the sorted positions of each group's slots
     if y.device.type == "cpu":
         # embedding_bag is a gather and a (weighted) sum in one pass, accumulating in fp32 for bf16:
@@ -261,7 +261,7 @@ def _unsort_reduce(y: torch.Tensor, plan: ExpertPlan, n: int, groups: int,
     # GPU: gather + sum (deterministic, unlike a scatter with atomics; bf16 summed in fp32)
     g = y.index_select(0, plan.inv_perm).view(n, groups, s // groups, d)
     if gates is not None:
-        g = g * gates.view(n, groups, s // groups, 1)
+        g = g * gates.reshape(n, groups, s // groups, 1)
     return g.sum(2)
 
 
