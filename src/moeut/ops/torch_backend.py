@@ -49,11 +49,13 @@ invalidate), and the op's outputs and gradients are returned contiguous. Autogra
 custom op computes every gradient itself from the logical (unpadded) views.
 
 Unsort: a gather ``y[inv_perm]`` when every slot is its own output group, else the sum of the
-``S/G_out`` slots of each group: ``index_add_`` on CPU in fp32/fp64 (one pass), gather + ``sum``
-elsewhere (deterministic on GPU, bf16 accumulated in fp32).
+``S/G_out`` slots of each group: ``F.embedding_bag`` on CPU (gather and weighted sum in one pass, fp32
+accumulation for bf16), gather + ``sum`` on GPU (deterministic).
 
-The gate ``c_m`` scales whichever of the input row and the output row is narrower, and its gradient
-needs no saved activation: ``∂L/∂c_m = (a_m W_e)·g_m = a_m·(g_m W_eᵀ)`` reuses the input-gradient GEMM.
+The gate ``c_m`` scales whichever of the input row and the output row is narrower. On the output side it
+is applied by the unsort (the embedding bag's per-sample weights), and with ``save_rows`` the ungated
+output rows are kept so that ``∂L/∂c_m = (a_m W_e)·g_m`` is a row dot product at the narrow width; on
+the input side (and without saved rows) ``∂L/∂c_m = a_m·(g_m W_eᵀ)`` reuses the input-gradient GEMM.
 """
 
 from __future__ import annotations
