@@ -263,7 +263,7 @@ def _unsort_reduce(y: torch.Tensor, plan: ExpertPlan, n: int, groups: int,
     # GPU: gather + sum (deterministic, unlike a scatter with atomics; bf16 summed in fp32)
     g = y.index_select(0, plan.inv_perm).view(n, groups, s // groups, d)
     if gates is not None:
-        g = g * gates.reshape(n, groups, s // groups, 1)
+        g.mul_(gates.reshape(n, groups, s // groups, 1))  # g is a fresh gather: no second [M, D] buffer
     return g.sum(2)
 
 
