@@ -124,6 +124,61 @@ def test_backend_gemm_paths_in_fp32_and_bf16(backend, gemm, dtype, g_in, s, g_ou
     assert_close_all(got, want, **tol)
 
 
+@pytest.mark.parametrize("bucket", [1, 3, 4, 64])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bucketed_mm_loop_is_exact(bucket, dtype):
+    """The bucketed loop (CPU bf16's GEMMs) gives the exact per-expert products: extra rows borrowed from
+    the next expert are overwritten, the tail goes through zero padding, the weight gradient's remainder
+    rows through zeroed scratch; empty experts, counts that are multiples of the bucket, and a last
+    expert that ends exactly at M are all in ``counts``."""
+    counts = [0, 4, 5, 3, 8, 0, 1, 12]
+    ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    plan = make_plan(ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))][:, None],
+                     len(counts))
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(len(ids), 6, generator=g, dtype=dtype)
+    b = torch.randn(len(counts), 6, 5, generator=g, dtype=dtype)
+    gy = torch.randn(len(ids), 5, generator=g, dtype=dtype)
+    bounds = [0] + torch.tensor(counts).cumsum(0).tolist()
+    want_y = torch.cat([a[lo:hi] @ b[e] for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])
+    want_w = torch.stack([a[lo:hi].t() @ gy[lo:hi] for lo, hi in zip(bounds, bounds[1:])])
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch_backend._loop_mm(a, b, plan, bucket), want_y, **tol)
+    torch.testing.assert_close(torch_backend._loop_mm(gy, b.transpose(1, 2), plan, bucket),
+                               torch.cat([gy[lo:hi] @ b[e].t() for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]),
+                               **tol)
+    torch.testing.assert_close(torch_backend._loop_mm_wgrad(a, gy, plan, bucket), want_w, **tol)
+
+
+@pytest.mark.parametrize("bucket", [0, 4, 64])
+@pytest.mark.parametrize("g_in,s,g_out,gated", [(1, 4, 4, False), (4, 4, 1, True), (1, 4, 2, True)])
+@pytest.mark.parametrize("d_in,d_out", [(16, 32), (32, 16)])
+def test_cpu_bf16_takes_the_bucketed_loop_and_matches_reference(bucket, g_in, s, g_out, gated, d_in, d_out,
+                                                                 monkeypatch):
+    """CPU bf16 never runs grouped_mm: its GEMMs are a loop of mm over row counts rounded up to
+    ``ROW_BUCKET`` (oneDNN builds a kernel per shape), forward and every gradient against the reference."""
+    monkeypatch.setattr(torch_backend, "ROW_BUCKET", bucket)
+    rows = []  # the slot-row count of every GEMM: a's rows, or for a weight gradient aᵀg its inner size
+    real_mm = torch.mm
+
+    def spy(a, b, **kw):
+        rows.append(a.shape[1] if a.stride(0) == 1 and a.shape[1] > 1 else a.shape[0])
+        return real_mm(a, b, **kw)
+
+    monkeypatch.setattr(torch_backend, "_grouped_mm", None)  # would raise if called
+    assert torch_backend.gemm_impl("cpu", torch.bfloat16) == (f"loop, rows bucketed to {bucket}" if bucket > 1
+                                                              else "loop")
+    case = dict(n=150, g_in=g_in, s=s, g_out=g_out, d_in=d_in, d_out=d_out, n_experts=7, gated=gated, seed=s)
+    want = run(*make_case(**case, dtype=torch.float64), g_out, "reference")
+    monkeypatch.setattr(torch, "mm", spy)
+    got = run(*make_case(**case, dtype=torch.bfloat16), g_out, "torch")
+    monkeypatch.setattr(torch, "mm", real_mm)
+    assert_close_all(got, want, atol=0.1, rtol=0.05)
+    assert len(rows) >= 3 * 7 - 7  # forward, input- and weight-gradient GEMMs, per used expert
+    if bucket > 1:  # every GEMM's row (or reduction) count is a multiple of the bucket
+        assert all(r % bucket == 0 for r in rows), sorted(set(rows))
+
+
 @pytest.mark.parametrize("save", ["always", "never"])
 @pytest.mark.parametrize("gemm", ["grouped_mm", "loop"])
 @pytest.mark.parametrize("g_in,s,g_out,d_in,d_out", [(1, 4, 4, 16, 8), (4, 4, 1, 8, 16), (2, 4, 2, 8, 8)])

@@ -2,7 +2,9 @@
 
 grouped_mm refuses such row strides; the backend pads the row stride instead of looping over experts.
 These tests check the layout rule against the real op, the padded path against the reference op
-(forward and every gradient, fp32 and bf16), and that no per-expert loop (host sync) runs.
+(forward and every gradient, fp32 and bf16), and that no per-expert loop (host sync) runs where
+grouped_mm is the path. On a CPU, bf16 takes the bucketed loop of ``mm`` instead (torch_backend._row_bucket):
+there the same tests check that path at the same widths, and that it never builds a padded operand.
 """
 
 from __future__ import annotations
@@ -22,16 +24,34 @@ def _have_grouped_mm(dtype: torch.dtype) -> bool:
     return torch_backend._grouped_mm_ok(torch.empty(0, dtype=dtype))  # the backend's own cached probe
 
 
+def _grouped_path(dtype: torch.dtype) -> bool:
+    """Does the backend run grouped_mm (with padded rows) for CPU tensors of ``dtype``?"""
+    return _have_grouped_mm(dtype) and torch_backend._grouped_kernel(torch.empty(0, dtype=dtype))
+
+
+def _boom(what: str):
+    def boom(*_a, **_k):
+        raise AssertionError(what)
+    return boom
+
+
 @pytest.fixture
-def no_loop(monkeypatch):
-    """Make every per-expert loop (and the host sync it starts with) raise."""
+def expected_path(monkeypatch):
+    """``expected_path(dtype)``: where grouped_mm is the path for ``dtype``, make every per-expert loop
+    (and the host sync it starts with) raise; where the bucketed loop is (CPU bf16), make building a
+    padded-stride operand raise instead."""
     for dtype in DTYPES:  # probe first: the probe compares grouped_mm against the loop
         _have_grouped_mm(dtype)
-    def boom(*_a, **_k):
-        raise AssertionError("the per-expert loop fallback ran")
-    monkeypatch.setattr(ExpertPlan, "counts_list", boom)
-    for name in ("_loop_mm", "_loop_mm_wgrad", "_loop_forward", "_loop_backward"):
-        monkeypatch.setattr(torch_backend, name, boom)
+
+    def expect(dtype: torch.dtype) -> None:
+        if _grouped_path(dtype):
+            monkeypatch.setattr(ExpertPlan, "counts_list", _boom("the per-expert loop fallback ran"))
+            for name in ("_loop_mm", "_loop_mm_wgrad", "_loop_forward", "_loop_backward"):
+                monkeypatch.setattr(torch_backend, name, _boom("the per-expert loop fallback ran"))
+        else:
+            for name in ("_aligned_empty", "_aligned"):
+                monkeypatch.setattr(torch_backend, name, _boom("a padded operand was built for the mm loop"))
+    return expect
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,11 +120,12 @@ def _fwd_bwd(fn, x, w, gates, grad):
     (1, 2, 2, False, 16),  # up-projection like, odd d_in (width on the input side below)
     (2, 4, 2, True, 5),    # SwitchHead like: groups on both sides, both widths odd
 ])
-def test_padded_grouped_path_matches_reference(width, dtype, save, g_in, s, g_out, gated, other, no_loop,
+def test_padded_grouped_path_matches_reference(width, dtype, save, g_in, s, g_out, gated, other, expected_path,
                                                monkeypatch):
     if not _have_grouped_mm(dtype):
         pytest.skip(f"grouped_mm unavailable for cpu/{dtype}")
     monkeypatch.setattr(torch_backend, "SAVE_GATHERED", save)
+    expected_path(dtype)
     for d_in, d_out in ((width, other), (other, width)):
         x, ids, w, gates = _case(24, g_in, s, d_in, d_out, 4, gated, seed=width + d_in)
         grad = torch.randn(24, g_out, d_out, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -123,10 +144,13 @@ def test_padded_grouped_path_matches_reference(width, dtype, save, g_in, s, g_ou
 @pytest.mark.parametrize("save", ["cpu", "never"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d, d_e", [(412, 128), (82, 7), (3, 16), (7, 3)])
-def test_fused_sigma_moe_at_odd_widths_matches_reference(d, d_e, dtype, save, no_loop, monkeypatch):
+@pytest.mark.parametrize("bucket", [4, 64])  # CPU bf16's row bucket (borrowed rows, tail padding / all tail)
+def test_fused_sigma_moe_at_odd_widths_matches_reference(d, d_e, dtype, save, bucket, expected_path, monkeypatch):
     if not _have_grouped_mm(dtype):
         pytest.skip(f"grouped_mm unavailable for cpu/{dtype}")
     monkeypatch.setattr(torch_backend, "SAVE_GATHERED", save)
+    monkeypatch.setattr(torch_backend, "ROW_BUCKET", bucket)
+    expected_path(dtype)
     g = torch.Generator().manual_seed(d * d_e)
     n, k, e = 20, 3, 5
     x = torch.randn(n, d, generator=g, dtype=torch.float64)

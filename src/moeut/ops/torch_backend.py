@@ -71,32 +71,98 @@ from moeut.ops.plan import ExpertPlan, make_plan
 GEMM_IMPL = os.environ.get("MOEUT_GEMM_IMPL", "auto")  # "auto" | "loop" | "grouped_mm"
 # "grouped" strategy: keep the gathered input rows for backward ("cpu": on CPU only; "always"; "never")
 SAVE_GATHERED = os.environ.get("MOEUT_SAVE_GATHERED", "cpu")
+# CPU bf16/fp16: per-expert GEMM row counts rounded up to a multiple of this (see _row_bucket)
+ROW_BUCKET = int(os.environ.get("MOEUT_CPU_ROW_BUCKET", "64"))
 
 _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 
 # ------------------------------------------------------------------------------- grouped GEMMs
-def _loop_mm(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
-    """``out[m] = a[m] @ b[e_m]``; ``a [M, K]`` sorted by expert, ``b [E, K, N]`` (may be a view)."""
+def _loop_mm(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan, bucket: int = 0) -> torch.Tensor:
+    """``out[m] = a[m] @ b[e_m]``; ``a [M, K]`` sorted by expert, ``b [E, K, N]`` (may be a view).
+
+    ``bucket > 0``: every GEMM gets a row count rounded up to a multiple of ``bucket`` (see
+    :func:`_row_bucket`). An expert's extra rows are the next expert's first rows, read from ``a`` and
+    written to ``out``; going in expert order, the next expert then overwrites them with its own result
+    (each output row depends on its input row only). Experts too close to the end for that go through a
+    zero-padded scratch buffer.
+    """
     counts = plan.counts_list()
-    out = a.new_empty(a.shape[0], b.shape[2])
-    for a_e, b_e, out_e, n in zip(a.split(counts), b.unbind(0), out.split(counts), counts):
+    m = a.shape[0]
+    out = a.new_empty(m, b.shape[2])
+    start = 0
+    for b_e, n in zip(b.unbind(0), counts):
         if n:
-            torch.mm(a_e, b_e, out=out_e)
+            rows = -(-n // bucket) * bucket if bucket else n
+            if start + rows <= m:
+                torch.mm(a[start:start + rows], b_e, out=out[start:start + rows])
+            else:  # the tail: pad a copy
+                pad = a.new_zeros(rows, a.shape[1])
+                pad[:n] = a[start:start + n]
+                out[start:start + n] = torch.mm(pad, b_e)[:n]
+        start += n
     return out
 
 
-def _loop_mm_wgrad(a: torch.Tensor, g: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
-    """``out[e] = Σ_{m in e} a[m]ᵀ g[m]``; ``a [M, K]``, ``g [M, N]`` sorted by expert → ``[E, K, N]``."""
+def _loop_mm_wgrad(a: torch.Tensor, g: torch.Tensor, plan: ExpertPlan, bucket: int = 0) -> torch.Tensor:
+    """``out[e] = Σ_{m in e} a[m]ᵀ g[m]``; ``a [M, K]``, ``g [M, N]`` sorted by expert → ``[E, K, N]``.
+
+    ``bucket > 0``: the rows are the GEMM's reduction dimension, so no other expert's rows may join in.
+    The largest multiple of ``bucket`` rows is one GEMM; the remaining ``< bucket`` rows are copied into
+    zeroed ``[bucket, ·]`` scratch buffers and added by a second GEMM of fixed shape.
+    """
     counts = plan.counts_list()
     out = a.new_empty(plan.n_experts, a.shape[1], g.shape[1])
-    for a_e, g_e, out_e, n in zip(a.split(counts), g.split(counts), out.unbind(0), counts):
-        if n:
-            torch.mm(a_e.t(), g_e, out=out_e)
-        else:
+    if bucket:
+        a_pad, g_pad = a.new_zeros(bucket, a.shape[1]), g.new_zeros(bucket, g.shape[1])
+    start = 0
+    for out_e, n in zip(out.unbind(0), counts):
+        whole = n - n % bucket if bucket else n
+        if whole:
+            torch.mm(a[start:start + whole].t(), g[start:start + whole], out=out_e)
+        if n > whole:  # bucket > 0: the remainder, zero-padded to exactly ``bucket`` rows
+            r = n - whole
+            a_pad[:r], g_pad[:r] = a[start + whole:start + n], g[start + whole:start + n]
+            a_pad[r:].zero_()
+            g_pad[r:].zero_()
+            if whole:
+                out_e.addmm_(a_pad.t(), g_pad)
+            else:
+                torch.mm(a_pad.t(), g_pad, out=out_e)
+        if not n:
             out_e.zero_()
+        start += n
     return out
+
+
+def _cpu_low_precision(t: torch.Tensor) -> bool:
+    """bf16/fp16 on a CPU: the expert GEMMs run as a loop of ``mm`` with bucketed row counts, never
+    through grouped_mm (see :func:`_row_bucket`)."""
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _row_bucket(t: torch.Tensor) -> int:
+    """Row multiple for the per-expert GEMMs of ``t``'s device and dtype; 0 = exact row counts.
+
+    On a CPU, bf16/fp16 matmuls run through oneDNN, which builds (JIT-compiles) a kernel for every new
+    GEMM shape and caches 1024 of them. Expert row counts change with every batch, so with exact counts
+    nearly every expert GEMM built a new kernel (about 1 ms, against tens of µs to run it): moeut-small's
+    bf16 training step took 3.4x its fp32 step (benchmarks/README.md). Rounded up to a multiple of
+    ``ROW_BUCKET`` rows, the shapes come from a small set that stays cached. fp32 (MKL, no per-shape
+    kernels) and GPUs keep exact counts. Env ``MOEUT_CPU_ROW_BUCKET`` (0: exact counts).
+
+    These GEMMs never go through grouped_mm on a CPU: its CPU kernel is itself a loop of ``mm``, and
+    oneDNN's bf16 ``mm`` turns NaN or Inf in the padding of a row-padded operand (the layout grouped_mm
+    needs at widths like 82) into NaN results; the loop reads contiguous operands only.
+    """
+    return max(ROW_BUCKET, 0) if _cpu_low_precision(t) else 0
+
+
+def _grouped_kernel(t: torch.Tensor) -> bool:
+    """Do the "grouped" strategy's GEMMs run grouped_mm for operands like ``t`` (else a loop of mm)?
+    Only then are gathered rows written with a padded row stride."""
+    return strategy(t) == "grouped" and _grouped_mm_ok(t) and not _cpu_low_precision(t)
 
 
 def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
@@ -191,23 +257,24 @@ def _scaled(t: torch.Tensor, c: torch.Tensor, aligned: bool) -> torch.Tensor:
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
     """``[M, K] x [E, K, N] -> [M, N]`` over the expert blocks of ``plan`` (``b`` may be a transposed view).
 
-    With grouped_mm available for ``a``'s device/dtype it always runs (operands padded by :func:`_aligned`
-    if their row stride is misaligned; the result may have a padded row stride); else the Python loop.
+    Under the "grouped" strategy grouped_mm runs (operands padded by :func:`_aligned` if their row stride
+    is misaligned; the result may have a padded row stride); else, or where the row counts are bucketed
+    (:func:`_row_bucket`: CPU bf16/fp16), the Python loop.
     """
-    if _grouped_mm_ok(a):
+    if _grouped_kernel(a):
         if not a.shape[0]:
             return a.new_zeros(0, b.shape[2])
         return _grouped_mm(_aligned(a), _aligned(b), offs=plan.offsets)
-    return _loop_mm(a, b, plan)
+    return _loop_mm(a, b, plan, _row_bucket(a))
 
 
 def grouped_mm_wgrad(a: torch.Tensor, g: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
     """``[M, K], [M, N] -> [E, K, N]``: per-expert ``aᵀ g`` (the weight gradient), contiguous."""
-    if _grouped_mm_ok(a):
+    if _grouped_kernel(a):
         if not a.shape[0]:
             return a.new_zeros(plan.n_experts, a.shape[1], g.shape[1])
         return _grouped_mm(_aligned(a).t(), _aligned(g), offs=plan.offsets).contiguous()
-    return _loop_mm_wgrad(a, g, plan)
+    return _loop_mm_wgrad(a, g, plan, _row_bucket(a))
 
 
 # --------------------------------------------------------------------------------- the strategy
@@ -221,8 +288,13 @@ def strategy(x: torch.Tensor) -> str:
 
 
 def gemm_impl(device: torch.device | str, dtype: torch.dtype) -> str:
-    """What the torch backend runs for ``device``/``dtype``: ``"grouped_mm"`` or ``"loop"``."""
-    return "grouped_mm" if strategy(torch.empty(0, device=device, dtype=dtype)) == "grouped" else "loop"
+    """What the torch backend's expert GEMMs run for ``device``/``dtype``: ``"grouped_mm"``, ``"loop"``, or
+    ``"loop, rows bucketed to B"`` (CPU bf16/fp16, see :func:`_row_bucket`)."""
+    t = torch.empty(0, device=device, dtype=dtype)
+    if _grouped_kernel(t):
+        return "grouped_mm"
+    bucket = _row_bucket(t)
+    return f"loop, rows bucketed to {bucket}" if bucket > 1 else "loop"
 
 
 def _save_gathered_inputs(device: torch.device) -> bool:
@@ -367,8 +439,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor | None, p
     if strategy(x) == "loop" and not save_rows:
         y = _loop_forward(x2d, rows, weight, plan, c, scale_input)
         return _unsort_reduce(y, plan, n, g_out, out_gates), None, None
-    grouped = strategy(x) == "grouped"
-    mm = grouped_mm if grouped else _loop_mm
+    grouped = _grouped_kernel(x)  # padded row strides for grouped_mm
+    mm = grouped_mm  # (which runs the loop under the loop strategy)
     # [M, d_in], sorted by expert; a padded row stride for grouped_mm unless it is returned (op outputs
     # are contiguous), in which case grouped_mm pads a copy if the width needs it
     a = _gather_rows(x2d, rows, aligned=grouped and not save_rows)
@@ -418,7 +490,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor | None, si
             grad_x = _unsort_reduce(t, plan, n, g_in)
         return grad_x, grad_w, grad_c
 
-    grouped = strategy(x) == "grouped"
+    grouped = _grouped_kernel(x)  # padded row strides for grouped_mm
     a_in = side if scale_input else None  # gated input rows
     y_raw = side if not scale_input else None  # ungated output rows
     out_gated = c is not None and not scale_input
@@ -426,8 +498,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor | None, si
     need_a = (need_c or (need_w and a_in is None)) if scale_input else (need_w or (need_c and not narrow_c))
     if a is None and need_a:  # not kept: gather again
         a = _gather_rows(x.reshape(n * g_in, d_in), rows_in, aligned=grouped)
-    mm = grouped_mm if grouped else _loop_mm
-    wgrad = grouped_mm_wgrad if grouped else _loop_mm_wgrad
+    mm, wgrad = grouped_mm, grouped_mm_wgrad
     g = _gather_rows(g2d, rows_out, aligned=grouped)  # [M, d_out]
     if narrow_c:
         g_c = _scaled(g, c, grouped) if need_w or need_x else None  # c_m g_m, [M, d_out]
@@ -492,7 +563,7 @@ def sigma_moe_forward(x2d: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     if n == 0 or k == 0:
         return x2d.new_zeros(n, values.shape[2]), None, x2d.new_zeros(0, keys.shape[2])
     rows = plan.rows(k)
-    grouped = _grouped_mm_ok(x2d)
+    grouped = _grouped_kernel(x2d)
     a = _gather_rows(x2d, rows, aligned=grouped and not save_rows)  # [M, d] (returned when save_rows)
     h = grouped_mm(a, keys, plan).relu_()  # [M, d_e], row stride padded by grouped_mm if d_e needs it
     # Σ_k c_k (h_k W₂): the gates are applied by the reduce, so no pass over the rows multiplies them
@@ -514,7 +585,7 @@ def sigma_moe_backward(grad_y: torch.Tensor, x2d: torch.Tensor, a: torch.Tensor 
                 torch.zeros_like(values) if need_values else None, torch.zeros_like(gates) if need_gates else None)
     rows = plan.rows(k)
     c = gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1)
-    grouped = _grouped_mm_ok(x2d)
+    grouped = _grouped_kernel(x2d)
     g = _gather_rows(grad_y.contiguous(), rows, aligned=grouped)  # [M, d]
     grad_x = grad_keys = grad_values = grad_gates = None
     if need_values:
