@@ -1,7 +1,7 @@
 """Training-step time and peak memory: MoEUT vs its parameter-matched dense baseline, in fp32 and/or bf16.
 
 One full step as ``moeut train`` runs it (:func:`moeut.train.train_step`: forward, cross-entropy + regulariser,
-backward, gradient clipping, AdamW), timed after warm-up; each preset and precision runs in a fresh subprocess
+backward, gradient clipping, AdamW) on a new random batch each step, timed after warm-up; each preset and precision runs in a fresh subprocess
 so its memory peak is its own. ``--rounds N`` repeats the whole set N times, interleaved (A B A B …, so a
 busy moment hits every configuration alike) and reports the median over rounds. Prints one JSON object:
 ``results`` has one object per (preset, precision), ``pairs`` the MoEUT/dense ratio per precision and
@@ -55,10 +55,12 @@ def run_one(preset: str, device: str, batch: int, seq: int, warmup: int, reps: i
     cfg = ModelConfig.from_name(preset)
     model = build_model(cfg, backend=backend).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4, weight_decay=0.01)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=dev)
+    # a new batch every step, as in training: the experts' row counts change from step to step (on a
+    # CPU in bf16, a GEMM shape not seen before costs a kernel build, see ops/torch_backend._row_bucket)
+    batches = iter(torch.randint(0, cfg.vocab_size, (warmup + reps, batch, seq + 1), device=dev))
 
     def step() -> None:  # ends in .item(): the device has finished
-        train_step(model, opt, tokens, grad_clip=0.25, autocast=autocast_for(precision, dev))
+        train_step(model, opt, next(batches), grad_clip=0.25, autocast=autocast_for(precision, dev))
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(warmup):

@@ -148,6 +148,8 @@ def test_bucketed_mm_loop_is_exact(bucket, dtype):
                                torch.cat([gy[lo:hi] @ b[e].t() for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]),
                                **tol)
     torch.testing.assert_close(torch_backend._loop_mm_wgrad(a, gy, plan, bucket), want_w, **tol)
+    torch.testing.assert_close(torch_backend._loop_mm_wgrad(gy, a, plan, bucket), want_w.transpose(1, 2),
+                               **tol)  # the zeroed side is the narrower one: here the first operand
 
 
 @pytest.mark.parametrize("bucket", [0, 4, 64])

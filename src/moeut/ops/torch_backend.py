@@ -109,30 +109,34 @@ def _loop_mm_wgrad(a: torch.Tensor, g: torch.Tensor, plan: ExpertPlan, bucket: i
     """``out[e] = Σ_{m in e} a[m]ᵀ g[m]``; ``a [M, K]``, ``g [M, N]`` sorted by expert → ``[E, K, N]``.
 
     ``bucket > 0``: the rows are the GEMM's reduction dimension, so no other expert's rows may join in.
-    The largest multiple of ``bucket`` rows is one GEMM; the remaining ``< bucket`` rows are copied into
-    zeroed ``[bucket, ·]`` scratch buffers and added by a second GEMM of fixed shape.
+    Each expert's largest multiple of ``bucket`` rows is one GEMM; the remaining ``< bucket`` rows of all
+    experts are gathered into ``[E, bucket, ·]`` blocks (rows past an expert's end zeroed on the narrower
+    side) and added by one batched GEMM of fixed shape.
     """
     counts = plan.counts_list()
-    out = a.new_empty(plan.n_experts, a.shape[1], g.shape[1])
-    if bucket:
-        a_pad, g_pad = a.new_zeros(bucket, a.shape[1]), g.new_zeros(bucket, g.shape[1])
+    e, k, n_out = plan.n_experts, a.shape[1], g.shape[1]
+    out = a.new_empty(e, k, n_out)
     start = 0
     for out_e, n in zip(out.unbind(0), counts):
         whole = n - n % bucket if bucket else n
         if whole:
             torch.mm(a[start:start + whole].t(), g[start:start + whole], out=out_e)
-        if n > whole:  # bucket > 0: the remainder, zero-padded to exactly ``bucket`` rows
-            r = n - whole
-            a_pad[:r], g_pad[:r] = a[start + whole:start + n], g[start + whole:start + n]
-            a_pad[r:].zero_()
-            g_pad[r:].zero_()
-            if whole:
-                out_e.addmm_(a_pad.t(), g_pad)
-            else:
-                torch.mm(a_pad.t(), g_pad, out=out_e)
-        if not n:
+        else:
             out_e.zero_()
         start += n
+    if bucket and any(n % bucket for n in counts):
+        ends = plan.offsets.long()
+        tails = ends - (ends - torch.cat([ends.new_zeros(1), ends[:-1]])) % bucket  # first row past the whole part
+        j = torch.arange(bucket, device=a.device)
+        valid = (tails.unsqueeze(1) + j) < ends.unsqueeze(1)  # [E, bucket]
+        rows = torch.where(valid, tails.unsqueeze(1) + j, 0).view(-1)
+        a_r, g_r = a.index_select(0, rows), g.index_select(0, rows)
+        mask = valid.view(-1, 1).to(a.dtype)
+        if k <= n_out:
+            a_r.mul_(mask)
+        else:
+            g_r.mul_(mask)
+        out.baddbmm_(a_r.view(e, bucket, k).transpose(1, 2), g_r.view(e, bucket, n_out))
     return out
 
 
