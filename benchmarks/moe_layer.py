@@ -99,7 +99,9 @@ def _foreign_cpu_fraction(t0, t1, own_cpu_s):
 
 def time_fwd_bwd(fn, params, x, grad, device, warmup, reps, max_foreign=0.1):
     """Median and min wall time (ms) of forward + backward (``fn().backward(grad)``: a dense output
-    gradient as in training, not the broadcast one of ``.sum()``), after ``warmup`` untimed runs.
+    gradient as in training, not the broadcast one of ``.sum()``), after ``warmup`` untimed runs. ``x`` is
+    redrawn before every run (untimed), so the experts' row counts change from run to run as in training
+    (on a CPU in bf16 a GEMM shape not seen before costs a kernel build).
 
     On a shared machine a rep during which other processes used more than ``max_foreign`` of the CPUs
     is discarded and repeated (at most ``2·reps`` extra times): with one core taken, every OpenMP
@@ -111,11 +113,18 @@ def time_fwd_bwd(fn, params, x, grad, device, warmup, reps, max_foreign=0.1):
         x.grad = None
         fn().backward(grad)
 
+    def new_input():  # as in training, the routing (each expert's row count) changes every step
+        with torch.no_grad():
+            x.normal_()
+
     for _ in range(warmup):
+        new_input()
         step()
     sync(device)
     times, discarded = [], 0
     while len(times) < reps:
+        new_input()
+        sync(device)
         c0, k0 = time.process_time(), _cpu_ticks()
         t0 = time.perf_counter()
         step()

@@ -152,33 +152,93 @@ def test_bucketed_mm_loop_is_exact(bucket, dtype):
                                **tol)  # the zeroed side is the narrower one: here the first operand
 
 
+@pytest.mark.parametrize("layout", ["loop", "blocks"])
 @pytest.mark.parametrize("bucket", [0, 4, 64])
 @pytest.mark.parametrize("g_in,s,g_out,gated", [(1, 4, 4, False), (4, 4, 1, True), (1, 4, 2, True)])
 @pytest.mark.parametrize("d_in,d_out", [(16, 32), (32, 16)])
-def test_cpu_bf16_takes_the_bucketed_loop_and_matches_reference(bucket, g_in, s, g_out, gated, d_in, d_out,
-                                                                 monkeypatch):
-    """CPU bf16 never runs grouped_mm: its GEMMs are a loop of mm over row counts rounded up to
-    ``ROW_BUCKET`` (oneDNN builds a kernel per shape), forward and every gradient against the reference."""
+def test_cpu_bf16_expert_gemms_match_reference(layout, bucket, g_in, s, g_out, gated, d_in, d_out, monkeypatch):
+    """CPU bf16 never runs grouped_mm: its GEMMs are one ``bmm`` over equal blocks of rows (the block
+    layout), or, past ``MAX_BLOCK_WASTE`` extra rows, a loop of ``mm`` over row counts rounded up to
+    ``ROW_BUCKET`` (oneDNN builds a kernel per shape); forward and every gradient against the reference."""
     monkeypatch.setattr(torch_backend, "ROW_BUCKET", bucket)
-    rows = []  # the slot-row count of every GEMM: a's rows, or for a weight gradient aᵀg its inner size
-    real_mm = torch.mm
+    monkeypatch.setattr(torch_backend, "MAX_BLOCK_WASTE", 100.0 if layout == "blocks" else -1.0)
+    rows, blocks = [], []  # each mm's slot-row count (a's rows, or for a weight gradient aᵀg its inner
+    real_mm, real_bmm = torch.mm, torch.bmm  # size), and each bmm's block size
 
-    def spy(a, b, **kw):
+    def spy_mm(a, b, **kw):
         rows.append(a.shape[1] if a.stride(0) == 1 and a.shape[1] > 1 else a.shape[0])
         return real_mm(a, b, **kw)
+
+    def spy_bmm(a, b, **kw):
+        blocks.append(a.shape[2] if a.stride(1) == 1 and a.shape[2] > 1 else a.shape[1])
+        return real_bmm(a, b, **kw)
 
     monkeypatch.setattr(torch_backend, "_grouped_mm", None)  # would raise if called
     assert torch_backend.gemm_impl("cpu", torch.bfloat16) == (f"loop, rows bucketed to {bucket}" if bucket > 1
                                                               else "loop")
     case = dict(n=150, g_in=g_in, s=s, g_out=g_out, d_in=d_in, d_out=d_out, n_experts=7, gated=gated, seed=s)
     want = run(*make_case(**case, dtype=torch.float64), g_out, "reference")
-    monkeypatch.setattr(torch, "mm", spy)
+    monkeypatch.setattr(torch, "mm", spy_mm)
+    monkeypatch.setattr(torch, "bmm", spy_bmm)
     got = run(*make_case(**case, dtype=torch.bfloat16), g_out, "torch")
     monkeypatch.setattr(torch, "mm", real_mm)
+    monkeypatch.setattr(torch, "bmm", real_bmm)
     assert_close_all(got, want, atol=0.1, rtol=0.05)
-    assert len(rows) >= 3 * 7 - 7  # forward, input- and weight-gradient GEMMs, per used expert
-    if bucket > 1:  # every GEMM's row (or reduction) count is a multiple of the bucket
-        assert all(r % bucket == 0 for r in rows), sorted(set(rows))
+    if layout == "blocks" and bucket:
+        assert len(blocks) == 3 and not rows  # forward, input and weight gradient: one bmm each
+        assert all(b % bucket == 0 for b in blocks), blocks
+    else:
+        assert not blocks and len(rows) >= 3 * 7 - 7  # forward, input and weight gradient per used expert
+        if bucket > 1:  # every GEMM's row (or reduction) count is a multiple of the bucket
+            assert all(r % bucket == 0 for r in rows), sorted(set(rows))
+
+
+@pytest.fixture
+def blocks_in_fp64(monkeypatch):
+    """Run the CPU bf16 GEMM path (block layout, bucket 4) in fp64, where it can be checked exactly."""
+    monkeypatch.setattr(torch_backend, "_cpu_low_precision", lambda t: t.device.type == "cpu")
+    monkeypatch.setattr(torch_backend, "ROW_BUCKET", 4)
+    monkeypatch.setattr(torch_backend, "MAX_BLOCK_WASTE", 100.0)
+
+
+@pytest.mark.parametrize("save", ["cpu", "never"])
+@pytest.mark.parametrize("g_in,s,g_out,gated,d_in,d_out", [
+    (1, 4, 4, False, 6, 5), (4, 4, 1, True, 5, 6), (1, 4, 2, True, 6, 3), (2, 4, 2, True, 3, 6), (1, 1, 1, True, 4, 4)])
+def test_block_layout_is_exact(save, g_in, s, g_out, gated, d_in, d_out, blocks_in_fp64, monkeypatch):
+    """The block layout (pad rows zeroed by every gather, one bmm per GEMM) gives the reference's forward
+    and gradients to fp64 precision, empty experts and an expert whose rows fill its block included."""
+    monkeypatch.setattr(torch_backend, "SAVE_GATHERED", save)
+    ids = torch.randint(0, 6, (41, s), generator=torch.Generator().manual_seed(s + d_in))
+    ids[ids == 2] = 3  # expert 2 empty
+    ids[:4, 0] = 5
+    case = dict(n=41, g_in=g_in, s=s, g_out=g_out, d_in=d_in, d_out=d_out, n_experts=6, gated=gated, ids=ids)
+    plan = make_plan(ids, 6)
+    blocks = torch_backend._blocked(plan, torch.empty(0, dtype=torch.float64))
+    assert isinstance(blocks, torch_backend._Blocks) and blocks.block % 4 == 0
+    assert torch.equal(blocks.perm[blocks.inv_perm], torch.arange(41 * s))  # every slot at its block row
+    got = run(*make_case(**case), g_out, "torch")
+    want = run(*make_case(**case), g_out, "reference")
+    assert_close_all(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_block_layout_falls_back_to_the_loop_past_the_waste_limit(blocks_in_fp64, monkeypatch):
+    """One expert with most of the rows: blocks of its size would multiply the work, so the loop runs."""
+    monkeypatch.setattr(torch_backend, "MAX_BLOCK_WASTE", 0.5)
+    ids = torch.zeros(40, 2, dtype=torch.long)
+    ids[:4, 1] = torch.arange(1, 5)
+    plan = make_plan(ids, 5)
+    assert torch_backend._blocked(plan, torch.empty(0, dtype=torch.float64)) is plan
+    balanced = make_plan(torch.arange(80).remainder(5).view(40, 2), 5)
+    assert isinstance(torch_backend._blocked(balanced, torch.empty(0, dtype=torch.float64)), torch_backend._Blocks)
+
+
+def test_block_layout_only_for_cpu_bf16_and_fp16(monkeypatch):
+    monkeypatch.setattr(torch_backend, "ROW_BUCKET", 4)  # 16 rows per expert: blocks of 16
+    plan = make_plan(torch.arange(80).remainder(5).view(40, 2), 5)
+    for dtype in (torch.float32, torch.float64):  # MKL: no kernel per shape, grouped_mm or the exact loop
+        assert torch_backend._blocked(plan, torch.empty(0, dtype=dtype)) is plan
+    for dtype in (torch.bfloat16, torch.float16):
+        assert isinstance(torch_backend._blocked(plan, torch.empty(0, dtype=dtype)), torch_backend._Blocks)
 
 
 @pytest.mark.parametrize("save", ["always", "never"])

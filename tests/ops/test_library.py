@@ -51,7 +51,9 @@ def _tiny_model(device="cpu"):
     return build_model(cfg).to(device)
 
 
-def _compile_and_compare(device: str) -> None:
+def _compile_and_compare(device: str, bf16: bool = False, backend: str | None = None) -> None:
+    import contextlib
+
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -61,7 +63,8 @@ def _compile_and_compare(device: str) -> None:
 
     def step(m):
         model.zero_grad(set_to_none=True)
-        loss = m(tokens).loss(targets)
+        with torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = m(tokens).loss(targets)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -69,17 +72,28 @@ def _compile_and_compare(device: str) -> None:
     explanation = torch._dynamo.explain(model)(tokens)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     # inductor needs a C++ compiler on CPU; without one, aot_eager still traces the op's fake and autograd
-    backend = "inductor" if device == "cuda" or shutil.which("g++") or shutil.which("c++") else "aot_eager"
+    if backend is None:
+        backend = "inductor" if device == "cuda" or shutil.which("g++") or shutil.which("c++") else "aot_eager"
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     loss, grads = step(compiled)
-    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+    tol = dict(atol=2e-2, rtol=2e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, eager_loss, **tol)
+    tol = dict(atol=5e-2, rtol=5e-2) if bf16 else dict(atol=1e-4, rtol=1e-4)
     for name, g in eager_grads.items():
-        torch.testing.assert_close(grads[name], g, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(grads[name], g, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_torch_compile_runs_the_model_without_graph_breaks_and_matches_eager(monkeypatch):
     monkeypatch.setattr(torch_backend, "FEW_SLOTS", 0)
     _compile_and_compare("cpu")
+
+
+def test_torch_compile_under_cpu_bf16_autocast(monkeypatch):
+    """CPU bf16: the rows kept for backward have a routing-dependent count (the block layout), which the
+    fake kernels give as a dynamic size; compiled forward and backward still match eager."""
+    monkeypatch.setattr(torch_backend, "FEW_SLOTS", 0)
+    monkeypatch.setattr(torch_backend, "ROW_BUCKET", 4)  # small blocks, so this tiny batch uses them
+    _compile_and_compare("cpu", bf16=True, backend="aot_eager")
 
 
 @pytest.mark.gpu

@@ -44,15 +44,27 @@ def _plan(x: Tensor, weight: Tensor, perm: Tensor, inv_perm: Tensor, offsets: Te
     return ExpertPlan((n, s), weight.shape[0], perm, inv_perm, offsets, perm)  # sorted_ids unused here
 
 
+def _saved_rows(x: Tensor, m: int, save_rows: bool, fake: bool):
+    """How many rows a saved-row output has (when it is saved at all): ``M = N·S`` sorted slots, or on a
+    CPU in bf16/fp16 a number the routing decides (the torch backend's block layout pads every expert's
+    rows to one block size, :func:`moeut.ops.torch_backend._blocked`): a dynamic size for the fake kernel."""
+    if not save_rows or x.shape[0] == 0 or m == 0:
+        return 0
+    if fake and torch_backend.blocks_possible(x):
+        return torch.library.get_ctx().new_dynamic_size()
+    return m
+
+
 def _saved_shapes(x: Tensor, weight: Tensor, gates: Optional[Tensor], m: int, save_rows: bool,
                   need_gate_grad: bool) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Shapes of ``(rows, side_rows)``: a function of the arguments only, as the fake kernel needs.
+    """Shapes of ``(rows, side_rows)`` for the fake kernel: a function of the arguments only (``m`` may be a
+    dynamic size, see :func:`_saved_rows`).
 
     ``rows``: the ungated gathered input rows ``[M, d_in]``; ``side_rows``: the gated input rows ``[M, d_in]``
     (gate on the input side) or the ungated output rows ``[M, d_out]`` (gate on the output side, with the
     gates' gradient wanted); see :func:`moeut.ops.torch_backend.forward`."""
     d_in, d_out = x.shape[2], weight.shape[2]
-    if not save_rows or x.shape[0] == 0 or m == 0:
+    if not save_rows or x.shape[0] == 0 or (isinstance(m, int) and m == 0):
         return (0, d_in), (0, d_in)
     scale_input = gates is not None and d_in <= d_out
     keep_plain = (not scale_input) or need_gate_grad
@@ -71,7 +83,7 @@ def expert_matmul_op(x: Tensor, weight: Tensor, gates: Optional[Tensor], perm: T
                      need_gate_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     plan = _plan(x, weight, perm, inv_perm, offsets)
     y, rows, side = _impl(backend).forward(x, weight, gates, plan, out_groups, save_rows, need_gate_grad)
-    shape_rows, shape_side = _saved_shapes(x, weight, gates, perm.shape[0], save_rows, need_gate_grad)
+    shape_rows, shape_side = _saved_shapes(x, weight, gates, 0, save_rows, need_gate_grad)  # widths of the empties
     rows = rows if rows is not None and rows.shape[0] else x.new_empty(shape_rows)
     side = side if side is not None and side.shape[0] else x.new_empty(shape_side)
     return y, rows, side
@@ -79,7 +91,8 @@ def expert_matmul_op(x: Tensor, weight: Tensor, gates: Optional[Tensor], perm: T
 
 @expert_matmul_op.register_fake
 def _(x, weight, gates, perm, inv_perm, offsets, out_groups, backend, save_rows, need_gate_grad):
-    shape_rows, shape_side = _saved_shapes(x, weight, gates, perm.shape[0], save_rows, need_gate_grad)
+    m = _saved_rows(x, perm.shape[0], save_rows, fake=backend == "torch")
+    shape_rows, shape_side = _saved_shapes(x, weight, gates, m, save_rows, need_gate_grad)
     return (x.new_empty(x.shape[0], out_groups, weight.shape[2]), x.new_empty(shape_rows),
             x.new_empty(shape_side))
 
@@ -155,7 +168,7 @@ def sigma_moe_op(x: Tensor, keys: Tensor, values: Tensor, gates: Tensor, perm: T
 
 @sigma_moe_op.register_fake
 def _(x, keys, values, gates, perm, inv_perm, offsets, save_rows):
-    m = perm.shape[0] if x.shape[0] else 0
+    m = _saved_rows(x, perm.shape[0], True, fake=True)  # the hidden rows are always kept
     return (x.new_empty(x.shape[0], values.shape[2]), x.new_empty(m if save_rows else 0, x.shape[1]),
             x.new_empty(m, keys.shape[2]))
 

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +170,68 @@ def _grouped_kernel(t: torch.Tensor) -> bool:
     return strategy(t) == "grouped" and _grouped_mm_ok(t) and not _cpu_low_precision(t)
 
 
+# CPU bf16/fp16: use the block layout (below) while it costs at most this fraction of extra rows
+MAX_BLOCK_WASTE = float(os.environ.get("MOEUT_CPU_MAX_BLOCK_WASTE", "0.5"))
+
+
+class _Blocks(NamedTuple):
+    """The sorted layout with every expert's rows padded to one block of ``block`` rows: expert ``e`` owns
+    rows ``[e·block, e·block + count_e)`` of an ``[E·block, ·]`` tensor, so each GEMM over all experts is one
+    ``bmm``. Quacks like :class:`~moeut.ops.plan.ExpertPlan` for the code below (``perm`` holds slot 0 at the
+    pad rows, ``inv_perm`` the block position of every slot); ``pads`` lists the pad rows, which every
+    gather into this layout zeroes, so they add nothing to a weight gradient."""
+
+    shape: tuple[int, int]
+    n_experts: int
+    perm: torch.Tensor
+    inv_perm: torch.Tensor
+    offsets: torch.Tensor
+    pads: torch.Tensor
+    block: int
+
+    def rows(self, ratio: int) -> torch.Tensor:
+        return self.perm if ratio == 1 else torch.div(self.perm, ratio, rounding_mode="floor")
+
+    def counts_list(self) -> list[int]:
+        return [self.block] * self.n_experts
+
+
+def blocks_possible(t: torch.Tensor) -> bool:
+    """May :func:`_blocked` choose the block layout for tensors like ``t`` (then the number of rows the ops
+    keep for backward depends on the routing)?"""
+    return _row_bucket(t) > 0 and MAX_BLOCK_WASTE >= 0
+
+
+def _blocked(plan: ExpertPlan, t: torch.Tensor) -> "ExpertPlan | _Blocks":
+    """``plan`` in the block layout for GEMMs on tensors like ``t``, or ``plan`` itself.
+
+    CPU bf16/fp16 only (where :func:`_row_bucket` is on): the blocks are the largest expert's row count
+    rounded up to the bucket, used while they add at most ``MAX_BLOCK_WASTE`` of extra rows. oneDNN's bf16
+    ``bmm`` over equal blocks ran the expert GEMMs 1.9-2.7x faster than a loop of ``mm`` over the experts at
+    3-12 % extra rows (benchmarks/README.md); past the limit (a very unbalanced routing) the loop runs.
+    A function of the routing counts alone, so forward and backward agree.
+    """
+    if not blocks_possible(t) or isinstance(plan, _Blocks):
+        return plan
+    bucket = _row_bucket(t)
+    counts = plan.counts_list()
+    m, e = sum(counts), plan.n_experts
+    if not m:
+        return plan
+    block = -(-max(counts) // bucket) * bucket
+    if e * block > (1 + MAX_BLOCK_WASTE) * m:
+        return plan
+    dev = plan.perm.device
+    cnt = torch.tensor(counts, device=dev)
+    shift = torch.arange(e, device=dev) * block - (torch.cumsum(cnt, 0) - cnt)  # block start - sorted start
+    pos = torch.arange(m, device=dev) + torch.repeat_interleave(shift, cnt, output_size=m)  # [M] block row
+    perm = plan.perm.new_zeros(e * block).index_copy_(0, pos, plan.perm)
+    used = torch.zeros(e * block, dtype=torch.bool, device=dev).index_fill_(0, pos, True)
+    return _Blocks(plan.shape, e, perm, pos.index_select(0, plan.inv_perm),
+                   torch.arange(1, e + 1, device=dev, dtype=torch.int32) * block,
+                   (~used).nonzero().squeeze(1), block)
+
+
 def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Does ``grouped_mm`` exist and agree with the loop on this device/dtype (empty groups included)?"""
     if _grouped_mm is None:
@@ -245,8 +308,11 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _gather_rows(src: torch.Tensor, rows: torch.Tensor, aligned: bool) -> torch.Tensor:
-    """``src[rows]`` (``src [R, D]``), written straight into a padded-stride buffer when ``aligned``."""
+def _gather_rows(src: torch.Tensor, rows: torch.Tensor, aligned: bool, plan=None) -> torch.Tensor:
+    """``src[rows]`` (``src [R, D]``), written straight into a padded-stride buffer when ``aligned``; with a
+    block-layout ``plan`` (:class:`_Blocks`) its pad rows are zeroed."""
+    if isinstance(plan, _Blocks):
+        return src.index_select(0, rows).index_fill_(0, plan.pads, 0)
     if not aligned:
         return src.index_select(0, rows)
     out = _aligned_empty((rows.shape[0], src.shape[1]), src)
@@ -265,6 +331,9 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> torch.Tens
     is misaligned; the result may have a padded row stride); else, or where the row counts are bucketed
     (:func:`_row_bucket`: CPU bf16/fp16), the Python loop.
     """
+    if isinstance(plan, _Blocks):
+        e, blk = plan.n_experts, plan.block
+        return _fresh_view(torch.bmm(a.reshape(e, blk, a.shape[1]), b), (e * blk, b.shape[2]))
     if _grouped_kernel(a):
         if not a.shape[0]:
             return a.new_zeros(0, b.shape[2])
@@ -274,6 +343,9 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> torch.Tens
 
 def grouped_mm_wgrad(a: torch.Tensor, g: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
     """``[M, K], [M, N] -> [E, K, N]``: per-expert ``aᵀ g`` (the weight gradient), contiguous."""
+    if isinstance(plan, _Blocks):  # the pad rows are zero in both (gathered into the layout)
+        e, blk = plan.n_experts, plan.block
+        return torch.bmm(a.reshape(e, blk, a.shape[1]).transpose(1, 2), g.reshape(e, blk, g.shape[1]))
     if _grouped_kernel(a):
         if not a.shape[0]:
             return a.new_zeros(plan.n_experts, a.shape[1], g.shape[1])
@@ -436,18 +508,21 @@ def forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor | None, p
     scale_input = gates is not None and d_in <= d_out  # gate the narrower side
     if n == 0 or s == 0:
         return x.new_zeros(n, g_out, d_out), None, None
-    x2d, rows = x.reshape(n * g_in, d_in), plan.rows(s // g_in)
-    # a gate on the input side multiplies the sorted rows; one on the output side is applied by the reduce
-    c = gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1) if scale_input else None  # [M, 1]
+    x2d = x.reshape(n * g_in, d_in)
     out_gates = gates if gates is not None and not scale_input else None
     if strategy(x) == "loop" and not save_rows:
-        y = _loop_forward(x2d, rows, weight, plan, c, scale_input)
+        c = gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1) if scale_input else None
+        y = _loop_forward(x2d, plan.rows(s // g_in), weight, plan, c, scale_input)
         return _unsort_reduce(y, plan, n, g_out, out_gates), None, None
+    plan = _blocked(plan, x)  # CPU bf16: every expert's rows in one block of equal size
+    rows = plan.rows(s // g_in)
+    # a gate on the input side multiplies the sorted rows; one on the output side is applied by the reduce
+    c = gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1) if scale_input else None  # [M, 1]
     grouped = _grouped_kernel(x)  # padded row strides for grouped_mm
     mm = grouped_mm  # (which runs the loop under the loop strategy)
     # [M, d_in], sorted by expert; a padded row stride for grouped_mm unless it is returned (op outputs
     # are contiguous), in which case grouped_mm pads a copy if the width needs it
-    a = _gather_rows(x2d, rows, aligned=grouped and not save_rows)
+    a = _gather_rows(x2d, rows, aligned=grouped and not save_rows, plan=plan)
     side = None
     if scale_input:
         a_in = a * c if save_rows and need_gate_grad else a.mul_(c)  # keep ungated a for ∂c
@@ -479,13 +554,16 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor | None, si
         return (x.new_zeros(x.shape) if need_x else None, torch.zeros_like(weight) if need_w else None,
                 torch.zeros_like(gates) if need_c else None)
     scale_input = gates is not None and d_in <= d_out
-    c = None if gates is None else gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1)
     # contiguous(): gathering rows of a broadcast gradient (e.g. of ``.sum()``) is 8x slower
     g2d = grad_out.contiguous().view(n * g_out, d_out)
+    loop = strategy(x) == "loop" and a is None and side is None
+    if not loop:
+        plan = _blocked(plan, x)  # as forward chose
+    c = None if gates is None else gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1)
     rows_in, rows_out = plan.rows(s // g_in), plan.rows(s // g_out)
     grad_x = grad_w = grad_c = None
 
-    if strategy(x) == "loop" and a is None and side is None:
+    if loop:
         t, grad_w, gc = _loop_backward(x.reshape(n * g_in, d_in), rows_in, g2d, rows_out, weight, plan, c,
                                        scale_input, need_x, need_w, need_c)
         if need_c:
@@ -501,9 +579,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, a: torch.Tensor | None, si
     narrow_c = out_gated and y_raw is not None  # ∂c from the saved output rows
     need_a = (need_c or (need_w and a_in is None)) if scale_input else (need_w or (need_c and not narrow_c))
     if a is None and need_a:  # not kept: gather again
-        a = _gather_rows(x.reshape(n * g_in, d_in), rows_in, aligned=grouped)
+        a = _gather_rows(x.reshape(n * g_in, d_in), rows_in, aligned=grouped, plan=plan)
     mm, wgrad = grouped_mm, grouped_mm_wgrad
-    g = _gather_rows(g2d, rows_out, aligned=grouped)  # [M, d_out]
+    g = _gather_rows(g2d, rows_out, aligned=grouped, plan=plan)  # [M, d_out]
     if narrow_c:
         g_c = _scaled(g, c, grouped) if need_w or need_x else None  # c_m g_m, [M, d_out]
         if need_w:
@@ -566,9 +644,10 @@ def sigma_moe_forward(x2d: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     k = plan.shape[1]
     if n == 0 or k == 0:
         return x2d.new_zeros(n, values.shape[2]), None, x2d.new_zeros(0, keys.shape[2])
+    plan = _blocked(plan, x2d)  # CPU bf16: every expert's rows in one block of equal size
     rows = plan.rows(k)
     grouped = _grouped_kernel(x2d)
-    a = _gather_rows(x2d, rows, aligned=grouped and not save_rows)  # [M, d] (returned when save_rows)
+    a = _gather_rows(x2d, rows, aligned=grouped and not save_rows, plan=plan)  # [M, d] (returned when save_rows)
     h = grouped_mm(a, keys, plan).relu_()  # [M, d_e], row stride padded by grouped_mm if d_e needs it
     # Σ_k c_k (h_k W₂): the gates are applied by the reduce, so no pass over the rows multiplies them
     y = _fresh_view(_unsort_reduce(grouped_mm(h, values, plan), plan, n, 1, gates), (n, values.shape[2]))
@@ -587,10 +666,11 @@ def sigma_moe_backward(grad_y: torch.Tensor, x2d: torch.Tensor, a: torch.Tensor 
     if n == 0 or k == 0:
         return (torch.zeros_like(x2d) if need_x else None, torch.zeros_like(keys) if need_keys else None,
                 torch.zeros_like(values) if need_values else None, torch.zeros_like(gates) if need_gates else None)
+    plan = _blocked(plan, x2d)  # as forward chose
     rows = plan.rows(k)
     c = gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1)
     grouped = _grouped_kernel(x2d)
-    g = _gather_rows(grad_y.contiguous(), rows, aligned=grouped)  # [M, d]
+    g = _gather_rows(grad_y.contiguous(), rows, aligned=grouped, plan=plan)  # [M, d]
     grad_x = grad_keys = grad_values = grad_gates = None
     if need_values:
         grad_values = (grouped_mm_wgrad(_scaled(h, c, grouped), g, plan) if keys.shape[2] <= values.shape[2]
@@ -602,7 +682,7 @@ def sigma_moe_backward(grad_y: torch.Tensor, x2d: torch.Tensor, a: torch.Tensor 
         dh = torch.ops.aten.threshold_backward(t.mul_(c), h, 0)  # c_m t_m where h_m > 0, one pass
         if need_keys:
             if a is None:
-                a = _gather_rows(x2d, rows, aligned=grouped)
+                a = _gather_rows(x2d, rows, aligned=grouped, plan=plan)
             grad_keys = grouped_mm_wgrad(a, dh, plan)
         if need_x:
             grad_x = _fresh_view(_unsort_reduce(grouped_mm(dh, keys.transpose(1, 2), plan), plan, n, 1), (n, d))
