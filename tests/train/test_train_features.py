@@ -73,6 +73,17 @@ def test_bf16_on_a_cpu_without_native_bf16_is_flagged(tiny_data, tmp_path, capsy
     out = capsys.readouterr().out
     assert "bf16 autocast" in out
     assert ("no native bf16" in out) == (not native)
+    assert "runs bf16 natively" not in out
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_is_fp32_on_a_cpu_and_points_to_bf16_where_it_is_native(tiny_data, tmp_path, capsys,
+                                                                                monkeypatch, native):
+    monkeypatch.setattr("moeut.train.trainer.cpu_has_native_bf16", lambda: native)
+    assert main(train_args(tiny_data, tmp_path / "run", steps=1, eval_every=0, save_every=1)) == 0
+    out = capsys.readouterr().out
+    assert "(fp32)" in out and "bf16 autocast" not in out
+    assert ("--precision bf16 trains faster here" in out) == native
 
 
 # ------------------------------------------------------------------ activation checkpointing
