@@ -20,6 +20,11 @@ rows likewise, shared by its weight- and input-gradient GEMMs; nothing ``S/G_in`
 is materialised or kept. Weights are split once with ``unbind`` (never ``W[i]`` in the loop, never a
 weight per token). It needs the per-expert counts on the host (a sync on GPU).
 
+On a CPU in bf16/fp16 the GEMMs of the "grouped" strategy never run ``grouped_mm`` (oneDNN builds a kernel per
+GEMM shape, :func:`_row_bucket`): the slots are laid out in equal blocks per expert (:class:`_Blocks`, pad rows
+zeroed) and every GEMM is one ``bmm``; with a routing too unbalanced for blocks, a loop of ``mm`` over row
+counts rounded up to ``ROW_BUCKET``.
+
 ``GEMM_IMPL`` (env ``MOEUT_GEMM_IMPL``): ``"auto"`` (default) = "grouped" where ``grouped_mm`` works,
 else "loop" (torch without grouped_mm); ``"grouped_mm"`` / ``"loop"`` force one. Why "grouped" is the default
 even where the loop's steps are faster in isolation: benchmarks/README.md ("design measurements").
