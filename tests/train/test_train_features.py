@@ -76,6 +76,15 @@ def test_bf16_on_a_cpu_without_native_bf16_is_flagged(tiny_data, tmp_path, capsy
     assert "runs bf16 natively" not in out
 
 
+def test_training_on_a_cpu_tunes_malloc(tiny_data, tmp_path, monkeypatch):
+    """`moeut train` on a CPU keeps glibc from mmap-ing every large tensor, as `moeut demo` does (without it a
+    bf16 demo-sized run spent a third of its time in the kernel)."""
+    calls = []
+    monkeypatch.setattr("moeut.train.trainer.tune_malloc", lambda: calls.append(1) or True)
+    assert main(train_args(tiny_data, tmp_path / "run", steps=1, eval_every=0, save_every=1)) == 0
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_auto_precision_is_fp32_on_a_cpu_and_points_to_bf16_where_it_is_native(tiny_data, tmp_path, capsys,
                                                                                 monkeypatch, native):

@@ -28,7 +28,7 @@ from moeut.model.accounting import model_stats
 from moeut.model.perplexity import window_nll
 from moeut.run.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from moeut.run.layout import CHECKPOINTS, MODEL_CONFIG, SUMMARY, TOKENIZER_JSON, TOKENIZER_MODEL, TRAIN_CONFIG
-from moeut.runtime import cpu_has_native_bf16, progress
+from moeut.runtime import cpu_has_native_bf16, progress, tune_malloc
 from moeut.train.activation_checkpointing import apply_activation_checkpointing
 from moeut.train.config import TrainConfig
 from moeut.train.distributed import DistInfo, barrier, init_distributed, shutdown, wrap_model
@@ -59,6 +59,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True,
     ``cfg.init_from``, accept data tokenized differently from the source run (a warning instead of an error).
     """
     info = init_distributed(cfg.device)
+    if info.device.type == "cpu":
+        tune_malloc()  # glibc would mmap and unmap every large tensor (runtime.tune_malloc)
     memory = PeakMemory(info.device)
     memory.start()
     try:
