@@ -437,3 +437,19 @@ def test_few_slots_decoding_path_matches_reference(case):
         torch_backend.FEW_SLOTS = before
     assert got[0].shape == (case["n"], case["g_out"], w.shape[2])
     assert_close_all(got, run(x, ids, w, gates, grad, case["g_out"], "reference"))
+
+
+@pytest.mark.parametrize("n_experts", [1, 7, 256, 257, 40000, 70000])  # uint8, int16 and int64 sort keys
+def test_make_plan_sorts_stably_for_any_number_of_experts(n_experts):
+    g = torch.Generator().manual_seed(n_experts)
+    ids = torch.randint(0, n_experts, (97, 3), generator=g)
+    ids[0, 0], ids[0, 1] = n_experts - 1, 0
+    plan = make_plan(ids, n_experts)
+    flat = ids.reshape(-1)
+    want_sorted, want_perm = torch.sort(flat, stable=True)
+    assert torch.equal(plan.perm, want_perm) and torch.equal(plan.sorted_ids, want_sorted)
+    assert plan.sorted_ids.dtype == torch.int64 and plan.perm.dtype == torch.int64
+    assert torch.equal(plan.perm[plan.inv_perm], torch.arange(flat.numel()))
+    assert torch.equal(plan.offsets.long(), torch.bincount(flat, minlength=n_experts).cumsum(0))
+    with pytest.raises(ValueError, match=r"expert_ids must lie in \[0, "):
+        make_plan(ids - 1, n_experts)  # a -1 would wrap around in a narrow key
