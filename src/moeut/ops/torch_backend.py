@@ -227,11 +227,10 @@ def _blocked(plan: ExpertPlan, t: torch.Tensor) -> "ExpertPlan | _Blocks":
     if e * block > (1 + MAX_BLOCK_WASTE) * m:
         return plan
     dev = plan.perm.device
-    cnt = torch.tensor(counts, device=dev)
-    shift = torch.arange(e, device=dev) * block - (torch.cumsum(cnt, 0) - cnt)  # block start - sorted start
-    pos = torch.arange(m, device=dev) + torch.repeat_interleave(shift, cnt, output_size=m)  # [M] block row
+    # expert e's rows are e·block + j for j < count_e, in sorted order: the block row of every sorted slot
+    used = (torch.arange(block, device=dev) < torch.tensor(counts, device=dev).unsqueeze(1)).view(-1)
+    pos = used.nonzero().squeeze(1)  # [M]
     perm = plan.perm.new_zeros(e * block).index_copy_(0, pos, plan.perm)
-    used = torch.zeros(e * block, dtype=torch.bool, device=dev).index_fill_(0, pos, True)
     return _Blocks(plan.shape, e, perm, pos.index_select(0, plan.inv_perm),
                    torch.arange(1, e + 1, device=dev, dtype=torch.int32) * block,
                    (~used).nonzero().squeeze(1), block)
