@@ -3,15 +3,19 @@
 MoEUT's expert GEMMs have a different row count per expert and per step (how many tokens chose it); dense
 GEMMs always have the same shape. oneDNN (which runs bf16 matmuls on CPUs with AVX512-BF16/AMX) builds and
 caches a kernel per shape, so a GEMM whose shape keeps changing may pay for a new kernel on every call. This
-probe times, in fp32 and bf16, the expert GEMM shapes of ``moeut-small`` three ways:
+probe times, in fp32 and bf16, the expert GEMM shapes of ``moeut-small`` four ways:
 
 * ``fixed``: the same row count on every call (what a dense layer sees);
-* ``varying``: a new row count on every call (what the experts see);
+* ``varying``: another row count on every call, from a set that repeats (after the warm-up round its
+  kernels are cached);
+* ``unseen``: a row count never multiplied before in the process on every call (what the experts of a
+  training run see: their counts keep changing);
 * ``bucketed``: the varying counts rounded up to a multiple of ``--bucket`` rows (a few shapes, reused).
 
 and the glue around the GEMMs (gather, weighted slot sum, gate multiply) in both dtypes. Prints one JSON
-object. If ``varying`` is much slower than ``fixed`` in bf16 only, per-expert shapes are the problem and
-bucketing the row counts is the fix; if the glue rows are slow in bf16, the glue is.
+object. If ``unseen`` is much slower than ``fixed`` in bf16 only, building kernels for new shapes is the
+problem (on an AMX Xeon, 2026-12-02: 20-40x) and few shapes are the fix (the torch backend's block layout);
+if the glue rows are slow in bf16, the glue is.
 
     python benchmarks/bf16_probe.py             # about a minute on 2 cores
     python benchmarks/bf16_probe.py --quick     # smoke run
@@ -51,11 +55,16 @@ def gemm_rows(dtype: torch.dtype, rows: int, k: int, n: int, wgrad: bool, calls:
               bucket: int, spread: int) -> dict:
     """One expert GEMM family: ``[m, k] @ [k, n]`` (or the weight gradient ``[k, m] @ [m, n]``)."""
     g = torch.Generator().manual_seed(0)
-    big = rows + spread + bucket
+    n_unseen = calls * (rounds + 1)
+    first_unseen = max(1, rows - n_unseen // 2)  # centred on ``rows``, so the FLOPs are comparable
+    big = max(rows + spread + bucket, first_unseen + n_unseen)
     a = torch.randn(big, k, generator=g).to(dtype)
     b = torch.randn(k, n, generator=g).to(dtype)
     gy = torch.randn(big, n, generator=g).to(dtype)
     sizes = [rows - spread // 2 + (i * 7919) % spread for i in range(calls)]  # a new m on each call
+    # row counts this process has not multiplied before (varying's repeat from round to round, so after
+    # the warm-up round they hit oneDNN's kernel cache; an expert's count in training keeps changing)
+    unseen = iter(range(first_unseen, first_unseen + n_unseen))
 
     def run(ms):
         def go(c):
@@ -67,13 +76,23 @@ def gemm_rows(dtype: torch.dtype, rows: int, k: int, n: int, wgrad: bool, calls:
                     torch.mm(a[:m], b)
         return go
 
+    def run_unseen(c):
+        for _ in range(c):
+            m = next(unseen)
+            if wgrad:
+                torch.mm(a[:m].t(), gy[:m])
+            else:
+                torch.mm(a[:m], b)
+
     fixed = _time(run([rows]), calls, rounds)
     varying = _time(run(sizes), calls, rounds)
+    new_shapes = _time(run_unseen, calls, rounds)
     bucketed = _time(run([-(-m // bucket) * bucket for m in sizes]), calls, rounds)
     flop = 2 * rows * k * n
     return {"dtype": str(dtype).removeprefix("torch."), "op": "wgrad" if wgrad else "mm", "rows": rows, "k": k,
-            "n": n, "fixed_ms": round(fixed, 4), "varying_ms": round(varying, 4), "bucketed_ms": round(bucketed, 4),
-            "fixed_gflops": round(flop / fixed / 1e6, 1), "varying_over_fixed": round(varying / fixed, 3),
+            "n": n, "fixed_ms": round(fixed, 4), "varying_ms": round(varying, 4), "unseen_ms": round(new_shapes, 4),
+            "bucketed_ms": round(bucketed, 4), "fixed_gflops": round(flop / fixed / 1e6, 1),
+            "varying_over_fixed": round(varying / fixed, 3), "unseen_over_fixed": round(new_shapes / fixed, 3),
             "bucketed_over_fixed": round(bucketed / fixed, 3)}
 
 
@@ -123,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         "python": platform.python_version(), "threads": torch.get_num_threads(), "malloc_tuned": MALLOC_TUNED,
         "bucket": args.bucket, "gemm": gemms, "glue": glues,
         "summary": {"bf16_varying_over_fixed_median": statistics.median(r["varying_over_fixed"] for r in bf16),
+                    "bf16_unseen_over_fixed_median": statistics.median(r["unseen_over_fixed"] for r in bf16),
                     "bf16_bucketed_over_fixed_median": statistics.median(r["bucketed_over_fixed"] for r in bf16)},
     }, indent=2))
 

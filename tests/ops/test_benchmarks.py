@@ -84,8 +84,10 @@ def test_bf16_probe_quick_times_fixed_varying_and_bucketed_gemm_shapes():
     assert {(r["dtype"], r["op"]) for r in out["gemm"]} == {(d, o) for d in ("float32", "bfloat16")
                                                             for o in ("mm", "wgrad")}
     for r in out["gemm"]:
-        assert r["fixed_ms"] > 0 and r["varying_ms"] > 0 and r["bucketed_ms"] > 0
+        assert r["fixed_ms"] > 0 and r["varying_ms"] > 0 and r["unseen_ms"] > 0 and r["bucketed_ms"] > 0
         assert abs(r["varying_over_fixed"] - r["varying_ms"] / r["fixed_ms"]) < 0.01 * r["varying_over_fixed"] + 1e-3
+        assert abs(r["unseen_over_fixed"] - r["unseen_ms"] / r["fixed_ms"]) < 0.01 * r["unseen_over_fixed"] + 1e-3
     assert [g["dtype"] for g in out["glue"]] == ["float32", "bfloat16"]
     assert all(g["gather_ms"] > 0 and g["slot_sum_ms"] > 0 and g["gate_mul_ms"] > 0 for g in out["glue"])
-    assert set(out["summary"]) == {"bf16_varying_over_fixed_median", "bf16_bucketed_over_fixed_median"}
+    assert set(out["summary"]) == {"bf16_varying_over_fixed_median", "bf16_unseen_over_fixed_median",
+                                   "bf16_bucketed_over_fixed_median"}
