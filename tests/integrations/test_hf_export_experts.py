@@ -142,3 +142,15 @@ def test_expert_matmul_has_no_host_sync_on_cuda(hf_modeling, monkeypatch, budget
         torch.cuda.set_sync_debug_mode("default")
     want = expert_matmul_reference(x.double(), ids, w.double(), gates.double(), 1)
     assert float((got.double() - want).norm() / want.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_aligned_copies_have_zero_padding(hf_modeling, dtype):
+    """grouped_mm's padded-stride copies hold zeros in their padding: oneDNN's bf16 matmul (CPUs with AMX)
+    turns NaN there into NaN results, and new memory may hold anything."""
+    t = torch.randn(5, 82).to(dtype)
+    out = hf_modeling._row_aligned(t)
+    kp = out.stride(0)
+    assert kp % (16 // t.element_size()) == 0 and kp > 82 and torch.equal(out, t)
+    padded = torch.as_strided(out, (5, kp), (kp, 1))
+    assert torch.count_nonzero(padded[:, 82:]) == 0

@@ -116,13 +116,14 @@ def _gather_bmm(xs, ids, weight, needs_grad):
 
 
 def _row_aligned(t):
-    """``t`` (row-major, 2-D or 3-D) with its row stride rounded up to 16 bytes, as grouped_mm requires."""
+    """``t`` (row-major, 2-D or 3-D) with its row stride rounded up to 16 bytes, as grouped_mm requires. The
+    padding is zeroed: on CPUs with AMX, oneDNN's bf16 matmul turns NaN in it into NaN results."""
     align = max(1, 16 // t.element_size())
     k = t.shape[-1]
     if t.stride(-1) == 1 and t.stride(-2) % align == 0 and t.data_ptr() % 16 == 0:
         return t
     kp = -(-k // align) * align
-    buf = t.new_empty(*t.shape[:-1], kp)[..., :k]
+    buf = t.new_zeros(*t.shape[:-1], kp)[..., :k]
     buf.copy_(t)
     return buf
 
