@@ -67,20 +67,29 @@ def _rank(rank: int, world: int, init: str, mode: str, result: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        torch.manual_seed(5)
-        model = MoEUTLM(tiny_config(entropy_reg_mode=mode)).train()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        tokens = torch.randint(0, 53, (B, T + 1), generator=torch.Generator().manual_seed(9))
-        mine = tokens.chunk(world)[rank]
-        out = ddp(mine[:, :-1])
-        loss = out.loss(mine[:, 1:])
-        loss.backward()  # DDP averages the gradients over the ranks
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        torch.save({"reg": out.reg_loss.item(), "loss": float(total) / world,
-                    "grads": {k: p.grad for k, p in model.named_parameters()}}, f"{result}.{rank}")
+        _rank_step(rank, world, mode, result)
+        dist.barrier()  # every rank's collectives are done before the group goes
     finally:
         dist.destroy_process_group()
+    # Skip the interpreter's teardown: torch 2.13 can deadlock there when the DDP reducer's last reference to
+    # the gloo group goes while a gloo worker thread still waits for the GIL to free a tensor (seen in CI:
+    # ~ProcessGroupGloo joining a thread blocked in ~AsyncWork). The results are on disk.
+    os._exit(0)
+
+
+def _rank_step(rank: int, world: int, mode: str, result: str) -> None:
+    torch.manual_seed(5)
+    model = MoEUTLM(tiny_config(entropy_reg_mode=mode)).train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    tokens = torch.randint(0, 53, (B, T + 1), generator=torch.Generator().manual_seed(9))
+    mine = tokens.chunk(world)[rank]
+    out = ddp(mine[:, :-1])
+    loss = out.loss(mine[:, 1:])
+    loss.backward()  # DDP averages the gradients over the ranks
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    torch.save({"reg": out.reg_loss.item(), "loss": float(total) / world,
+                "grads": {k: p.grad for k, p in model.named_parameters()}}, f"{result}.{rank}")
 
 
 def _two_ranks(tmp_path, mode: str) -> list[dict]:
