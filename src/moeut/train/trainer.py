@@ -200,6 +200,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True,
                   f"validation perplexity {summary['val_ppl']:.2f}, {summary['wall_time_s']:.0f} s")
         return summary
     finally:
+        # drop the DDP/FSDP wrapper (its reducer holds the process group) while the group is still registered:
+        # destroyed after it, the group's destructor joins gloo threads that may wait for the GIL (a hang)
+        wrapped = None  # noqa: F841
         shutdown(info)
 
 
