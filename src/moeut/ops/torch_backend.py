@@ -147,8 +147,8 @@ def _loop_mm_wgrad(a: torch.Tensor, g: torch.Tensor, plan: ExpertPlan, bucket: i
 
 
 def _cpu_low_precision(t: torch.Tensor) -> bool:
-    """bf16/fp16 on a CPU: the expert GEMMs run as a loop of ``mm`` with bucketed row counts, never
-    through grouped_mm (see :func:`_row_bucket`)."""
+    """bf16/fp16 on a CPU: the expert GEMMs run as one ``bmm`` over equal blocks (:func:`_blocked`) or a loop
+    of ``mm`` with bucketed row counts, never through grouped_mm (see :func:`_row_bucket`)."""
     return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
 
 
@@ -194,8 +194,7 @@ class _Blocks(NamedTuple):
     pads: torch.Tensor
     block: int
 
-    def rows(self, ratio: int) -> torch.Tensor:
-        return self.perm if ratio == 1 else torch.div(self.perm, ratio, rounding_mode="floor")
+    rows = ExpertPlan.rows  # perm // ratio, the same rule
 
     def counts_list(self) -> list[int]:
         return [self.block] * self.n_experts
@@ -312,7 +311,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _gather_rows(src: torch.Tensor, rows: torch.Tensor, aligned: bool, plan=None) -> torch.Tensor:
+def _gather_rows(src: torch.Tensor, rows: torch.Tensor, aligned: bool,
+                 plan: "ExpertPlan | _Blocks | None" = None) -> torch.Tensor:
     """``src[rows]`` (``src [R, D]``), written straight into a padded-stride buffer when ``aligned``; with a
     block-layout ``plan`` (:class:`_Blocks`) its pad rows are zeroed."""
     if isinstance(plan, _Blocks):
@@ -331,9 +331,9 @@ def _scaled(t: torch.Tensor, c: torch.Tensor, aligned: bool) -> torch.Tensor:
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
     """``[M, K] x [E, K, N] -> [M, N]`` over the expert blocks of ``plan`` (``b`` may be a transposed view).
 
-    Under the "grouped" strategy grouped_mm runs (operands padded by :func:`_aligned` if their row stride
-    is misaligned; the result may have a padded row stride); else, or where the row counts are bucketed
-    (:func:`_row_bucket`: CPU bf16/fp16), the Python loop.
+    With a block-layout ``plan`` (:class:`_Blocks`, CPU bf16/fp16) one ``bmm``; under the "grouped" strategy
+    grouped_mm (operands padded by :func:`_aligned` if their row stride is misaligned; the result may have a
+    padded row stride); else the Python loop (row counts bucketed on CPU bf16/fp16, :func:`_row_bucket`).
     """
     if isinstance(plan, _Blocks):
         e, blk = plan.n_experts, plan.block
