@@ -18,6 +18,7 @@ from moeut.cli import main
 from moeut.data import prepare
 from moeut.run import latest_checkpoint
 from tests.data.helpers import make_documents
+from tests.run_helpers import torchrun_cmd
 from tests.train.conftest import train_args
 
 # the child trains with as many threads as this process: float reductions, hence bits, depend on it
@@ -86,12 +87,10 @@ def test_two_gloo_ranks_match_one_process(tiny_data, tmp_path, mode):
     assert main(args(one)) == 0
     extra = (["--fsdp"] if mode.startswith("fsdp") else []) + (["--activation-checkpointing"] if "ac" in mode else [])
     env = {**ENV, "OMP_NUM_THREADS": "1"}
-    port = {"ddp": "29531", "fsdp": "29532", "ddp-ac": "29533", "fsdp-ac": "29534"}[mode]
 
     def torchrun(*more):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-               "-m", "moeut.cli", *more]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        res = subprocess.run(torchrun_cmd(2, "-m", "moeut.cli", *more), env=env, capture_output=True, text=True,
+                             timeout=300)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
 
     torchrun(*args(two), *extra)
