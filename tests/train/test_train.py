@@ -81,24 +81,32 @@ def test_sigkill_then_resume_is_bit_identical_to_uninterrupted_run(tiny_data, tm
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-ac", "fsdp-ac"])
 def test_two_gloo_ranks_match_one_process(tiny_data, tmp_path, mode):
-    """Two ranks (DDP, FSDP2; "-ac": with activation checkpointing, against one process without it)."""
+    """Two ranks (DDP, FSDP2; "-ac": with activation checkpointing, against one process without it): the same
+    losses, regulariser and gradient norms at every step, the same weights, and no warning about FSDP2's hooks."""
     one, two = tmp_path / "one", tmp_path / "two"
     args = lambda out, steps=4: train_args(tiny_data, out, steps=steps, eval_every=0, save_every=2)  # noqa: E731
     assert main(args(one)) == 0
     extra = (["--fsdp"] if mode.startswith("fsdp") else []) + (["--activation-checkpointing"] if "ac" in mode else [])
     env = {**ENV, "OMP_NUM_THREADS": "1"}
 
-    def torchrun(*more):
+    def torchrun(*more: str) -> str:
         res = subprocess.run(torchrun_cmd(2, "-m", "moeut.cli", *more), env=env, capture_output=True, text=True,
                              timeout=300)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        return res.stdout + res.stderr
 
-    torchrun(*args(two), *extra)
-    la = [m["train_loss"] for m in _metrics(one) if "train_loss" in m]
-    lb = [m["train_loss"] for m in _metrics(two) if "train_loss" in m]
-    assert len(la) == len(lb) == 4
-    for x, y in zip(la, lb):
-        assert abs(x - y) <= 1e-5 * abs(x)
+    output = torchrun(*args(two), *extra)
+    # FSDP2 warns that a wrapped module "returned a view tensor" (a hook could be lost); wrap_model silences it
+    # for the moeut modules, for which it is a false alarm (tests/train/test_fsdp_gathers.py), and this
+    # comparison is what shows the gradients are right
+    assert "returned a view tensor" not in output, output[-3000:]
+    keys = ("train_loss", "reg_loss", "grad_norm")  # grad_norm: Adam's update hides a wrongly scaled gradient
+    ma = [{k: m[k] for k in keys} for m in _metrics(one) if "train_loss" in m]
+    mb = [{k: m[k] for k in keys} for m in _metrics(two) if "train_loss" in m]
+    assert len(ma) == len(mb) == 4
+    for step, (a, b) in enumerate(zip(ma, mb), 1):
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (step, k, a, b)
     wa, wb = latest_checkpoint(one)[1]["model"], latest_checkpoint(two)[1]["model"]
     assert set(wa) == set(wb)
     for k in wa:

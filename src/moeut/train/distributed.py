@@ -6,6 +6,8 @@ The model knows nothing of this: parallelism is applied from outside (torchtitan
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,10 +77,39 @@ def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool = False) -> nn.Modul
             fully_shard(layer, reshard_after_forward=False)
         fully_shard(model)
         _reshard_shared_layers_after_last_use(model)
+        ignore_fsdp_view_output_warning({type(m).__name__ for m in (*model.layers, model)})
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+# torch's text (torch/distributed/fsdp/_fully_shard/_fsdp_state.py, ``_register_pre_backward_hook``) up to the
+# wrapped class's name, which FSDP2 prefixes with "FSDP" (FSDPMoEUTLayer, FSDPMoEUTLM, ...).
+_VIEW_OUTPUT_WARNING = "FSDP2-wrapped module ({}) returned a view tensor"
+
+
+def ignore_fsdp_view_output_warning(fsdp_class_names: set[str]) -> None:
+    """Silence FSDP2's "returned a view tensor" warning for these wrapped classes only (a false alarm for them).
+
+    FSDP2 registers its pre-backward hook (the all-gather before a module's backward) on every output that
+    requires grad, and warns when one is a view, because an in-place op on a view rebases its autograd
+    history and drops that tensor's hook. The moeut modules return views beside their main output: a layer
+    its values ``v`` (a transpose, part of the KV pair) and the attention routers' logits (an unflatten); the
+    LM its logits (``F.linear`` on ``[B, T, d]`` returns a view). Their main outputs — the layer's residual
+    stream, the LM's cross-entropy and regulariser — are not views, and every view output is computed on the
+    way to them (``v`` feeds the attention, the router logits the gates, the logits the cross-entropy). So
+    the hook on a main output fires before any backward node of the module runs, whatever happens to the
+    views; nothing in moeut modifies those views in place either. tests/train/test_fsdp_gathers.py checks that
+    premise on every model kind, and the two-rank runs of tests/train/test_train.py compare the gradients'
+    effect with one process and check the warning is gone.
+
+    The filter matches torch's message for exactly these class names and nothing else: the same warning
+    for any other FSDP2-wrapped module (a user's own) still shows.
+    """
+    for name in sorted(fsdp_class_names):
+        warnings.filterwarnings("ignore", message=re.escape(_VIEW_OUTPUT_WARNING.format(name)),
+                                category=UserWarning, module=r"torch\.distributed\.fsdp\.")
 
 
 class _ReshardAfterThisBackward(torch.autograd.Function):
