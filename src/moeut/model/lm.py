@@ -129,13 +129,15 @@ class MoEUTLM(LanguageModel):
         logits, ce = self.head(self.out_norm(h), targets)
         returned = run.applied if output_routing else None
         if not run.stats:
-            return LMOutput(logits, None, run.new_cache, None, run.hidden, None, depth, ce)
+            return LMOutput(logits=logits, reg_loss=None, cache=run.new_cache, hidden_states=run.hidden,
+                            depth=depth, ce=ce)
         if not cfg.is_moe:
-            return LMOutput(logits, torch.zeros((), device=h.device), run.new_cache, None, run.hidden, returned,
-                            ce=ce)
+            return LMOutput(logits=logits, reg_loss=torch.zeros((), device=h.device), cache=run.new_cache,
+                            hidden_states=run.hidden, routing=returned, ce=ce)
         reg = self._reg_loss(run.routings) + cfg.act_reg * run.act_loss
-        return LMOutput(logits, reg, run.new_cache, self._expert_counts(run.applied), run.hidden, returned, depth,
-                        ce)
+        return LMOutput(logits=logits, reg_loss=reg, cache=run.new_cache,
+                        expert_counts=self._expert_counts(run.applied), hidden_states=run.hidden, routing=returned,
+                        depth=depth, ce=ce)
 
     def _apply_group(self, r: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                      mask: torch.Tensor | None, run: _Pass) -> torch.Tensor:

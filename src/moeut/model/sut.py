@@ -155,11 +155,12 @@ class SUTLM(LanguageModel):
         logits, ce = self.head(state, targets)
         depth = depth_per_token(act, q, state) if cfg.act else None
         if not stats:
-            return LMOutput(logits, None, new_cache, None, hidden, None, depth, ce)
+            return LMOutput(logits=logits, reg_loss=None, cache=new_cache, hidden_states=hidden, depth=depth, ce=ce)
         reg = self._mi_loss(applied, repeats) + cfg.act_reg * act_loss
         counts = {"ffn": torch.stack([expert_counts(r.ffn.indices, cfg.ff_n_experts) for r in applied]),
                   "att": torch.stack([expert_counts(r.att.indices, cfg.att_n_experts) for r in applied])}
-        return LMOutput(logits, reg, new_cache, counts, hidden, applied if output_routing else None, depth, ce)
+        return LMOutput(logits=logits, reg_loss=reg, cache=new_cache, expert_counts=counts, hidden_states=hidden,
+                        routing=applied if output_routing else None, depth=depth, ce=ce)
 
     def _mi_loss(self, applied: list[SUTLayerRouting], repeats: int | None) -> torch.Tensor:
         cfg = self.cfg
