@@ -5,13 +5,17 @@ The tokenizer rule is the same everywhere: by default the tokenizer stored with 
 ``tokenizer`` given explicitly must be the one the run recorded (same sha256), otherwise
 :class:`RunTokenizerMismatch` is raised, unless ``allow_tokenizer_mismatch=True`` (``--allow-tokenizer-mismatch``
 on the command line), which only warns.
+
+A run directory loads its newest checkpoint that loads: a newer file that is corrupt is skipped with a warning on
+stderr, and :attr:`LoadedRun.skipped` lists it, so a verb can say which checkpoint it used and why it is not the
+newest (:meth:`LoadedRun.describe`, :meth:`LoadedRun.not_newest`).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,9 +23,10 @@ import torch
 from moeut.data import Tokenizer
 from moeut.data.errors import TokenizerError, TokenizerMismatchError
 from moeut.model import ModelConfig, build_model
-from moeut.run.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from moeut.run.checkpoint import (CheckpointError, CorruptCheckpointError, SkippedCheckpoint, find_latest_checkpoint, list_checkpoints,
+                                  load_checkpoint)
 from moeut.run.hf_format import is_hf_export, load_hf_model
-from moeut.run.layout import TOKENIZER_MODEL, run_dir_of
+from moeut.run.layout import CHECKPOINTS, TOKENIZER_MODEL, run_dir_of
 from moeut.runtime import resolve_device
 
 OVERRIDE_FLAG = "--allow-tokenizer-mismatch"
@@ -45,11 +50,30 @@ class LoadedRun:
     kind: str  # "checkpoint" or "hf"
     tokenizer_sha256: str | None = None  # what the run recorded
     trained_repeats: int | None = None  # n_layers/G as trained (``config`` may be at another depth: ``repeats``)
+    # the run's checkpoints newer than ``source`` that were not loaded, newest first, each with the reason
+    skipped: tuple[SkippedCheckpoint, ...] = field(default=())
 
     @property
     def name(self) -> str:
         """A short label for tables: the run directory's name."""
         return self.run_dir.name or self.source.stem
+
+    @property
+    def is_newest(self) -> bool:
+        """Whether ``source`` is the newest checkpoint of its run (an export is its own newest)."""
+        return not self.skipped
+
+    def describe(self) -> str:
+        """What was loaded, e.g. ``checkpoint runs/a/checkpoints/ckpt_00000500.pt (step 500)``."""
+        what = "checkpoint" if self.kind == "checkpoint" else "Hugging Face export"
+        step = "step unknown" if self.step is None else f"step {self.step}"
+        return f"{what} {self.source} ({step})"
+
+    def not_newest(self) -> str | None:
+        """None when ``source`` is the run's newest checkpoint; else why it is not, naming the newer files."""
+        if not self.skipped:
+            return None
+        return "not the newest checkpoint of the run: " + "; ".join(s.reason for s in self.skipped)
 
 
 def load_run(path: str | Path, *, tokenizer: str | Path | None = None, device: str | torch.device = "auto",
@@ -72,15 +96,9 @@ def load_run(path: str | Path, *, tokenizer: str | Path | None = None, device: s
         model, hf_cfg = load_hf_model(path, backend=backend)
         recorded, step, kind, source, run_dir = (hf_cfg.get("moeut_tokenizer_sha256"), hf_cfg.get("moeut_step"),
                                                  "hf", path, path)
+        skipped = ()
     else:
-        if path.is_dir():
-            found = latest_checkpoint(path)
-            if found is None:
-                raise CheckpointError(f"{path} holds no loadable checkpoint (expected {path}/checkpoints/ckpt_*.pt "
-                                      f"or a `moeut export-hf` directory); train a model with `moeut train` first")
-            source, state = found
-        else:
-            source, state = path, load_checkpoint(path)
+        source, state, skipped = _checkpoint(path)
         model = build_model(ModelConfig.from_dict(json.loads(state["model_config"])), backend=backend)
         model.load_state_dict(state["model"])
         model.eval()
@@ -95,7 +113,33 @@ def load_run(path: str | Path, *, tokenizer: str | Path | None = None, device: s
         model.set_repeats(repeats)
     model.to(dev)
     return LoadedRun(model=model, config=model.cfg, tokenizer=tok, run_dir=run_dir, step=step, source=source,
-                     kind=kind, tokenizer_sha256=recorded, trained_repeats=trained)
+                     kind=kind, tokenizer_sha256=recorded, trained_repeats=trained, skipped=skipped)
+
+
+def _checkpoint(path: Path) -> tuple[Path, dict, tuple[SkippedCheckpoint, ...]]:
+    """The checkpoint file to load for ``path`` (a run directory or a checkpoint file), its state, and the run's
+    newer checkpoints that were not loaded. A corrupt newer file of a run directory is skipped with a warning."""
+    if path.is_file():
+        return path, load_checkpoint(path), _newer_than(path)
+    found, skipped = find_latest_checkpoint(path)
+    if found is None:
+        if skipped:
+            raise CorruptCheckpointError(f"{path} holds no loadable checkpoint: " + "; ".join(s.reason for s in skipped))
+        raise CheckpointError(f"{path} holds no checkpoint (expected {path}/{CHECKPOINTS}/ckpt_*.pt or a "
+                              f"`moeut export-hf` directory); train a model with `moeut train` first")
+    source, state = found
+    for s in skipped:
+        print(f"warning: {s.reason}; loaded the newest checkpoint that loads instead: {source} "
+              f"(step {state.get('step')})", file=sys.stderr)
+    return source, state, tuple(skipped)
+
+
+def _newer_than(path: Path) -> tuple[SkippedCheckpoint, ...]:
+    """The checkpoints of ``path``'s run that are newer than the file ``path`` asked for by name."""
+    if path.parent.name != CHECKPOINTS:
+        return ()
+    newer = [p for p in list_checkpoints(path.parent.parent) if p.name > path.name]
+    return tuple(SkippedCheckpoint(p, f"{p} is newer ({path.name} was asked for by name)") for p in reversed(newer))
 
 
 def _tokenizer_for(run_dir: Path, source: Path, given: str | Path | None, recorded: str | None,
