@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import pytest
 
 from moeut.cli.evaluate import add_arguments as add_eval_arguments, run as run_eval
+from moeut.run.checkpoint import CorruptCheckpointError, checkpoint_path, list_checkpoints
 from tests.conftest import shared_file
 from tests.eval.conftest import write_task_data
 
@@ -93,3 +95,65 @@ def test_eval_harness_flag_runs_lm_eval(tiny_run, tmp_path, capsys, monkeypatch)
     # two paradigm files, not BLiMP's 67: their tasks run without the group
     assert {"arc_easy", "blimp_wh_island", "blimp_anaphor_gender_agreement"} <= set(res["results"])
     assert "acc_norm" in capsys.readouterr().out  # lm-eval's own table
+
+
+def test_eval_reports_only_the_tasks_asked_for_and_no_empty_average(tiny_run, tmp_path, capsys):
+    data = write_task_data(tmp_path / "data", n=2)
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("Document 1. and the words go on and on\n" * 40)
+    common = ("--checkpoint", str(tiny_run), "--tasks", "ppl,piqa", "--limit", "1", "--ppl-data", str(held_out),
+              "--no-progress")
+    out = tmp_path / "with_piqa.json"
+    assert run_eval(_args(*common, "--data-dir", str(data), "--json", str(out))) == 0
+    shown = capsys.readouterr().out
+    assert "not evaluated" not in shown and "lambada" not in shown and "hellaswag" not in shown
+    assert json.loads(out.read_text())["average"] == {"accuracy": pytest.approx(json.loads(out.read_text())["piqa"]
+                                                                                ["accuracy"]), "n": 1,
+                                                      "tasks": ["piqa"], "not_evaluated": []}
+
+    out = tmp_path / "no_piqa.json"  # piqa's data missing: its row says so, and there is nothing to average
+    assert run_eval(_args(*common, "--data-dir", str(tmp_path / "empty"), "--json", str(out))) == 0
+    shown = capsys.readouterr().out
+    assert "average" not in shown and "over 0 task" not in shown and "lambada" not in shown
+    assert "piqa       not evaluated: data not found" in shown
+    assert set(json.loads(out.read_text())) == {"ppl", "piqa"}
+
+
+def _run_with_corrupt_newest(tiny_run, tmp_path):
+    """A copy of the tiny run whose newest checkpoint file is truncated garbage."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (good,) = list_checkpoints(run)
+    bad = checkpoint_path(run, int(good.stem.split("_")[1]) + 4)
+    bad.write_bytes(good.read_bytes()[:100])
+    return run, good, bad
+
+
+def test_eval_names_the_checkpoint_and_step_and_why_it_is_not_the_newest(tiny_run, tmp_path, capsys):
+    run, good, bad = _run_with_corrupt_newest(tiny_run, tmp_path)
+    step = int(good.stem.split("_")[1])
+    assert run_eval(_args("--checkpoint", str(run), "--tasks", "ppl", "--limit", "1", "--no-progress")) == 0
+    cap = capsys.readouterr()
+    header = cap.out.splitlines()[0]
+    assert f"moeut eval: checkpoint {good} (step {step})" in header
+    why = next(line for line in cap.out.splitlines() if "not the newest" in line)
+    assert str(bad) in why and "corrupt" in why
+    assert str(bad) in cap.err and "resume" not in cap.out + cap.err  # no training advice
+
+    # the newest checkpoint, named and not flagged
+    assert run_eval(_args("--checkpoint", str(tiny_run), "--tasks", "ppl", "--limit", "1", "--no-progress")) == 0
+    cap = capsys.readouterr()
+    assert f"moeut eval: checkpoint {list_checkpoints(tiny_run)[-1]} (step {step})" in cap.out
+    assert "not the newest" not in cap.out
+
+
+def test_eval_of_a_corrupt_checkpoint_file_gives_eval_advice(tiny_run, tmp_path):
+    run, good, bad = _run_with_corrupt_newest(tiny_run, tmp_path)
+    with pytest.raises(CorruptCheckpointError) as err:
+        run_eval(_args("--checkpoint", str(bad), "--tasks", "ppl"))
+    msg = str(err.value)
+    assert str(bad) in msg and "to evaluate another checkpoint" in msg and "resume" not in msg
+    good.write_bytes(b"not a checkpoint")  # nothing left that loads
+    with pytest.raises(CorruptCheckpointError, match="holds no loadable checkpoint") as err:
+        run_eval(_args("--checkpoint", str(run), "--tasks", "ppl"))
+    assert str(good) in str(err.value) and str(bad) in str(err.value) and "resume" not in str(err.value)

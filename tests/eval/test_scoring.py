@@ -185,4 +185,9 @@ def test_cbt_averages_its_types(bigram, enc):
 def test_average_is_over_the_evaluated_tasks_and_names_the_missing():
     avg = average_accuracy({"blimp": {"accuracy": 0.6}, "piqa": {"accuracy": 0.8}, "cbt": {"accuracy": None}})
     assert avg["accuracy"] == pytest.approx(0.7) and avg["tasks"] == ["blimp", "piqa"]
-    assert "cbt" in avg["not_evaluated"] and "lambada" in avg["not_evaluated"]
+    assert avg["not_evaluated"] == ["cbt"]  # only the tasks asked for: lambada was not
+
+
+def test_no_average_without_an_evaluated_zero_shot_task():
+    assert average_accuracy({"ppl": {"ppl": 9.0}}) is None
+    assert average_accuracy({"ppl": {"ppl": 9.0}, "piqa": {"accuracy": None, "status": "not evaluated"}}) is None

@@ -16,12 +16,14 @@ from pathlib import Path
 from moeut.cli.common import add_repeats_flag, add_run_flags, load_run_from_args, positive
 from moeut.eval import SentencePieceEncoder, evaluate, format_table, parse_tasks
 from moeut.fileio import atomic_write_json
-from moeut.run import trained_val_split
+from moeut.run import LoadedRun, trained_val_split
+from moeut.run.checkpoint import CorruptCheckpointError
 from moeut.runtime import tune_malloc
 
 HELP = "perplexity and the paper's zero-shot tasks, or lm-eval (--harness)"
 DEFAULT_TASKS = "ppl,lambada,blimp,cbt,hellaswag,piqa,arc_easy"
 NOT_FOUND = "not evaluated: data not found"
+ADVICE = "to evaluate another checkpoint, pass its file (RUN/checkpoints/ckpt_*.pt) with --checkpoint"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,17 +55,13 @@ def run(args: argparse.Namespace) -> int:
     positive("limit", args.limit)
     positive("repeats", args.repeats)
     t0 = time.perf_counter()
-    loaded = load_run_from_args(args)
+    tasks = parse_tasks(args.tasks) if not args.harness else []
+    loaded = _load(args)
     if args.harness:
         return _run_harness(args, loaded)
 
-    tasks = parse_tasks(args.tasks)
     model, encoder = loaded.model, SentencePieceEncoder(loaded.tokenizer)
-    device = next(model.parameters()).device
-    depth = "" if args.repeats is None else (f", shared layers applied {model.cfg.n_repeats}× "
-                                             f"(trained {loaded.trained_repeats}×)")
-    print(f"moeut eval: {args.checkpoint} ({model.num_params() / 1e6:.2f}M parameters, context "
-          f"{model.cfg.context_length}, {device}{depth}); tasks: {', '.join(tasks)}", flush=True)
+    _print_header(loaded, args.repeats, tasks)
 
     ppl_data = args.ppl_data
     skip_ppl = False
@@ -94,7 +92,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_harness(args: argparse.Namespace, loaded) -> int:
+def _load(args: argparse.Namespace) -> LoadedRun:
+    try:
+        return load_run_from_args(args)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"{e}; {ADVICE}") from e
+
+
+def _print_header(loaded: LoadedRun, repeats: int | None, tasks: list[str]) -> None:
+    """Which checkpoint (file and step) is evaluated, and, when it is not the run's newest, why."""
+    model = loaded.model
+    device = next(model.parameters()).device
+    depth = "" if repeats is None else (f", shared layers applied {model.cfg.n_repeats}× "
+                                        f"(trained {loaded.trained_repeats}×)")
+    what = f"tasks: {', '.join(tasks)}" if tasks else "lm-evaluation-harness"
+    print(f"moeut eval: {loaded.describe()}; {model.num_params() / 1e6:.2f}M parameters, context "
+          f"{model.cfg.context_length}, {device}{depth}; {what}", flush=True)
+    note = loaded.not_newest()
+    if note:
+        print(f"moeut eval: {note}", flush=True)
+
+
+def _run_harness(args: argparse.Namespace, loaded: LoadedRun) -> int:
     # lm-eval is an optional extra: imported only for --harness
     from moeut.eval.harness import run_harness
 
@@ -105,6 +124,7 @@ def _run_harness(args: argparse.Namespace, loaded) -> int:
     if dropped:
         print(f"moeut eval --harness: skipping {', '.join(dropped)} (no local lm-eval task)", file=sys.stderr)
         tasks = [t for t in tasks if t not in dropped]
+    _print_header(loaded, args.repeats, [])
     results = run_harness(tasks, model=loaded.model, encoder=SentencePieceEncoder(loaded.tokenizer),
                           data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size)
     if args.json and results is not None:

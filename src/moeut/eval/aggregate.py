@@ -124,12 +124,16 @@ def summarize_lambada(scores: Sequence[ClozeScores]) -> dict:
 # ----------------------------------------------------------------------------- every task
 
 
-def average_accuracy(results: dict[str, dict]) -> dict:
-    """The paper's average of the six zero-shot accuracies, over the tasks that were evaluated."""
-    done = [t for t in TASKS if t in results and results[t].get("accuracy") is not None]
-    missing = [t for t in TASKS if t not in done]
-    return {"accuracy": _mean(results[t]["accuracy"] for t in done) if done else None, "n": len(done),
-            "tasks": done, "not_evaluated": missing}
+def average_accuracy(results: dict[str, dict]) -> dict | None:
+    """The paper's average of the zero-shot accuracies over the tasks of ``results`` that were evaluated
+    (``not_evaluated``: those of them that were asked for but could not be, e.g. their data is missing), or
+    None when there is nothing to average."""
+    asked = [t for t in TASKS if t in results]
+    done = [t for t in asked if results[t].get("accuracy") is not None]
+    if not done:
+        return None
+    return {"accuracy": _mean(results[t]["accuracy"] for t in done), "n": len(done), "tasks": done,
+            "not_evaluated": [t for t in asked if t not in done]}
 
 
 def _fmt(x, spec: str = ".4f") -> str:

@@ -9,7 +9,8 @@ The dict has one entry per task, keyed by the task name (``ppl``, ``lambada``, `
 ``hellaswag``, ``piqa``, ``arc_easy``), each with ``n`` (examples scored; target tokens for ``ppl``) and
 ``accuracy`` (``ppl`` and ``bpb`` for ``ppl``), plus ``wall_s``, ``examples_per_s`` (windows per second for
 ``ppl``) and ``source``; and
-``average``: the paper's mean of the zero-shot accuracies over the tasks evaluated (``tasks`` lists them).
+``average``: the paper's mean of the zero-shot accuracies over the tasks evaluated (``tasks`` lists them;
+``not_evaluated`` the requested ones whose data was missing), present only when at least one was evaluated.
 A task whose files are missing gets ``{"accuracy": None, "n": 0, "status": "not evaluated: data not
 found", "looked_for": …}``.
 """
@@ -80,7 +81,7 @@ def evaluate(model: torch.nn.Module, encoder: Encoder, tasks: Sequence[str], *, 
             except TaskDataNotFound as e:
                 results[task] = {"accuracy": None, "n": 0, "status": NOT_FOUND, "looked_for": str(e)}
                 if log:
-                    log(f"{task}: {e}")
+                    log(str(e))  # the message starts with the task name
                 continue
             bar = _bar(len(examples), task, progress)
             tick = lambda done: bar.update(len(done))  # noqa: E731
@@ -98,8 +99,9 @@ def evaluate(model: torch.nn.Module, encoder: Encoder, tasks: Sequence[str], *, 
         results[task]["examples_per_s"] = round(n / wall, 3) if wall > 0 else None
         if log:
             log(format_row(task, results[task]))
-    if any(t in results for t in TASKS):
-        results["average"] = average_accuracy(results)
+    average = average_accuracy(results)
+    if average is not None:
+        results["average"] = average
     return results
 
 
