@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 from moeut.cli.common import UsageError, add_repeats_flag, add_run_flags, load_run_from_args, positive
 from moeut.run import LoadedRun
+from moeut.run.checkpoint import CorruptCheckpointError
 
 
 HELP = "sample from a trained model, streaming tokens as they are produced"
@@ -127,7 +128,11 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k is not None and args.top_k < 0:
         raise UsageError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
     positive("repeats", args.repeats)
-    loaded = load_run_from_args(args)
+    try:
+        loaded = load_run_from_args(args)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"{e}; to sample from another checkpoint, pass its file "
+                                     f"(RUN/checkpoints/ckpt_*.pt) with --checkpoint") from e
 
     def one(text: str) -> None:
         if args.json:
@@ -141,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         one(text)
     if args.interactive:
         if not args.json:
-            print(f"moeut generate: {loaded.source} ({loaded.model.num_params() / 1e6:.1f}M parameters). "
+            print(f"moeut generate: {loaded.describe()}, {loaded.model.num_params() / 1e6:.1f}M parameters. "
                   f"Enter a prompt; an empty line or Ctrl-D ends.", file=sys.stderr)
         while True:
             try:
