@@ -14,8 +14,8 @@ import pytest
 from moeut.cli.prepare import add_arguments as add_prepare_arguments
 from moeut.cli.prepare import run as run_prepare
 from moeut.data import Tokenizer, prepare
-from moeut.data.prepare import _doc_hash, _split_key
 from moeut.data.sources import StdinSource
+from moeut.data.split import doc_hash, split_key
 from tests.data.helpers import SMALL_VOCAB, make_documents
 
 
@@ -68,8 +68,8 @@ def test_stdin_is_read_once_and_split_by_hash_on_the_fly(tmp_path, docs, two_pas
     res = prepare([src], tmp_path / "out", tokenizer=two_pass.out_dir / "tokenizer.model", val_fraction=0.1,
                   progress=False)
     assert res.passes == 1 and res.num_documents == len(docs)
-    key, threshold = _split_key(0), int(0.1 * 2.0 ** 64)
-    want_val = [d for d in docs if _doc_hash(d, key) < threshold]
+    key, threshold = split_key(0), int(0.1 * 2.0 ** 64)
+    want_val = [d for d in docs if doc_hash(d, key) < threshold]
     assert 10 <= len(want_val) <= 50  # about 10 % of 300
     tok = res.tokenizer
     got_val = _docs_of(TokenDataset.open(res.out_dir / "val"), tok)

@@ -17,16 +17,17 @@ from moeut.data.errors import (DataError, DecodeError, DependencyError, EmptyCor
                                MissingInputError, OutputDirError, ShardError, TokenizerError, TokenizerMismatchError)
 from moeut.data.mixture import (DataSource, MixtureSampler, MixtureSpecError, MixtureTokenizerError, TrainingData,
                                 parse_sources)
-from moeut.data.prepare import PrepareResult, prepare, split_documents
+from moeut.data.prepare import PrepareOptions, PrepareResult, prepare
 from moeut.data.sampler import BatchSampler, EvalWindows, FeistelPermutation, validation_batches
 from moeut.data.shards import META_FILE, ShardInfo, ShardWriter, SplitMeta, TokenDataset, token_dtype
 from moeut.data.sources import (DocumentSource, HFDatasetSource, JsonlSource, ParquetSource, SourceOptions,
                                 TextFileSource, iter_documents, resolve_inputs)
+from moeut.data.split import split_documents
 from moeut.data.streams import TokenArray, open_token_stream
 from moeut.data.tokenizer import Tokenizer, TokenizerConfig, TrainingSample, train_tokenizer
 
 __all__ = [
-    "prepare", "PrepareResult", "split_documents",
+    "prepare", "PrepareOptions", "PrepareResult", "split_documents",
     "Tokenizer", "TokenizerConfig", "TrainingSample", "train_tokenizer",
     "TokenDataset", "TokenArray", "open_token_stream", "ShardWriter", "SplitMeta", "ShardInfo", "token_dtype", "META_FILE",
     "DataSource", "MixtureSampler", "TrainingData", "parse_sources", "MixtureSpecError", "MixtureTokenizerError",

@@ -6,7 +6,8 @@ Steps:
    deterministic sample for tokenizer training;
 2. **split by document**: the ``n_val = max(ceil(val_fraction * N), min_val_docs)`` documents with the
    smallest keyed hash ``blake2b(content, key=seed)`` (ties by position) go to validation. The split
-   depends on document contents and the seed, not on input order: adding documents moves few others;
+   depends on document contents and the seed, not on input order: adding documents moves few others
+   (see :mod:`moeut.data.split`);
 3. **tokenizer**: load ``tokenizer`` if given, else train one on the sampled *training* documents
    (see :mod:`moeut.data.tokenizer`);
 4. **tokenize** (second pass over the inputs), append EOS after every document, and write
@@ -34,40 +35,99 @@ tokenization batch, whatever the input size. Files keep the **two-pass** default
 samples the tokenizer text from the whole corpus and gives the exact ``n_val``; a huge ``.jsonl.gz`` can
 be read once with ``passes=1`` (CLI ``--passes 1``).
 
-Everything is built in ``out/.prepare-tmp-<pid>/`` and renamed into place at the end. A non-empty
-``out`` is replaced only when it is a previous output of the same inputs, or with
-``overwrite=True`` (which replaces only the entries above and leaves other files alone).
+Both modes differ only in how they split and where the tokenizer's text comes from; they share the
+tokenization loop, the shard writers and the output directory handling (staging, atomic install,
+refusing a foreign ``out``: see :mod:`moeut.data.outdir`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
+import dataclasses
+import itertools
 import os
-import shutil
+import sys
 import time
 import warnings
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from moeut.data.corpus import default_corpus_sources
-from moeut.data.errors import DataError, EmptyCorpusError, OutputDirError
+from moeut.data.errors import DataError, EmptyCorpusError
+from moeut.data.outdir import check_out_dir, install, staging
 from moeut.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter, SplitMeta
-from moeut.data.sources import DocumentSource, SourceOptions, iter_documents, resolve_inputs
+from moeut.data.sources import DocumentSource, Errors, SourceOptions, iter_documents, resolve_inputs
+from moeut.data.split import EXACT, ON_THE_FLY, SplitRule, doc_hash, split_documents, split_key, val_threshold
 from moeut.data.tokenizer import (TOKENIZER_JSON, TOKENIZER_MODEL, Tokenizer, TokenizerConfig, TrainingSample,
                                   train_tokenizer)
-from moeut.fileio import atomic_write_json, read_json
 from moeut.runtime import progress as progress_bar
 
-PREPARE_FILE = "prepare.json"
-PREPARE_FORMAT = "moeut-prepared"
-PREPARE_FORMAT_VERSION = 1
-_OUTPUT_ENTRIES = ("train", "val", TOKENIZER_MODEL, TOKENIZER_JSON)
-_STAGING_PREFIX = ".prepare-tmp-"
+Inputs = Sequence[str | os.PathLike[str] | DocumentSource]
+Labelled = tuple[str, bool]  # a document and whether it goes to validation
+
+# a tokenization batch: enough documents to keep SentencePiece's threads busy, few enough bytes to bound memory
+_BATCH_DOCS = 512
+_BATCH_CHARS = 8 << 20
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Every setting of :func:`prepare`; ``moeut prepare`` builds one from its flags."""
+
+    #: an existing ``tokenizer.model`` (or its directory) to use instead of training one
+    tokenizer: str | os.PathLike[str] | None = None
+    #: vocabulary of the tokenizer to train
+    vocab_size: int = 8000
+    #: every tokenizer training option; when given, ``vocab_size``, ``seed`` and ``max_tokenizer_bytes``
+    #: do not shape the tokenizer
+    tokenizer_config: TokenizerConfig | None = None
+    #: fraction of the documents that goes to validation, in [0, 1)
+    val_fraction: float = 0.01
+    #: at least this many validation documents (a single pass can only warn when it has fewer)
+    min_val_docs: int = 1
+    #: seed of the split and of the tokenizer sample
+    seed: int = 0
+    #: JSON field / Parquet column holding the text
+    text_field: str = "text"
+    #: how text files split into documents (see :mod:`moeut.data.sources`); ``None``: one document per file
+    doc_separator: str | None = None
+    #: undecodable input bytes: ``"strict"`` fails naming the file and offset, ``"replace"`` substitutes U+FFFD
+    errors: Errors = "strict"
+    #: tokens per shard file
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    #: text sampled for tokenizer training; ``None``: :class:`~moeut.data.tokenizer.TokenizerConfig`'s 64 MiB
+    max_tokenizer_bytes: int | None = None
+    #: tokenizer threads; ``None``: all cores
+    num_threads: int | None = None
+    #: write into a non-empty ``out_dir`` that is not a previous output of the same inputs
+    overwrite: bool = False
+    #: show progress bars
+    progress: bool = True
+    #: 1: read the inputs once; 2: scan, then tokenize; ``None``: 1 when an input is a stream, else 2
+    passes: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.min_val_docs < 0:
+            raise ValueError(f"min_val_docs must be >= 0, got {self.min_val_docs}")
+        if self.passes not in (None, 1, 2):
+            raise ValueError(f"passes must be 1 or 2, got {self.passes}")
+
+    def tokenizer_training(self) -> TokenizerConfig:
+        """How to train the tokenizer when none is given."""
+        sample_bytes = {"max_sample_bytes": self.max_tokenizer_bytes} if self.max_tokenizer_bytes else {}
+        return self.tokenizer_config or TokenizerConfig(vocab_size=self.vocab_size, seed=self.seed, **sample_bytes)
+
+    def recorded(self) -> dict[str, Any]:
+        """The reading and sharding options, as ``prepare.json`` records them."""
+        return {"text_field": self.text_field, "doc_separator": self.doc_separator, "errors": self.errors,
+                "shard_tokens": self.shard_tokens}
 
 
 @dataclass
@@ -85,330 +145,305 @@ class PrepareResult:
     passes: int = 2  # 1: streamed (split on the fly), 2: scan then tokenize
 
 
-def _doc_hash(text: str, key: bytes) -> int:
-    data = text.encode("utf-8", "surrogatepass")
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=key).digest(), "little")
-
-
-def _split_key(seed: int) -> bytes:
-    return b"moeut-split" + int(seed).to_bytes(16, "little", signed=True)
-
-
-def split_documents(hashes: np.ndarray, val_fraction: float, min_val_docs: int) -> np.ndarray:
-    """Boolean mask of validation documents: the ``n_val`` smallest hashes (ties by position).
-
-    ``n_val = max(ceil(val_fraction * N), min_val_docs)``, at most ``N - 1`` (training keeps one document).
-    """
-    n = len(hashes)
-    n_val = max(math.ceil(val_fraction * n - 1e-9), min_val_docs) if n else 0
-    n_val = max(0, min(n_val, n - 1))
-    order = np.lexsort((np.arange(n), hashes))
-    mask = np.zeros(n, dtype=bool)
-    mask[order[:n_val]] = True
-    return mask
-
-
-def _check_out_dir(out_dir: Path, inputs: list[str], overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputDirError(f"--out {out_dir} is a file; choose a directory")
-    if not out_dir.exists() or overwrite:
-        return
-    contents = [p for p in out_dir.iterdir() if not p.name.startswith(_STAGING_PREFIX)]
-    if not contents:
-        return
-    manifest = out_dir / PREPARE_FILE
-    if not manifest.is_file():
-        names = ", ".join(sorted(p.name for p in contents)[:5])
-        raise OutputDirError(f"output directory {out_dir} is not empty ({names}{', ...' if len(contents) > 5 else ''}) "
-                             f"and holds no {PREPARE_FILE}, so it is not a moeut prepare output; choose another --out, "
-                             "or pass --overwrite (overwrite=True) to write train/, val/ and tokenizer files into it")
-    try:
-        previous = read_json(manifest, "prepare manifest", "", DataError).get("inputs")
-    except DataError:
-        previous = None
-    if previous != inputs:
-        raise OutputDirError(f"output directory {out_dir} holds the prepare output of other inputs ({previous}), not "
-                             f"of {inputs}; choose another --out, or pass --overwrite (overwrite=True) to replace it")
-
-
-def _install(stage: Path, out_dir: Path) -> None:
-    """Move the staged entries into ``out_dir``, replacing previous ones (``prepare.json`` removed first)."""
-    (out_dir / PREPARE_FILE).unlink(missing_ok=True)
-    trash = stage / ".old"
-    trash.mkdir()
-    for name in _OUTPUT_ENTRIES:
-        target = out_dir / name
-        if target.is_dir() and not target.is_symlink():
-            os.replace(target, trash / name)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-        os.replace(stage / name, target)
-
-
-def prepare(inputs: Sequence[str | os.PathLike[str] | DocumentSource] | None, out_dir: str | os.PathLike[str], *,
-            tokenizer: str | os.PathLike[str] | None = None, vocab_size: int = 8000,
-            tokenizer_config: TokenizerConfig | None = None, val_fraction: float = 0.01, min_val_docs: int = 1,
-            seed: int = 0, text_field: str = "text", doc_separator: str | None = None, errors: str = "strict",
-            shard_tokens: int = DEFAULT_SHARD_TOKENS, max_tokenizer_bytes: int | None = None,
-            num_threads: int | None = None, overwrite: bool = False, progress: bool = True,
-            passes: int | None = None) -> PrepareResult:
+def prepare(inputs: Inputs | None, out_dir: str | os.PathLike[str], options: PrepareOptions | None = None,
+            **settings: Any) -> PrepareResult:
     """Tokenize ``inputs`` into ``out_dir/train`` and ``out_dir/val`` shards (see the module docstring).
 
     ``inputs``: paths, Hugging Face dataset specs, or :class:`~moeut.data.sources.DocumentSource`
-    objects; ``None`` means the default corpus (:mod:`moeut.data.corpus`). ``tokenizer``: an existing
-    ``tokenizer.model`` (or its directory) to use instead of training one with ``vocab_size``
-    (``tokenizer_config`` overrides all training options). ``errors``: ``"strict"`` or ``"replace"``
-    for undecodable input bytes. ``passes``: 1 (stream the inputs once), 2 (scan, then tokenize), or ``None``:
-    1 when an input is a stream (stdin, a streaming HF dataset), else 2.
+    objects; ``None`` means the default corpus (:mod:`moeut.data.corpus`). ``options`` holds the settings
+    (:class:`PrepareOptions`); keyword ``settings`` are :class:`PrepareOptions` fields that override it,
+    so ``prepare(inputs, out, vocab_size=400)`` needs no options object.
     """
     t_start = time.perf_counter()
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if min_val_docs < 0:
-        raise ValueError(f"min_val_docs must be >= 0, got {min_val_docs}")
-    out_dir = Path(out_dir).expanduser()
-    if inputs is None:
-        sources = default_corpus_sources(errors)  # type: ignore[arg-type]
-    else:
-        sources = resolve_inputs(inputs, SourceOptions(text_field, doc_separator, errors))  # type: ignore[arg-type]
-    described = [s.describe() for s in sources]
-    _check_out_dir(out_dir, described, overwrite)
-    given = Tokenizer.load(tokenizer) if tokenizer is not None else None  # fail before the long passes
-    sample_bytes = {"max_sample_bytes": max_tokenizer_bytes} if max_tokenizer_bytes else {}
-    tok_cfg = tokenizer_config or TokenizerConfig(vocab_size=vocab_size, seed=seed, **sample_bytes)
-    seconds: dict[str, float] = {}
-    if passes is None:
-        passes = 1 if any(getattr(s, "is_stream", False) for s in sources) else 2
-    if passes not in (1, 2):
-        raise ValueError(f"passes must be 1 or 2, got {passes}")
-    if passes == 1:
-        return _prepare_one_pass(sources, described, out_dir, given, tokenizer, tok_cfg, val_fraction, min_val_docs,
-                                 seed, shard_tokens, num_threads, progress, t_start,
-                                 {"text_field": text_field, "doc_separator": doc_separator, "errors": errors,
-                                  "shard_tokens": shard_tokens})
+    run = _Run.resolve(inputs, Path(out_dir).expanduser(), dataclasses.replace(options or PrepareOptions(), **settings))
+    result = _one_pass(run) if run.passes == 1 else _two_pass(run)
+    result.seconds["total"] = time.perf_counter() - t_start
+    return result
 
-    # 1. scan: hashes for the split, a sample for the tokenizer
-    t0 = time.perf_counter()
-    key = _split_key(seed)
+
+@dataclass
+class _Run:
+    """One call of :func:`prepare`: its options and what they resolve to, all checked before any long pass."""
+
+    options: PrepareOptions
+    out_dir: Path
+    sources: list[DocumentSource]
+    described: list[str]  # each source's description: recorded, compared on a rerun, named in errors
+    given: Tokenizer | None  # the tokenizer to use, or None to train one
+    tokenizer_config: TokenizerConfig
+    key: bytes  # the split's hash key
+
+    @classmethod
+    def resolve(cls, inputs: Inputs | None, out_dir: Path, options: PrepareOptions) -> _Run:
+        """Open the inputs, vet ``out_dir`` and load a given tokenizer, so bad arguments fail in seconds."""
+        if inputs is None:
+            sources = default_corpus_sources(options.errors)
+        else:
+            sources = resolve_inputs(inputs, SourceOptions(options.text_field, options.doc_separator, options.errors))
+        described = [s.describe() for s in sources]
+        check_out_dir(out_dir, described, options.overwrite)
+        given = Tokenizer.load(options.tokenizer) if options.tokenizer is not None else None
+        return cls(options, out_dir, sources, described, given, options.tokenizer_training(), split_key(options.seed))
+
+    @property
+    def passes(self) -> int:
+        """The asked number of passes; by default one when an input is a stream (it cannot be read twice)."""
+        if self.options.passes is not None:
+            return self.options.passes
+        return 1 if any(getattr(s, "is_stream", False) for s in self.sources) else 2
+
+
+# --------------------------------------------------------------------------- the two pipelines
+
+
+@dataclass
+class _Scan:
+    """What the first of two passes learnt about the documents."""
+
+    hashes: np.ndarray  # uint64 content hash per document, in input order
+    is_val: np.ndarray  # bool per document: the exact split
+    sample: TrainingSample | None  # the tokenizer's text, None when a tokenizer is given
+
+
+def _two_pass(run: _Run) -> PrepareResult:
+    """Scan, split exactly, then read again to tokenize: the tokenizer sample comes from the whole corpus."""
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "scan"):
+        scan = _scan(run)
+    n_docs = len(scan.hashes)
+    with staging(run.out_dir) as stage:
+        with _timed(seconds, "tokenizer"):
+            tok = _tokenizer_for_exact_split(run, scan, stage)
+        with _timed(seconds, "tokenize"):
+            writers, n_bytes = _tokenize(run, stage, tok, _reread(run, scan), "tokenize", n_docs)
+            if writers.documents != n_docs:
+                raise DataError(f"the inputs changed between two reads ({n_docs} documents, then "
+                                f"{writers.documents}): {run.described}")
+            metas = writers.close(EXACT, run.options.seed)
+        install(stage, run.out_dir, _manifest(run, EXACT, tok, metas, n_bytes))
+    return _result(run, EXACT, metas, n_bytes, seconds)
+
+
+def _one_pass(run: _Run) -> PrepareResult:
+    """Read the inputs once (a stream cannot be read twice): split on the fly, tokenizer from the first documents."""
+    seconds: dict[str, float] = {}
+    threshold = val_threshold(run.options.val_fraction)
+    with staging(run.out_dir) as stage:
+        docs = ((doc, doc_hash(doc, run.key) < threshold) for doc in iter_documents(run.sources))
+        with _timed(seconds, "tokenizer"):
+            tok, buffered = _tokenizer_from_first_documents(run, docs, stage)
+        with _timed(seconds, "tokenize"):
+            stream = itertools.chain(_drain(buffered), docs)
+            writers, n_bytes = _tokenize(run, stage, tok, stream, "tokenize (one pass)", None)
+            _check_split_on_the_fly(run, writers)
+            metas = writers.close(ON_THE_FLY, run.options.seed)
+        install(stage, run.out_dir, _manifest(run, ON_THE_FLY, tok, metas, n_bytes))
+    return _result(run, ON_THE_FLY, metas, n_bytes, seconds)
+
+
+def _scan(run: _Run) -> _Scan:
+    """First pass: every document's hash (the split needs all of them) and the tokenizer sample."""
     hashes = array("Q")
-    sample = TrainingSample(tok_cfg.max_sample_bytes, tok_cfg.seed) if tokenizer is None else None
-    n_bytes = 0
-    with progress_bar(enabled=progress, desc="scan", unit=" doc") as bar:
-        for i, doc in enumerate(iter_documents(sources)):
-            hashes.append(_doc_hash(doc, key))
-            n_bytes += len(doc.encode("utf-8", "surrogatepass"))
+    sample = TrainingSample(run.tokenizer_config.max_sample_bytes, run.tokenizer_config.seed) \
+        if run.given is None else None
+    with progress_bar(enabled=run.options.progress, desc="scan", unit=" doc") as bar:
+        for i, doc in enumerate(iter_documents(run.sources)):
+            hashes.append(doc_hash(doc, run.key))
             if sample is not None:
                 sample.add(i, doc)
             bar.update()
-    n_docs = len(hashes)
-    if n_docs == 0:
-        raise EmptyCorpusError(f"the inputs hold no text (every document is empty or whitespace): {described}; "
+    if not hashes:
+        raise EmptyCorpusError(f"the inputs hold no text (every document is empty or whitespace): {run.described}; "
                                "check the paths, --text-field and --doc-separator")
     hash_arr = np.frombuffer(hashes, dtype=np.uint64)
-    is_val = split_documents(hash_arr, val_fraction, min_val_docs)
-    if not is_val.any() and (val_fraction > 0 or min_val_docs > 0):
-        warnings.warn(f"only {n_docs} document(s): the validation split is empty", stacklevel=2)
-    seconds["scan"] = time.perf_counter() - t0
-
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = out_dir / f"{_STAGING_PREFIX}{os.getpid()}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir()
-    try:
-        # 2. tokenizer
-        t0 = time.perf_counter()
-        if sample is not None:
-            val_idx = set(np.flatnonzero(is_val).tolist())
-            tok = train_tokenizer(sample, stage, tok_cfg, exclude=val_idx)
-        else:
-            assert given is not None
-            given.save(stage)
-            tok = Tokenizer.load(stage)
-        seconds["tokenizer"] = time.perf_counter() - t0
-
-        # 3. tokenize into shards
-        t0 = time.perf_counter()
-        common = dict(vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer_sha256=tok.sha256, shard_tokens=shard_tokens)
-        train_w = ShardWriter(stage / "train", "train", **common)
-        val_w = ShardWriter(stage / "val", "val", **common)
-        batch: list[tuple[int, str]] = []
-        batch_chars = n_tokens = 0
-
-        def flush() -> None:
-            nonlocal batch, batch_chars, n_tokens
-            ids = tok.encode_batch([d for _, d in batch], num_threads)
-            for (i, _), doc_ids in zip(batch, ids, strict=True):
-                (val_w if is_val[i] else train_w).add_document(doc_ids)
-                n_tokens += len(doc_ids) + 1
-            bar.update(len(batch))
-            bar.set_postfix(tokens=f"{n_tokens:,}", refresh=False)
-            batch, batch_chars = [], 0
-
-        with progress_bar(enabled=progress, desc="tokenize", unit=" doc", total=n_docs) as bar:
-            for i, doc in enumerate(iter_documents(sources)):
-                if i >= n_docs or _doc_hash(doc, key) != hash_arr[i]:
-                    raise DataError(f"the inputs changed between two reads (document {i} differs): {described}; "
-                                    "make sure nothing writes to them while prepare runs, and that dataset "
-                                    "iteration is deterministic")
-                batch.append((i, doc))
-                batch_chars += len(doc)
-                if len(batch) >= 512 or batch_chars >= 8 << 20:
-                    flush()
-            if batch:
-                flush()
-        if train_w.num_documents + val_w.num_documents != n_docs:
-            raise DataError(f"the inputs changed between two reads ({n_docs} documents, then "
-                            f"{train_w.num_documents + val_w.num_documents}): {described}")
-        train_meta, val_meta = _finish(
-            stage, out_dir, train_w, val_w, seconds, t0, passes=2, described=described, n_docs=n_docs,
-            n_bytes=n_bytes, tok=tok, trained=sample is not None, tokenizer=tokenizer, seed=seed,
-            val_fraction=val_fraction, min_val_docs=min_val_docs,
-            split_method="smallest blake2b(document, key=seed) hashes go to val",
-            method="the n_val documents with the smallest blake2b(document, key=seed) go to val, "
-                   "n_val = max(ceil(val_fraction * documents), min_val_docs)",
-            options={"text_field": text_field, "doc_separator": doc_separator, "errors": errors,
-                     "shard_tokens": shard_tokens})
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
-    shutil.rmtree(stage, ignore_errors=True)
-    seconds["total"] = time.perf_counter() - t_start
-    return PrepareResult(out_dir=out_dir, tokenizer=Tokenizer.load(out_dir), train=train_meta, val=val_meta,
-                         num_documents=n_docs, num_bytes=n_bytes, tokenizer_trained=sample is not None, seconds=seconds,
-                         passes=2)
+    opts = run.options
+    is_val = split_documents(hash_arr, opts.val_fraction, opts.min_val_docs)
+    if not is_val.any() and (opts.val_fraction > 0 or opts.min_val_docs > 0):
+        _warn(f"only {len(hash_arr)} document(s): the validation split is empty")
+    return _Scan(hash_arr, is_val, sample)
 
 
-def _prepare_one_pass(sources: list[DocumentSource], described: list[str], out_dir: Path, given: Tokenizer | None,
-                      tokenizer: str | os.PathLike[str] | None, tok_cfg: TokenizerConfig, val_fraction: float,
-                      min_val_docs: int, seed: int, shard_tokens: int, num_threads: int | None, progress: bool,
-                      t_start: float, options: dict) -> PrepareResult:
-    """The single-pass variant (see the module docstring): split on the fly, tokenizer from the first documents."""
-    key = _split_key(seed)
-    threshold = min(int(val_fraction * 2.0 ** 64), (1 << 64) - 1)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = out_dir / f"{_STAGING_PREFIX}{os.getpid()}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir()
-    seconds: dict[str, float] = {}
-    try:
-        docs = iter_documents(sources)
-        n_docs = n_bytes = n_tokens = 0
-        buffered: list[tuple[str, bool]] = []  # documents read before the tokenizer exists
-        t0 = time.perf_counter()
-        if given is None:
-            sample = TrainingSample(tok_cfg.max_sample_bytes, tok_cfg.seed)
-            kept = 0
-            for doc in docs:
-                is_val = _doc_hash(doc, key) < threshold
-                buffered.append((doc, is_val))
-                if not is_val:
-                    sample.add(len(buffered) - 1, doc)
-                    kept += len(doc.encode("utf-8", "surrogatepass"))
-                    if kept >= tok_cfg.max_sample_bytes:
-                        break
-            if not buffered:
-                raise EmptyCorpusError(f"the inputs hold no text (every document is empty or whitespace): {described}")
-            if len(sample) == 0:  # every buffered document went to validation
-                raise EmptyCorpusError(f"the inputs hold no training document to train the tokenizer on: {described}")
-            tok = train_tokenizer(sample, stage, tok_cfg)
-            del sample
-        else:
-            given.save(stage)
-            tok = Tokenizer.load(stage)
-        seconds["tokenizer"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        common = dict(vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer_sha256=tok.sha256, shard_tokens=shard_tokens)
-        train_w = ShardWriter(stage / "train", "train", **common)
-        val_w = ShardWriter(stage / "val", "val", **common)
-        batch: list[tuple[str, bool]] = []
-        batch_chars = 0
-        with progress_bar(enabled=progress, desc="tokenize (one pass)", unit=" doc") as bar:
-            def flush() -> None:
-                nonlocal batch, batch_chars, n_tokens
-                ids = tok.encode_batch([d for d, _ in batch], num_threads)
-                for (_, is_val), doc_ids in zip(batch, ids, strict=True):
-                    (val_w if is_val else train_w).add_document(doc_ids)
-                    n_tokens += len(doc_ids) + 1
-                bar.update(len(batch))
-                bar.set_postfix(tokens=f"{n_tokens:,}", refresh=False)
-                batch, batch_chars = [], 0
-
-            buffered.reverse()
-            for doc, is_val in _drain_reversed(buffered, docs, key, threshold):
-                n_docs += 1
-                n_bytes += len(doc.encode("utf-8", "surrogatepass"))
-                batch.append((doc, is_val))
-                batch_chars += len(doc)
-                if len(batch) >= 512 or batch_chars >= 8 << 20:
-                    flush()
-            if batch:
-                flush()
-        if n_docs == 0:
-            raise EmptyCorpusError(f"the inputs hold no text (every document is empty or whitespace): {described}; "
-                                   "check the paths, --text-field and --doc-separator")
-        if val_w.num_documents < min_val_docs:
-            warnings.warn(f"single pass: {val_w.num_documents} validation document(s) of {n_docs}, fewer than "
-                          f"min_val_docs={min_val_docs} (the split is decided per document; raise --val-fraction, "
-                          "or use two passes for files)", stacklevel=3)
-        train_meta, val_meta = _finish(
-            stage, out_dir, train_w, val_w, seconds, t0, passes=1, described=described, n_docs=n_docs,
-            n_bytes=n_bytes, tok=tok, trained=given is None, tokenizer=tokenizer, seed=seed,
-            val_fraction=val_fraction, min_val_docs=min_val_docs,
-            split_method="blake2b(document, key=seed) < val_fraction * 2**64 goes to val",
-            method="single pass: a document goes to val when blake2b(document, key=seed) < val_fraction * 2**64",
-            options=options)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        if created and out_dir.exists() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
-    shutil.rmtree(stage, ignore_errors=True)
-    seconds["total"] = time.perf_counter() - t_start
-    return PrepareResult(out_dir=out_dir, tokenizer=Tokenizer.load(out_dir), train=train_meta, val=val_meta,
-                         num_documents=n_docs, num_bytes=n_bytes, tokenizer_trained=given is None, seconds=seconds,
-                         passes=1)
+def _reread(run: _Run, scan: _Scan) -> Iterator[Labelled]:
+    """Second pass: the documents with their split, each checked against its scanned hash (the split and the
+    tokenizer sample came from the first read: changed inputs must fail, not be silently mislabelled)."""
+    for i, doc in enumerate(iter_documents(run.sources)):
+        if i >= len(scan.hashes) or doc_hash(doc, run.key) != scan.hashes[i]:
+            raise DataError(f"the inputs changed between two reads (document {i} differs): {run.described}; "
+                            "make sure nothing writes to them while prepare runs, and that dataset "
+                            "iteration is deterministic")
+        yield doc, scan.is_val[i]
 
 
-def _finish(stage: Path, out_dir: Path, train_w, val_w, seconds: dict[str, float], t0: float, *, passes: int,
-            described: list[str], n_docs: int, n_bytes: int, tok: Tokenizer, trained: bool, tokenizer, seed: int,
-            val_fraction: float, min_val_docs: int, split_method: str, method: str, options: dict):
-    """Close both split writers, move the staged output into place and write ``prepare.json`` (both modes)."""
-    extra = {"seed": seed, "split_method": split_method}
-    train_w.extra.update(extra)
-    val_w.extra.update(extra)
-    train_meta, val_meta = train_w.close(), val_w.close()
-    seconds["tokenize"] = time.perf_counter() - t0
-    _install(stage, out_dir)
-    manifest = {
-        "format": PREPARE_FORMAT, "format_version": PREPARE_FORMAT_VERSION,
-        "inputs": described, "passes": passes,
-        "documents": n_docs, "bytes": n_bytes,
-        "tokenizer": {"file": TOKENIZER_MODEL, "metadata": TOKENIZER_JSON, "sha256": tok.sha256,
-                      "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "trained": trained,
-                      "source": None if tokenizer is None else str(Path(tokenizer).resolve())},
-        "split": {"seed": seed, "val_fraction": val_fraction, "min_val_docs": min_val_docs, "method": method},
-        "splits": {m.split: {"dir": m.split, "tokens": m.num_tokens, "documents": m.num_documents,
-                             "shards": len(m.shards)} for m in (train_meta, val_meta)},
-        "options": options,
-    }
-    atomic_write_json(out_dir / PREPARE_FILE, manifest)
-    return train_meta, val_meta
+def _tokenizer_for_exact_split(run: _Run, scan: _Scan, stage: Path) -> Tokenizer:
+    """The given tokenizer, or one trained on the scanned sample less its validation documents."""
+    if run.given is not None:
+        return _stage_given(run.given, stage)
+    assert scan.sample is not None
+    val_idx = set(np.flatnonzero(scan.is_val).tolist())
+    return train_tokenizer(scan.sample, stage, run.tokenizer_config, exclude=val_idx)
 
 
-def _drain_reversed(buffered: list[tuple[str, bool]], docs, key: bytes, threshold: int):
-    """The buffered documents (stored in reverse, popped from the end so each is freed once handed out), then
-    the rest of the stream with its split decided on the fly."""
+def _tokenizer_from_first_documents(run: _Run, docs: Iterator[Labelled],
+                                    stage: Path) -> tuple[Tokenizer, list[Labelled]]:
+    """The given tokenizer, or one trained on the first training documents of a single pass. Also returns the
+    documents read for it, which still have to be tokenized (reversed: see :func:`_drain`)."""
+    if run.given is not None:
+        return _stage_given(run.given, stage), []
+    buffered, sample = _buffer_sample(run, docs)
+    tok = train_tokenizer(sample, stage, run.tokenizer_config)
+    buffered.reverse()
+    return tok, buffered
+
+
+def _buffer_sample(run: _Run, docs: Iterator[Labelled]) -> tuple[list[Labelled], TrainingSample]:
+    """Read documents until the training ones fill the tokenizer sample budget. Returns every document read
+    (validation ones included: they are tokenized later) and the sample of the training ones."""
+    budget = run.tokenizer_config.max_sample_bytes
+    sample = TrainingSample(budget, run.tokenizer_config.seed)
+    buffered: list[Labelled] = []
+    kept = 0
+    for doc, is_val in docs:
+        buffered.append((doc, is_val))
+        if not is_val:
+            sample.add(len(buffered) - 1, doc)
+            kept += _utf8_len(doc)
+            if kept >= budget:
+                break
+    if not buffered:
+        raise EmptyCorpusError(f"the inputs hold no text (every document is empty or whitespace): {run.described}")
+    if len(sample) == 0:  # every buffered document went to validation
+        raise EmptyCorpusError(f"the inputs hold no training document to train the tokenizer on: {run.described}")
+    return buffered, sample
+
+
+def _drain(buffered: list[Labelled]) -> Iterator[Labelled]:
+    """The buffered documents in reading order: stored reversed and popped from the end, so each is freed as
+    it is handed out and a single pass never holds the buffer twice."""
     while buffered:
         yield buffered.pop()
-    for doc in docs:
-        yield doc, _doc_hash(doc, key) < threshold
 
 
-# --------------------------------------------------------------------------- command line
+def _check_split_on_the_fly(run: _Run, writers: _SplitWriters) -> None:
+    """A single pass learns only at the end whether it read anything, and how many documents went to val."""
+    if writers.documents == 0:
+        raise EmptyCorpusError(f"the inputs hold no text (every document is empty or whitespace): {run.described}; "
+                               "check the paths, --text-field and --doc-separator")
+    if writers.val.num_documents < run.options.min_val_docs:
+        _warn(f"single pass: {writers.val.num_documents} validation document(s) of {writers.documents}, fewer than "
+              f"min_val_docs={run.options.min_val_docs} (the split is decided per document; raise --val-fraction, "
+              "or use two passes for files)")
+
+
+def _stage_given(given: Tokenizer, stage: Path) -> Tokenizer:
+    """Copy the given tokenizer into the output, so the output names the tokenizer its shards were made with."""
+    given.save(stage)
+    return Tokenizer.load(stage)
+
+
+# --------------------------------------------------------------------------- shared by both pipelines
+
+
+class _SplitWriters:
+    """The train and val shard writers of one run (same tokenizer, same shard size), fed document by document."""
+
+    def __init__(self, stage: Path, tok: Tokenizer, shard_tokens: int) -> None:
+        common: dict[str, Any] = dict(vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer_sha256=tok.sha256,
+                                      shard_tokens=shard_tokens)
+        self.train = ShardWriter(stage / "train", "train", **common)
+        self.val = ShardWriter(stage / "val", "val", **common)
+        self.tokens = 0  # added so far, EOS included (for the progress bar: the writers count only flushed ones)
+
+    @property
+    def documents(self) -> int:
+        return self.train.num_documents + self.val.num_documents
+
+    def add(self, ids: list[int], is_val: bool) -> None:
+        (self.val if is_val else self.train).add_document(ids)
+        self.tokens += len(ids) + 1
+
+    def close(self, rule: SplitRule, seed: int) -> tuple[SplitMeta, SplitMeta]:
+        """Finish both splits, each recording how it was split; returns their metadata."""
+        for writer in (self.train, self.val):
+            writer.extra.update({"seed": seed, "split_method": rule.split_method})
+        return self.train.close(), self.val.close()
+
+
+def _tokenize(run: _Run, stage: Path, tok: Tokenizer, docs: Iterable[Labelled], desc: str,
+              total: int | None) -> tuple[_SplitWriters, int]:
+    """The tokenization loop of both pipelines: encode ``docs`` in batches into new train/val shard writers.
+
+    Returns the (still open) writers and the UTF-8 size of the documents. Only one batch of documents is
+    held at a time, which is what bounds a single pass's memory.
+    """
+    writers = _SplitWriters(stage, tok, run.options.shard_tokens)
+    n_bytes = n_chars = 0
+    batch: list[Labelled] = []
+    with progress_bar(enabled=run.options.progress, desc=desc, unit=" doc", total=total) as bar:
+        for doc, is_val in docs:
+            n_bytes += _utf8_len(doc)
+            batch.append((doc, is_val))
+            n_chars += len(doc)
+            if len(batch) >= _BATCH_DOCS or n_chars >= _BATCH_CHARS:
+                _encode_batch(batch, tok, writers, run.options.num_threads, bar)
+                batch, n_chars = [], 0
+        if batch:
+            _encode_batch(batch, tok, writers, run.options.num_threads, bar)
+    return writers, n_bytes
+
+
+def _encode_batch(batch: list[Labelled], tok: Tokenizer, writers: _SplitWriters, num_threads: int | None,
+                  bar: Any) -> None:
+    """Encode a batch with the tokenizer's threads and append each document to its split, in input order."""
+    ids = tok.encode_batch([doc for doc, _ in batch], num_threads)
+    for (_, is_val), doc_ids in zip(batch, ids, strict=True):
+        writers.add(doc_ids, is_val)
+    bar.update(len(batch))
+    bar.set_postfix(tokens=f"{writers.tokens:,}", refresh=False)
+
+
+def _manifest(run: _Run, rule: SplitRule, tok: Tokenizer, metas: tuple[SplitMeta, SplitMeta],
+              n_bytes: int) -> dict[str, Any]:
+    """``prepare.json`` (less its format header): what was prepared from what, and how."""
+    opts = run.options
+    return {
+        "inputs": run.described, "passes": rule.passes,
+        "documents": sum(m.num_documents for m in metas), "bytes": n_bytes,
+        "tokenizer": {"file": TOKENIZER_MODEL, "metadata": TOKENIZER_JSON, "sha256": tok.sha256,
+                      "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "trained": run.given is None,
+                      "source": None if opts.tokenizer is None else str(Path(opts.tokenizer).resolve())},
+        "split": {"seed": opts.seed, "val_fraction": opts.val_fraction, "min_val_docs": opts.min_val_docs,
+                  "method": rule.method},
+        "splits": {m.split: {"dir": m.split, "tokens": m.num_tokens, "documents": m.num_documents,
+                             "shards": len(m.shards)} for m in metas},
+        "options": opts.recorded(),
+    }
+
+
+def _result(run: _Run, rule: SplitRule, metas: tuple[SplitMeta, SplitMeta], n_bytes: int,
+            seconds: dict[str, float]) -> PrepareResult:
+    """The result of an installed run (its tokenizer loaded from the output, where later runs will find it)."""
+    train, val = metas
+    return PrepareResult(out_dir=run.out_dir, tokenizer=Tokenizer.load(run.out_dir), train=train, val=val,
+                         num_documents=train.num_documents + val.num_documents, num_bytes=n_bytes,
+                         tokenizer_trained=run.given is None, seconds=seconds, passes=rule.passes)
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    """Record the wall time of a phase that completes (a failing one raises out of :func:`prepare` anyway)."""
+    t0 = time.perf_counter()
+    yield
+    seconds[phase] = time.perf_counter() - t0
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _warn(message: str) -> None:
+    """Warn at the line that called :func:`prepare` (the call a user can change), however deep in the
+    pipeline the condition was found."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
