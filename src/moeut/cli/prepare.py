@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from moeut.data.errors import DataError
-from moeut.data.prepare import prepare
-from moeut.data.shards import DEFAULT_SHARD_TOKENS
+from moeut.data.prepare import PrepareOptions, prepare
 
 HELP = "train a tokenizer and write token shards (train/val split)"
+_DEFAULTS = PrepareOptions()  # the flags' defaults are the options' own
 
 
 def _positive_int(s: str) -> int:
@@ -40,30 +40,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "input (JSON lines, or text split by --doc-separator). Default: the built-in "
                              "corpus (pip install --no-deps exllamav2==0.3.2)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--vocab-size", type=_positive_int, default=8000, metavar="N",
-                        help="vocabulary of the tokenizer to train (default 8000)")
-    parser.add_argument("--tokenizer", metavar="FILE", default=None,
+    parser.add_argument("--vocab-size", type=_positive_int, default=_DEFAULTS.vocab_size, metavar="N",
+                        help=f"vocabulary of the tokenizer to train (default {_DEFAULTS.vocab_size})")
+    parser.add_argument("--tokenizer", metavar="FILE", default=_DEFAULTS.tokenizer,
                         help="use this tokenizer.model (or its directory) instead of training one")
-    parser.add_argument("--text-field", default="text", metavar="F",
-                        help="JSON field / column with the text (default text)")
-    parser.add_argument("--doc-separator", default=None, metavar="SEP",
+    parser.add_argument("--text-field", default=_DEFAULTS.text_field, metavar="F",
+                        help=f"JSON field / column with the text (default {_DEFAULTS.text_field})")
+    parser.add_argument("--doc-separator", default=_DEFAULTS.doc_separator, metavar="SEP",
                         help="split text files into documents: 'blank' (blank lines), 'blank:N', 'line', or a "
                              "separator line such as '<|endoftext|>' (default: one document per file)")
-    parser.add_argument("--val-fraction", type=_fraction, default=0.01, metavar="X",
-                        help="fraction of documents for validation (default 0.01)")
-    parser.add_argument("--min-val-docs", type=_non_negative_int, default=1, metavar="N",
-                        help="at least this many validation documents (default 1)")
-    parser.add_argument("--errors", choices=("strict", "replace"), default="strict",
+    parser.add_argument("--val-fraction", type=_fraction, default=_DEFAULTS.val_fraction, metavar="X",
+                        help=f"fraction of documents for validation (default {_DEFAULTS.val_fraction})")
+    parser.add_argument("--min-val-docs", type=_non_negative_int, default=_DEFAULTS.min_val_docs, metavar="N",
+                        help=f"at least this many validation documents (default {_DEFAULTS.min_val_docs})")
+    parser.add_argument("--errors", choices=("strict", "replace"), default=_DEFAULTS.errors,
                         help="undecodable bytes: fail (strict, default) or substitute U+FFFD (replace)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S",
-                        help="seed of the split and tokenizer sample (default 0)")
-    parser.add_argument("--shard-tokens", type=_positive_int, default=DEFAULT_SHARD_TOKENS, metavar="N",
-                        help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS})")
-    parser.add_argument("--max-tokenizer-bytes", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, metavar="S",
+                        help=f"seed of the split and tokenizer sample (default {_DEFAULTS.seed})")
+    parser.add_argument("--shard-tokens", type=_positive_int, default=_DEFAULTS.shard_tokens, metavar="N",
+                        help=f"tokens per shard file (default {_DEFAULTS.shard_tokens})")
+    parser.add_argument("--max-tokenizer-bytes", type=_positive_int, default=_DEFAULTS.max_tokenizer_bytes,
+                        metavar="N",
                         help="text sampled for tokenizer training (default 64 MiB)")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--threads", type=_positive_int, default=_DEFAULTS.num_threads, metavar="N",
                         help="tokenizer threads (default: all cores)")
-    parser.add_argument("--passes", type=int, choices=(1, 2), default=None,
+    parser.add_argument("--passes", type=int, choices=(1, 2), default=_DEFAULTS.passes,
                         help="1: read the inputs once (split on the fly, tokenizer trained on the first documents); "
                              "2: scan, then tokenize (exact split size, tokenizer sample from the whole corpus). "
                              "Default: 1 when an input is a stream (- for stdin, an HF dataset with streaming=1), else 2")
@@ -71,15 +72,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def options(args: argparse.Namespace) -> PrepareOptions:
+    """The :class:`~moeut.data.prepare.PrepareOptions` that the parsed flags ask for."""
+    return PrepareOptions(tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                          min_val_docs=args.min_val_docs, seed=args.seed, text_field=args.text_field,
+                          doc_separator=args.doc_separator, errors=args.errors, shard_tokens=args.shard_tokens,
+                          max_tokenizer_bytes=args.max_tokenizer_bytes, num_threads=args.threads,
+                          overwrite=args.overwrite, progress=not args.quiet, passes=args.passes)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``moeut prepare`` from parsed arguments; prints a summary. Returns 0, or 1 after printing an error."""
     try:
-        res = prepare(args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                      val_fraction=args.val_fraction, min_val_docs=args.min_val_docs, seed=args.seed,
-                      text_field=args.text_field, doc_separator=args.doc_separator, errors=args.errors,
-                      shard_tokens=args.shard_tokens, max_tokenizer_bytes=args.max_tokenizer_bytes,
-                      num_threads=args.threads, overwrite=args.overwrite, progress=not args.quiet,
-                      passes=args.passes)
+        res = prepare(args.input, args.out, options(args))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
