@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from moeut.cli.common import add_run_flags
 from moeut.integrations.hf.export import export_hf, import_hf_run
+from moeut.run import LoadedRun
+from moeut.run.checkpoint import CorruptCheckpointError
 
 HELP = "write a Hugging Face transformers model directory (safetensors)"
 
@@ -32,11 +35,32 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote the moeut run {args.out} (checkpoint {path}); use it with "
               f"`moeut generate --checkpoint {args.out}`")
         return 0
-    out = export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
-                    verify=not args.no_verify, overwrite=args.force,
-                    allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
+    try:
+        out = export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
+                        verify=not args.no_verify, overwrite=args.force,
+                        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch, on_load=_say_what_is_exported)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"{e}; to export another checkpoint, pass its file "
+                                     f"(RUN/checkpoints/ckpt_*.pt) with --checkpoint") from e
     checked = "" if args.no_verify else " (verified: logits match moeut's, tokenizer round-trips)"
     print(f"wrote the Hugging Face model directory {out}{checked}\n"
-          f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True) and "
-          f"AutoTokenizer.from_pretrained({str(out)!r})")
+          f"load it with transformers (no moeut needed; the model's code ships in the directory):\n"
+          f"{load_hint(out)}")
     return 0
+
+
+def _say_what_is_exported(run: LoadedRun) -> None:
+    print(f"moeut export-hf: exporting {run.describe()}", flush=True)
+    note = run.not_newest()
+    if note:
+        print(f"moeut export-hf: {note}", flush=True)
+
+
+def load_hint(out: str | Path) -> str:
+    """Python that loads the export as pasted: ``trust_remote_code=True`` for the model and the tokenizer too
+    (without it ``AutoTokenizer`` asks interactively whether to run the directory's code, then reads the
+    config as an unknown model type)."""
+    path = str(Path(out).resolve())
+    return (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"model = AutoModelForCausalLM.from_pretrained({path!r}, trust_remote_code=True)\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({path!r}, trust_remote_code=True)")

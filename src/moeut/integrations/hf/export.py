@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import shutil
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 
 from moeut.data import Tokenizer
 from moeut.integrations.hf.tokenizer import check_round_trip, write_tokenizer_files
-from moeut.run import list_checkpoints, load_run, write_model_run
+from moeut.run import LoadedRun, list_checkpoints, load_run, write_model_run
 from moeut.run.hf_format import (HF_NAMES, WEIGHTS, WEIGHTS_INDEX, HFFormatError, load_hf_model,
                                  need, to_hf_state_dict)
 from moeut.run.layout import HF_CONFIG, TOKENIZER_MODEL
@@ -66,8 +67,11 @@ def hf_config_dict(cfg, *, bos_id: int | None, eos_id: int | None, pad_id: int |
 # ------------------------------------------------------------------------------------------------ export
 def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None,
               dtype: str = "float32", verify: bool = True, overwrite: bool = False,
-              allow_tokenizer_mismatch: bool = False) -> Path:
+              allow_tokenizer_mismatch: bool = False, on_load: Callable[[LoadedRun], None] | None = None) -> Path:
     """Write the Hugging Face model directory of a run (its newest checkpoint) or of one checkpoint file.
+
+    ``on_load`` is called with the loaded run before anything is written (``moeut export-hf`` says which
+    checkpoint file and step it exports with it).
 
     ``dtype``: the weights' storage type (``float32`` keeps the trained fp32 weights exactly). ``verify``
     loads the directory back with transformers and checks that its logits match moeut's (≤ 1e-4, fp32, on
@@ -85,6 +89,8 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | P
         raise ExportError(f"{out_dir} exists and is not empty; choose another --out or pass --force to overwrite")
 
     run = load_run(checkpoint, tokenizer=tokenizer, device="cpu", allow_tokenizer_mismatch=allow_tokenizer_mismatch)
+    if on_load is not None:
+        on_load(run)
     model, tok = run.model, run.tokenizer
     if model.cfg.arch not in EXPORTABLE_ARCHS:
         raise ExportError(f"{checkpoint}: arch {model.cfg.arch!r} has no exported modeling code "
@@ -194,7 +200,7 @@ A MoEUT (Mixture-of-Experts Universal Transformer, Csordás et al., NeurIPS 2024
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tok = AutoTokenizer.from_pretrained(PATH)
+tok = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)
 ids = tok("Once upon a time", return_tensors="pt")
 print(tok.decode(model.generate(**ids, max_new_tokens=40, do_sample=True, top_k=40)[0]))
