@@ -13,7 +13,7 @@ import pytest
 
 from moeut.cli.prepare import add_arguments as add_prepare_arguments
 from moeut.cli.prepare import run as run_prepare
-from moeut.data import Tokenizer, prepare
+from moeut.data import EmptyCorpusError, Tokenizer, prepare
 from moeut.data.sources import StdinSource
 from moeut.data.split import doc_hash, split_key
 from tests.data.helpers import SMALL_VOCAB, make_documents
@@ -133,3 +133,17 @@ def test_single_pass_memory_does_not_grow_with_the_input(tmp_path, two_pass):
     big, big_bytes = _peak(tmp_path, two_pass, 1800)
     assert big_bytes > 2.9 * small_bytes
     assert big < 1.25 * small, (small, big)
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_single_pass_of_no_text_says_what_to_check_and_leaves_nothing(tmp_path, two_pass, given):
+    kw = {"tokenizer": two_pass.out_dir / "tokenizer.model"} if given else {"vocab_size": SMALL_VOCAB}
+    with pytest.raises(EmptyCorpusError, match=r"no text .*check the paths, --text-field and --doc-separator"):
+        prepare([StdinSource(stream=io.BytesIO(b"\n"))], tmp_path / "out", progress=False, **kw)
+    assert not (tmp_path / "out").exists()
+
+
+def test_single_pass_with_only_validation_documents_cannot_train_a_tokenizer(tmp_path):
+    with pytest.raises(EmptyCorpusError, match="no training document.*lower --val-fraction, or pass --tokenizer"):
+        prepare([OnceSource(3)], tmp_path / "out", vocab_size=SMALL_VOCAB, val_fraction=0.999, progress=False)
+    assert not (tmp_path / "out").exists()

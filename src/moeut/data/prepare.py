@@ -253,8 +253,7 @@ def _scan(run: _Run) -> _Scan:
                 sample.add(i, doc)
             bar.update()
     if not hashes:
-        raise EmptyCorpusError(f"the inputs hold no text (every document is empty or whitespace): {run.described}; "
-                               "check the paths, --text-field and --doc-separator")
+        raise _no_text(run)
     hash_arr = np.frombuffer(hashes, dtype=np.uint64)
     opts = run.options
     is_val = split_documents(hash_arr, opts.val_fraction, opts.min_val_docs)
@@ -310,9 +309,10 @@ def _buffer_sample(run: _Run, docs: Iterator[Labelled]) -> tuple[list[Labelled],
             if kept >= budget:
                 break
     if not buffered:
-        raise EmptyCorpusError(f"the inputs hold no text (every document is empty or whitespace): {run.described}")
+        raise _no_text(run)
     if len(sample) == 0:  # every buffered document went to validation
-        raise EmptyCorpusError(f"the inputs hold no training document to train the tokenizer on: {run.described}")
+        raise EmptyCorpusError(f"the inputs hold no training document to train the tokenizer on: {run.described}; "
+                               "lower --val-fraction, or pass --tokenizer")
     return buffered, sample
 
 
@@ -326,12 +326,17 @@ def _drain(buffered: list[Labelled]) -> Iterator[Labelled]:
 def _check_split_on_the_fly(run: _Run, writers: _SplitWriters) -> None:
     """A single pass learns only at the end whether it read anything, and how many documents went to val."""
     if writers.documents == 0:
-        raise EmptyCorpusError(f"the inputs hold no text (every document is empty or whitespace): {run.described}; "
-                               "check the paths, --text-field and --doc-separator")
+        raise _no_text(run)
     if writers.val.num_documents < run.options.min_val_docs:
         _warn(f"single pass: {writers.val.num_documents} validation document(s) of {writers.documents}, fewer than "
               f"min_val_docs={run.options.min_val_docs} (the split is decided per document; raise --val-fraction, "
               "or use two passes for files)")
+
+
+def _no_text(run: _Run) -> EmptyCorpusError:
+    """The error of inputs that yield no document, whichever pipeline finds out."""
+    return EmptyCorpusError(f"the inputs hold no text (every document is empty or whitespace): {run.described}; "
+                            "check the paths, --text-field and --doc-separator")
 
 
 def _stage_given(given: Tokenizer, stage: Path) -> Tokenizer:
