@@ -84,9 +84,13 @@ def test_eval_on_the_real_files(tiny_run, tmp_path):
     assert all(res[t]["n"] == 2 for t in ("lambada", "hellaswag", "piqa"))
 
 
-def test_eval_harness_flag_runs_lm_eval(tiny_run, tmp_path, capsys, monkeypatch):
+def test_eval_harness_flag_runs_lm_eval(tiny_run, tmp_path, capfd, monkeypatch):
     pytest.importorskip("lm_eval", reason="lm-eval (the 'eval' extra) is not installed")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    work = tmp_path / "work"  # outside any git checkout: lm-eval's `git describe` must not print "fatal: …"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
     data = write_task_data(tmp_path / "data", n=2)
     out = tmp_path / "h.json"
     assert run_eval(_args("--checkpoint", str(tiny_run), "--harness", "--tasks", "arc_easy,blimp", "--data-dir",
@@ -94,7 +98,11 @@ def test_eval_harness_flag_runs_lm_eval(tiny_run, tmp_path, capsys, monkeypatch)
     res = json.loads(out.read_text())
     # two paradigm files, not BLiMP's 67: their tasks run without the group
     assert {"arc_easy", "blimp_wh_island", "blimp_anaphor_gender_agreement"} <= set(res["results"])
-    assert "acc_norm" in capsys.readouterr().out  # lm-eval's own table
+    said = capfd.readouterr()  # file-descriptor level: git's stderr included
+    assert "acc_norm" in said.out  # lm-eval's own table
+    step = int(list_checkpoints(tiny_run)[-1].stem.split("_")[1])
+    assert f"moeut eval: checkpoint {list_checkpoints(tiny_run)[-1]} (step {step})" in said.out
+    assert "not a git repository" not in said.out + said.err
 
 
 def test_eval_reports_only_the_tasks_asked_for_and_no_empty_average(tiny_run, tmp_path, capsys):

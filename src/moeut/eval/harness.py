@@ -39,10 +39,11 @@ from tqdm.auto import tqdm
 
 from moeut.eval.encoding import Encoder, SentencePieceEncoder
 from moeut.eval.files import find_task_files
+from moeut.eval.harness_data import TASKS_DIR, quiet_git_hash
 from moeut.eval.scoring import score_candidates
 from moeut.run import load_run
 
-HARNESS_TASKS_DIR = Path(__file__).with_name("harness_tasks")
+HARNESS_TASKS_DIR = TASKS_DIR
 # moeut task name → the lm-eval task (or group) shipped in HARNESS_TASKS_DIR
 HARNESS_TASKS = {"lambada": "lambada_openai", "blimp": "blimp", "hellaswag": "hellaswag", "piqa": "piqa",
                  "arc_easy": "arc_easy"}
@@ -217,6 +218,7 @@ def run_harness(tasks: Sequence[str], *, checkpoint: str | Path | None = None, m
     ours = set(HARNESS_TASKS.values()) | {n for n in names if n.startswith("blimp_")}
     lm = MoEUTHarnessLM(pretrained=None if checkpoint is None else str(checkpoint), model=model, encoder=encoder,
                         batch_size=batch_size, device=device)
+    quiet_git_hash()  # no "fatal: not a git repository" when run outside a checkout
     results = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, bootstrap_iters=bootstrap_iters,
                                       task_manager=task_manager(data_dir, include_defaults=not set(names) <= ours),
                                       log_samples=False, batch_size=batch_size)
