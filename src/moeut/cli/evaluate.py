@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_harness(args, loaded)
 
     model, encoder = loaded.model, SentencePieceEncoder(loaded.tokenizer)
-    _print_header(loaded, args.repeats, tasks)
+    _print_header(loaded, args.repeats, f"tasks: {', '.join(tasks)}")
 
     ppl_data = args.ppl_data
     skip_ppl = False
@@ -99,13 +99,12 @@ def _load(args: argparse.Namespace) -> LoadedRun:
         raise CorruptCheckpointError(f"{e}; {ADVICE}") from e
 
 
-def _print_header(loaded: LoadedRun, repeats: int | None, tasks: list[str]) -> None:
+def _print_header(loaded: LoadedRun, repeats: int | None, what: str) -> None:
     """Which checkpoint (file and step) is evaluated, and, when it is not the run's newest, why."""
     model = loaded.model
     device = next(model.parameters()).device
     depth = "" if repeats is None else (f", shared layers applied {model.cfg.n_repeats}× "
                                         f"(trained {loaded.trained_repeats}×)")
-    what = f"tasks: {', '.join(tasks)}" if tasks else "lm-evaluation-harness"
     print(f"moeut eval: {loaded.describe()}; {model.num_params() / 1e6:.2f}M parameters, context "
           f"{model.cfg.context_length}, {device}{depth}; {what}", flush=True)
     note = loaded.not_newest()
@@ -124,7 +123,7 @@ def _run_harness(args: argparse.Namespace, loaded: LoadedRun) -> int:
     if dropped:
         print(f"moeut eval --harness: skipping {', '.join(dropped)} (no local lm-eval task)", file=sys.stderr)
         tasks = [t for t in tasks if t not in dropped]
-    _print_header(loaded, args.repeats, [])
+    _print_header(loaded, args.repeats, f"lm-eval tasks: {', '.join(tasks)}")
     results = run_harness(tasks, model=loaded.model, encoder=SentencePieceEncoder(loaded.tokenizer),
                           data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size)
     if args.json and results is not None:
