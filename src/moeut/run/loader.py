@@ -23,8 +23,8 @@ import torch
 from moeut.data import Tokenizer
 from moeut.data.errors import TokenizerError, TokenizerMismatchError
 from moeut.model import ModelConfig, build_model
-from moeut.run.checkpoint import (CheckpointError, CorruptCheckpointError, SkippedCheckpoint, find_latest_checkpoint, list_checkpoints,
-                                  load_checkpoint)
+from moeut.run.checkpoint import (CheckpointError, CorruptCheckpointError, SkippedCheckpoint, find_latest_checkpoint,
+                                  list_checkpoints, load_checkpoint)
 from moeut.run.hf_format import is_hf_export, load_hf_model
 from moeut.run.layout import CHECKPOINTS, TOKENIZER_MODEL, run_dir_of
 from moeut.runtime import resolve_device
@@ -124,7 +124,8 @@ def _checkpoint(path: Path) -> tuple[Path, dict, tuple[SkippedCheckpoint, ...]]:
     found, skipped = find_latest_checkpoint(path)
     if found is None:
         if skipped:
-            raise CorruptCheckpointError(f"{path} holds no loadable checkpoint: " + "; ".join(s.reason for s in skipped))
+            reasons = "; ".join(s.reason for s in skipped)
+            raise CorruptCheckpointError(f"{path} holds no loadable checkpoint: {reasons}")
         raise CheckpointError(f"{path} holds no checkpoint (expected {path}/{CHECKPOINTS}/ckpt_*.pt or a "
                               f"`moeut export-hf` directory); train a model with `moeut train` first")
     source, state = found
