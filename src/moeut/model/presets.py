@@ -6,9 +6,35 @@ Parameter counts in the comments include the embedding and the untied output hea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 _VOCAB = 8000
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a preset trains by default (``TrainConfig`` fields left unset take these values)."""
+
+    warmup_steps: int  # linear warmup
+    grad_clip: float  # κ, the global gradient-norm clip (0 = off)
+    lr: float = 2.5e-4  # the peak learning rate: the paper's for every model size
+
+
+# The paper's recipe by scale (and the SUT authors' runs): no warmup and κ = 0.1 for the 44M models, 4000 warmup
+# steps and κ = 0.25 from 126M up. The CPU presets train for minutes, so they warm up briefly.
+PAPER_44M = Recipe(warmup_steps=0, grad_clip=0.1)
+PAPER_LARGE = Recipe(warmup_steps=4000, grad_clip=0.25)
+CPU_TINY = Recipe(warmup_steps=50, grad_clip=0.25)
+CPU_SMALL = Recipe(warmup_steps=100, grad_clip=0.25)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model: its ModelConfig fields and its training recipe."""
+
+    model: dict[str, Any]
+    recipe: Recipe
 
 
 def _moeut(n_layers: int, group_size: int, d_model: int, n_heads: int, att_n_experts: int, d_head: int,
@@ -38,8 +64,8 @@ def _sut(n_layers: int, d_model: int, ff_expert_size: int, ff_n_experts: int, ff
                 act_reg=0.01, **extra)
 
 
-def _sut_pair(name: str, **kw: Any) -> dict[str, dict[str, Any]]:
-    return {name: _sut(**kw), f"{name}-noact": _sut(**kw, act=False)}
+def _sut_pair(name: str, recipe: Recipe, **kw: Any) -> dict[str, Preset]:
+    return {name: Preset(_sut(**kw), recipe), f"{name}-noact": Preset(_sut(**kw, act=False), recipe)}
 
 
 def _moeut_244m_group(group_size: int, ff_n_experts: int, att_n_experts: int, **extra: Any) -> dict[str, Any]:
@@ -47,63 +73,65 @@ def _moeut_244m_group(group_size: int, ff_n_experts: int, att_n_experts: int, **
     return _moeut(18, group_size, 1024, 4, att_n_experts, 128, ff_n_experts, 16, **extra)
 
 
-PRESETS: dict[str, dict[str, Any]] = {
+_TABLE: dict[str, Preset] = {
     # The paper's MoEUT models. moeut-727m uses d_model 1280 as the paper's run did (the authors' minimal
     # reference has 1024 there, which gives 582M parameters).
-    "moeut-44m": _moeut(16, 2, 412, 4, 8, 82, 155, 12),  # 44.3M
+    "moeut-44m": Preset(_moeut(16, 2, 412, 4, 8, 82, 155, 12), PAPER_44M),  # 44.3M
     # Beyond the paper: MoEUT with ACT over group applications; a deep start (g_halt = σ(-3) ≈ 0.05 at init),
     # at most the twin's 8 group applications.
-    "moeut-44m-act": _moeut(16, 2, 412, 4, 8, 82, 155, 12, act=True, act_halt_bias_init=-3.0),  # 44.5M
-    "moeut-126m": _moeut(18, 2, 768, 4, 10, 96, 254, 12),  # 125.7M
-    "moeut-244m": _moeut(18, 2, 1024, 4, 10, 128, 387, 16),  # 243.3M
-    "moeut-318m": _moeut(24, 3, 1024, 4, 10, 128, 338, 16),  # 318.1M
-    "moeut-727m": _moeut(36, 4, 1280, 5, 13, 128, 467, 20),  # 727.4M
-    "moeut-1b": _moeut(36, 4, 1536, 6, 12, 128, 565, 24),  # 1040.3M
+    "moeut-44m-act": Preset(_moeut(16, 2, 412, 4, 8, 82, 155, 12, act=True, act_halt_bias_init=-3.0),
+                            PAPER_44M),  # 44.5M
+    "moeut-126m": Preset(_moeut(18, 2, 768, 4, 10, 96, 254, 12), PAPER_LARGE),  # 125.7M
+    "moeut-244m": Preset(_moeut(18, 2, 1024, 4, 10, 128, 387, 16), PAPER_LARGE),  # 243.3M
+    "moeut-318m": Preset(_moeut(24, 3, 1024, 4, 10, 128, 338, 16), PAPER_LARGE),  # 318.1M
+    "moeut-727m": Preset(_moeut(36, 4, 1280, 5, 13, 128, 467, 20), PAPER_LARGE),  # 727.4M
+    "moeut-1b": Preset(_moeut(36, 4, 1536, 6, 12, 128, 565, 24), PAPER_LARGE),  # 1040.3M
     # Dense pre-LN baselines at matched parameter counts.
-    "dense-44m": _dense(16, 412, 2053, 10, 41),  # 44.5M
-    "dense-126m": _dense(16, 768, 3072, 16, 48),  # 125.7M
-    "dense-244m": _dense(18, 1024, 4110, 16, 64),  # 243.6M
-    "dense-319m": _dense(24, 1024, 4110, 16, 64),  # 319.3M
-    "dense-728m": _dense(36, 1280, 5120, 20, 64),  # 728.7M
-    "dense-1b": _dense(36, 1536, 6144, 24, 64),  # 1044.3M
+    "dense-44m": Preset(_dense(16, 412, 2053, 10, 41), PAPER_44M),  # 44.5M
+    "dense-126m": Preset(_dense(16, 768, 3072, 16, 48), PAPER_LARGE),  # 125.7M
+    "dense-244m": Preset(_dense(18, 1024, 4110, 16, 64), PAPER_LARGE),  # 243.6M
+    "dense-319m": Preset(_dense(24, 1024, 4110, 16, 64), PAPER_LARGE),  # 319.3M
+    "dense-728m": Preset(_dense(36, 1280, 5120, 20, 64), PAPER_LARGE),  # 728.7M
+    "dense-1b": Preset(_dense(36, 1536, 6144, 24, 64), PAPER_LARGE),  # 1044.3M
     # Small presets for CPUs. tiny: hundreds of steps a minute on 2 cores; small: a few million
     # non-embedding parameters. Each dense preset matches its MoEUT twin's total parameter count.
-    "moeut-tiny": _moeut(4, 2, 128, 4, 4, 32, 32, 4, context_length=256),  # 4.50M
+    "moeut-tiny": Preset(_moeut(4, 2, 128, 4, 4, 32, 32, 4, context_length=256), CPU_TINY),  # 4.50M
     # moeut-tiny with ACT: at most 4 group applications (the twin's 2 leave a single halting decision), deep start
-    "moeut-tiny-act": _moeut(8, 2, 128, 4, 4, 32, 32, 4, act=True, act_halt_bias_init=-3.0,
-                             context_length=256),  # 4.52M
-    "dense-tiny": _dense(4, 128, 2118, 4, 32, context_length=256),  # 4.50M
-    "moeut-small": _moeut(8, 2, 256, 4, 4, 64, 32, 4, context_length=512),  # 9.64M
-    "dense-small": _dense(8, 256, 836, 4, 64, context_length=512),  # 9.64M
+    "moeut-tiny-act": Preset(_moeut(8, 2, 128, 4, 4, 32, 32, 4, act=True, act_halt_bias_init=-3.0,
+                                    context_length=256), CPU_TINY),  # 4.52M
+    "dense-tiny": Preset(_dense(4, 128, 2118, 4, 32, context_length=256), CPU_TINY),  # 4.50M
+    "moeut-small": Preset(_moeut(8, 2, 256, 4, 4, 64, 32, 4, context_length=512), CPU_SMALL),  # 9.64M
+    "dense-small": Preset(_dense(8, 256, 836, 4, 64, context_length=512), CPU_SMALL),  # 9.64M
 
     # σ-MoE baselines (no layer sharing, one attention expert per head with K_A = 1).
-    "sigma-moe-44m": _sigma_moe(16, 412, 4, 82, 17, 12),  # 44.1M
-    "sigma-moe-126m": _sigma_moe(18, 768, 4, 96, 26, 12),  # 126.1M
-    "sigma-moe-244m": _sigma_moe(18, 1024, 4, 128, 40, 16),  # 243.8M
-    "sigma-moe-319m": _sigma_moe(24, 1024, 4, 128, 40, 16),  # 319.7M
-    "sigma-moe-728m": _sigma_moe(36, 1280, 5, 128, 50, 20),  # 731.2M
+    "sigma-moe-44m": Preset(_sigma_moe(16, 412, 4, 82, 17, 12), PAPER_44M),  # 44.1M
+    "sigma-moe-126m": Preset(_sigma_moe(18, 768, 4, 96, 26, 12), PAPER_LARGE),  # 126.1M
+    "sigma-moe-244m": Preset(_sigma_moe(18, 1024, 4, 128, 40, 16), PAPER_LARGE),  # 243.8M
+    "sigma-moe-319m": Preset(_sigma_moe(24, 1024, 4, 128, 40, 16), PAPER_LARGE),  # 319.7M
+    "sigma-moe-728m": Preset(_sigma_moe(36, 1280, 5, 128, 50, 20), PAPER_LARGE),  # 731.2M
     # SUT (with and without ACT), as configured in the MoEUT paper.
-    **_sut_pair("sut-44m", n_layers=16, d_model=412, ff_expert_size=256, ff_n_experts=152, ff_k=2,
+    **_sut_pair("sut-44m", PAPER_44M, n_layers=16, d_model=412, ff_expert_size=256, ff_n_experts=152, ff_k=2,
                 heads_per_expert=4, d_head=64, att_n_experts=24, mi_reg=0.001),
-    **_sut_pair("sut-244m", n_layers=18, d_model=1024, ff_expert_size=512, ff_n_experts=192, ff_k=4,
+    **_sut_pair("sut-244m", PAPER_LARGE, n_layers=18, d_model=1024, ff_expert_size=512, ff_n_experts=192, ff_k=4,
                 heads_per_expert=4, d_head=128, att_n_experts=21, mi_reg=0.01, sample_topk=1),
     # LayerNorm placement ablation (Sec. 3.6).
-    "moeut-44m-preln": _moeut(16, 2, 412, 4, 8, 82, 155, 12, norm_placement="pre"),
-    "moeut-44m-postln": _moeut(16, 2, 412, 4, 8, 82, 155, 12, norm_placement="post"),
-    "moeut-244m-preln": _moeut(18, 2, 1024, 4, 10, 128, 387, 16, norm_placement="pre"),
-    "moeut-244m-postln": _moeut(18, 2, 1024, 4, 10, 128, 387, 16, norm_placement="post"),
+    "moeut-44m-preln": Preset(_moeut(16, 2, 412, 4, 8, 82, 155, 12, norm_placement="pre"), PAPER_44M),
+    "moeut-44m-postln": Preset(_moeut(16, 2, 412, 4, 8, 82, 155, 12, norm_placement="post"), PAPER_44M),
+    "moeut-244m-preln": Preset(_moeut(18, 2, 1024, 4, 10, 128, 387, 16, norm_placement="pre"), PAPER_LARGE),
+    "moeut-244m-postln": Preset(_moeut(18, 2, 1024, 4, 10, 128, 387, 16, norm_placement="post"), PAPER_LARGE),
     # Grouping ablation (Sec. 3.5), 244M, parameter-matched through N_E and N_A (G = 2 is moeut-244m).
-    "moeut-244m-g1": _moeut_244m_group(1, 779, 20),
-    "moeut-244m-g3": _moeut_244m_group(3, 260, 6),
-    "moeut-244m-g6": _moeut_244m_group(6, 128, 3),
-    "moeut-244m-g9": _moeut_244m_group(9, 84, 2),
-    "moeut-244m-g18": _moeut_244m_group(18, 40, 1, att_k=1),
-    "moeut-244m-aabb": _moeut(18, 2, 1024, 4, 10, 128, 387, 16, group_order="aabb"),
+    "moeut-244m-g1": Preset(_moeut_244m_group(1, 779, 20), PAPER_LARGE),
+    "moeut-244m-g3": Preset(_moeut_244m_group(3, 260, 6), PAPER_LARGE),
+    "moeut-244m-g6": Preset(_moeut_244m_group(6, 128, 3), PAPER_LARGE),
+    "moeut-244m-g9": Preset(_moeut_244m_group(9, 84, 2), PAPER_LARGE),
+    "moeut-244m-g18": Preset(_moeut_244m_group(18, 40, 1, att_k=1), PAPER_LARGE),
+    "moeut-244m-aabb": Preset(_moeut(18, 2, 1024, 4, 10, 128, 387, 16, group_order="aabb"), PAPER_LARGE),
 
     # CPU versions of the baselines, parameter-matched to moeut-tiny (4.50M).
-    "sigma-moe-tiny": _sigma_moe(4, 128, 4, 32, 17, 4, context_length=256),
-    "sut-tiny": _sut(4, 128, 128, 62, 4, 4, 32, 8, mi_reg=0.001, context_length=256),
-    "sut-tiny-noact": _sut(4, 128, 128, 62, 4, 4, 32, 8, mi_reg=0.001, act=False, context_length=256),
+    "sigma-moe-tiny": Preset(_sigma_moe(4, 128, 4, 32, 17, 4, context_length=256), CPU_TINY),
+    "sut-tiny": Preset(_sut(4, 128, 128, 62, 4, 4, 32, 8, mi_reg=0.001, context_length=256), CPU_TINY),
+    "sut-tiny-noact": Preset(_sut(4, 128, 128, 62, 4, 4, 32, 8, mi_reg=0.001, act=False, context_length=256),
+                             CPU_TINY),
 }
 
 # The paper's runs that set moe.att.norm_init=1 (sweeps/ of RobertCsordas/moeut_training_code): every MoEUT and
@@ -116,6 +144,9 @@ ATT_NORM_INIT_PRESETS = (
     "moeut-244m-g1", "moeut-244m-g3", "moeut-244m-g6", "moeut-244m-g9", "moeut-244m-g18", "moeut-244m-aabb",
 )
 for _name in ATT_NORM_INIT_PRESETS:
-    PRESETS[_name]["att_norm_init"] = True
+    _TABLE[_name].model["att_norm_init"] = True
+
+PRESETS: dict[str, dict[str, Any]] = {name: p.model for name, p in _TABLE.items()}  # ModelConfig fields
+RECIPES: dict[str, Recipe] = {name: p.recipe for name, p in _TABLE.items()}  # the training recipe of each
 
 PAPER_PRESETS = [name for name in PRESETS if not name.endswith(("-tiny", "-small", "-tiny-noact", "-act"))]

@@ -10,30 +10,8 @@ from typing import Any
 
 from moeut.data.mixture import MixtureSpecError, parse_sources
 from moeut.model.config import ConfigError, ModelConfig
+from moeut.model.presets import RECIPES
 from moeut.train.schedule import DECAY_SHAPES, DEFAULT_DECAY_FRACTION, SCHEDULES, LRSchedule
-
-# Per-preset recipe details from the paper: no warmup and κ = 0.1 for the 44M models, 4000 warmup steps
-# and κ = 0.25 otherwise. The CPU presets train for minutes, so they warm up briefly.
-_PRESET_RECIPE: dict[str, dict[str, Any]] = {
-    "moeut-44m": dict(warmup_steps=0, grad_clip=0.1),
-    "dense-44m": dict(warmup_steps=0, grad_clip=0.1),
-    "moeut-tiny": dict(warmup_steps=50, grad_clip=0.25),
-    "dense-tiny": dict(warmup_steps=50, grad_clip=0.25),
-    "moeut-small": dict(warmup_steps=100, grad_clip=0.25),
-    "dense-small": dict(warmup_steps=100, grad_clip=0.25),
-    # baselines and ablations: the same rule (the SUT authors' runs too: 44M no warmup and κ = 0.1,
-    # 244M warmup 4000 and κ = 0.25, the default); the CPU baselines train like moeut-tiny
-    "sigma-moe-44m": dict(warmup_steps=0, grad_clip=0.1),
-    "sut-44m": dict(warmup_steps=0, grad_clip=0.1),
-    "sut-44m-noact": dict(warmup_steps=0, grad_clip=0.1),
-    "moeut-44m-preln": dict(warmup_steps=0, grad_clip=0.1),
-    "moeut-44m-postln": dict(warmup_steps=0, grad_clip=0.1),
-    "sigma-moe-tiny": dict(warmup_steps=50, grad_clip=0.25),
-    "sut-tiny": dict(warmup_steps=50, grad_clip=0.25),
-    "sut-tiny-noact": dict(warmup_steps=50, grad_clip=0.25),
-}
-_DEFAULT_RECIPE = dict(warmup_steps=4000, grad_clip=0.25)
-
 
 @dataclass
 class TrainConfig:
@@ -45,16 +23,17 @@ class TrainConfig:
     batch_size: int = 16  # global batch in sequences (split over ranks and accumulation steps)
     seq_len: int | None = None  # context T; default: the preset's context_length
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
-    lr: float = 2.5e-4  # peak learning rate
+    lr: float | None = None  # peak learning rate; default: the preset's recipe (the paper's 2.5e-4)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.01  # on all parameters, as the paper
-    warmup_steps: int | None = None  # linear warmup; default per preset (0 for 44M, 4000 for larger)
+    warmup_steps: int | None = None  # linear warmup; default: the preset's recipe (0 for 44M, 4000 for larger)
     final_lr_ratio: float = 0.1  # the floor: the cosine's eta_min (T_max = steps, as the paper's code), the WSD end
-    grad_clip: float | None = None  # κ; default per preset (0.1 for 44M, 0.25 otherwise); 0 disables
+    grad_clip: float | None = None  # κ; default: the preset's recipe (0.1 for 44M, 0.25 otherwise); 0 disables
     eval_every: int = 200  # validation perplexity every N steps (and at the end); 0 = only at the end
     eval_batches: int = 0  # validation batches per periodic evaluation; 0 = all (the final one is always complete)
     save_every: int = 500  # checkpoint every N steps (and at the end); 0 = only at the end
+    save_every_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last one; 0 = off
     keep_checkpoints: int = 3  # keep the newest K checkpoints
     log_every: int = 10  # metrics line every N steps
     routing_every: int = 100  # routing statistics every N steps; 0 disables
@@ -78,11 +57,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
-        recipe = _PRESET_RECIPE.get(self.preset, _DEFAULT_RECIPE)
+        if self.preset not in RECIPES:
+            self.model_config()  # raises: unknown preset, with the list of presets
+        recipe = RECIPES[self.preset]  # every preset carries one (moeut.model.presets)
+        if self.lr is None:
+            self.lr = recipe.lr
         if self.warmup_steps is None:
-            self.warmup_steps = recipe["warmup_steps"]
+            self.warmup_steps = recipe.warmup_steps
         if self.grad_clip is None:
-            self.grad_clip = recipe["grad_clip"]
+            self.grad_clip = recipe.grad_clip
         if self.seq_len is None:
             self.seq_len = self.model_config().context_length
         self.validate()
@@ -104,8 +87,8 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
-        for name in ("eval_every", "eval_batches", "save_every", "log_every", "routing_every", "residual_norm_every",
-                     "keep_checkpoints"):
+        for name in ("eval_every", "eval_batches", "save_every", "save_every_minutes", "log_every", "routing_every",
+                     "residual_norm_every", "keep_checkpoints"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.precision in ("auto", "bf16", "fp32"), "precision", 'must be "auto", "bf16" or "fp32"')
         need(isinstance(self.activation_checkpointing, int) and self.activation_checkpointing >= 0,

@@ -30,6 +30,11 @@ def header_lines(cfg: TrainConfig, model_cfg, stats: dict[str, Any], info: DistI
            if cfg.activation_checkpointing else ""),
         f"run        {cfg.out}" + (f" (resuming at step {start_step})" if start_step else ""),
     ]
+    if cfg.warmup_steps >= cfg.steps:
+        last_lr = cfg.lr_schedule().lr(cfg.steps - 1)
+        lines.append(f"warning    warmup {cfg.warmup_steps} >= steps {cfg.steps}: the learning rate never reaches --lr "
+                     f"{cfg.lr:g} (the last step runs at {last_lr:.3g}); pass --warmup N with N < --steps, e.g. "
+                     f"--warmup {cfg.steps // 10}")
     if autocast is not None and info.device.type == "cpu" and not cpu_has_native_bf16():
         lines.append("warning    this CPU has no native bf16 (no AVX512-BF16/AMX): bf16 is emulated and slower than "
                      "fp32 here; --precision auto uses fp32 on CPUs")
