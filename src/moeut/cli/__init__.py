@@ -12,12 +12,15 @@
 
 Every verb that loads a run takes ``--tokenizer`` and ``--allow-tokenizer-mismatch`` (:mod:`moeut.run.loader`).
 Errors derived from :class:`moeut.errors.MoeutError` (and plain ``ValueError``/``FileNotFoundError`` about the
-input) print as ``moeut VERB: error: …`` with exit code 2, without a traceback.
+input) print as ``moeut VERB: error: …`` with exit code 2, without a traceback. Ctrl-C exits with 130 and a
+closed output pipe with 141, also without one (128 + the signal's number, as a shell reports them).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -41,7 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
+        return code
     except (MoeutError, ValueError, FileNotFoundError) as e:  # the message names the bad input and the fix
         print(f"moeut {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (training handles its first one itself: moeut.train.preemption)
+        print(f"\nmoeut {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except BrokenPipeError:  # the reader went away (`moeut generate ... | head`): stop quietly, as `cat` does
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not raise BrokenPipeError again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from moeut.cli.common import UsageError
 from moeut.model.config import parse_overrides
 from moeut.run import load_run
-from moeut.train import TrainConfig, TrainingError, train
+from moeut.run.layout import TRAIN_CONFIG
+from moeut.train import TrainConfig, TrainingError, TrainingStopped, train
 
 HELP = "train a model on data written by `moeut prepare` (the paper's recipe)"
 
@@ -16,7 +19,8 @@ HELP = "train a model on data written by `moeut prepare` (the paper's recipe)"
 _FLAGS = {"preset": "preset", "out": "out", "steps": "steps", "batch_size": "batch_size",
           "seq_len": "seq_len", "grad_accum": "grad_accum", "lr": "lr", "weight_decay": "weight_decay",
           "warmup": "warmup_steps", "clip": "grad_clip", "eval_every": "eval_every",
-          "eval_batches": "eval_batches", "save_every": "save_every", "keep": "keep_checkpoints",
+          "eval_batches": "eval_batches", "save_every": "save_every", "save_every_minutes": "save_every_minutes",
+          "keep": "keep_checkpoints",
           "log_every": "log_every", "routing_every": "routing_every",
           "residual_norm_every": "residual_norm_every", "seed": "seed", "device": "device",
           "precision": "precision", "backend": "backend", "schedule": "schedule", "decay_steps": "decay_steps",
@@ -34,18 +38,22 @@ def add_arguments(tr: argparse.ArgumentParser) -> None:
                     help="directory written by `moeut prepare`; repeat it for a mixture, each drawn in proportion "
                          "to its WEIGHT (default 1), e.g. --data c4:3 --data code:1 (validation: the first one's val)")
     tr.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, summary.json, tensorboard/)")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its newest checkpoint, with the settings saved in "
+                         "--out/train_config.json (flags given with it override those that may change on resume)")
     for flag, typ, hlp in [("steps", int, "optimizer steps (default 1000)"),
                            ("batch_size", int, "global batch in sequences (default 16)"),
                            ("seq_len", int, "context length (default: the preset's)"),
                            ("grad_accum", int, "micro-batches per step (default 1)"),
-                           ("lr", float, "peak learning rate (default 2.5e-4)"),
+                           ("lr", float, "peak learning rate (default: the preset's recipe; 2.5e-4, the paper's, for every preset)"),
                            ("weight_decay", float, "AdamW weight decay (default 0.01)"),
-                           ("warmup", int, "warmup steps (default per preset)"),
+                           ("warmup", int, "warmup steps (default: the preset's recipe; 0 for 44M, 4000 from 126M, 50 for -tiny)"),
                            ("clip", float, "gradient clipping norm κ (default per preset; 0 = off)"),
                            ("eval_every", int, "validate every N steps (default 200)"),
                            ("eval_batches", int, "validation batches (default 0 = all)"),
                            ("save_every", int, "checkpoint every N steps (default 500)"),
+                           ("save_every_minutes", float, "also checkpoint when M minutes have passed since the "
+                            "last checkpoint (default 0 = off; for preemptible clusters)"),
                            ("keep", int, "checkpoints to keep (default 3)"),
                            ("log_every", int, "metrics line every N steps (default 10)"),
                            ("routing_every", int, "routing statistics every N steps (default 100)"),
@@ -113,7 +121,13 @@ def run(args: argparse.Namespace) -> int:
         given["model_overrides"] = parse_overrides(args.model)
     if args.init_from and not (args.preset or args.model or args.config):
         given.update(_model_of(args.init_from, args.allow_tokenizer_mismatch))
-    cfg = TrainConfig.from_file(args.config, **given) if args.config else TrainConfig.from_dict(given)
+    saved = _saved_run_config(args) if args.resume and not args.config else None
+    if saved is not None:  # the run's own settings, then what this command line changes
+        if "model_overrides" in given:
+            given["model_overrides"] = {**saved.get("model_overrides", {}), **given["model_overrides"]}
+        cfg = TrainConfig.from_dict({**saved, **given})
+    else:
+        cfg = TrainConfig.from_file(args.config, **given) if args.config else TrainConfig.from_dict(given)
     for name in ("data", "out"):
         if not getattr(cfg, name):
             raise UsageError(f"--{name} is required (on the command line or in the --config file)")
@@ -124,4 +138,26 @@ def run(args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"moeut train: error: {e}", file=sys.stderr)
         return 1
+    except TrainingStopped as e:
+        if not e.quiet:
+            print(f"moeut train: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
+
+
+def _saved_run_config(args: argparse.Namespace) -> dict | None:
+    """``--resume --out RUN`` without ``--config``: the settings saved in ``RUN/train_config.json`` (None for a
+    directory without one). ``out`` is the directory given, so a moved or copied run resumes where it is now."""
+    if not args.out:
+        raise UsageError("--resume needs --out RUN, the run directory to continue")
+    path = Path(args.out) / TRAIN_CONFIG
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path} is not valid JSON ({e}): restore it, or pass every setting with --config "
+                         f"FILE.json or flags") from None
+    if not isinstance(saved, dict):
+        raise UsageError(f"{path} does not hold a training configuration (a JSON object)")
+    return {**saved, "out": args.out}

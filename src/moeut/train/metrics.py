@@ -111,20 +111,37 @@ class WandbSink:
         self.run.finish()
 
 
+def _step_of(line: str) -> int:
+    """The step of a metrics line; a line cut short by a killed process counts as after every step."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 1 << 62
+
+
 class MetricsLogger:
     """Appends one JSON line per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard and to the
-    extra ``sinks`` (e.g. :class:`WandbSink`)."""
+    extra ``sinks`` (e.g. :class:`WandbSink`).
 
-    def __init__(self, run_dir: Path, enabled: bool = True, sinks: Sequence[MetricsSink] = ()):
+    ``resume_step``: the run continues after this step (0: from the start) in a directory an earlier process
+    logged to; what that process logged after it is dropped — lines of ``metrics.jsonl`` are removed and
+    TensorBoard hides the events from ``resume_step + 1`` on (``purge_step``) — so each step appears once.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, sinks: Sequence[MetricsSink] = (),
+                 resume_step: int | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS
         self.sinks = list(sinks) if enabled else []
         self._tb = None
+        if enabled and resume_step is not None:
+            self.truncate_after(resume_step)
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD))
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD), purge_step=purge)
             except ImportError:
                 print("note: TensorBoard logging is off (pip install tensorboard, or the [dev] extra)")
 
@@ -145,8 +162,13 @@ class MetricsLogger:
         if not self.enabled or not self.path.exists():
             return
         lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [ln for ln in lines if _step_of(ln) <= step]
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+
+    def flush(self) -> None:
+        """Write what TensorBoard buffers (``metrics.jsonl`` is written line by line)."""
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:

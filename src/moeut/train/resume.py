@@ -22,9 +22,9 @@ from moeut.train.errors import TrainingError
 
 # settings that may change when a run is resumed: they do not change what is computed (the schedule's are
 # checked separately, see check_schedule_change)
-RESUMABLE_CHANGES = ("data", "steps", "eval_every", "save_every", "keep_checkpoints", "log_every", "device",
-                     "residual_norm_every", "compile", "activation_checkpointing", "peak_tflops", "wandb_project",
-                     "wandb_run_name", "wandb_entity")
+RESUMABLE_CHANGES = ("out", "data", "steps", "eval_every", "eval_batches", "save_every", "save_every_minutes",
+                     "keep_checkpoints", "log_every", "routing_every", "residual_norm_every", "device", "compile",
+                     "activation_checkpointing", "peak_tflops", "wandb_project", "wandb_run_name", "wandb_entity")
 SCHEDULE_FIELDS = ("schedule", "decay_steps", "decay_fraction", "decay_shape")
 
 
@@ -36,6 +36,7 @@ class Progress:
     tokens_seen: int = 0
     wall_time_s: float = 0.0  # training time of earlier processes of this run
     val_ppl: float | None = None  # the latest validation perplexity
+    eval_pending: bool = False  # stopped by a signal before this step's scheduled evaluation: run it on resume
 
 
 @dataclass
@@ -52,7 +53,8 @@ class Resumed:
     @classmethod
     def from_state(cls, path: Path, state: dict[str, Any]) -> "Resumed":
         progress = Progress(step=state["step"], tokens_seen=state.get("tokens_seen", 0),
-                            wall_time_s=state.get("wall_time_s", 0.0), val_ppl=state.get("val_ppl"))
+                            wall_time_s=state.get("wall_time_s", 0.0), val_ppl=state.get("val_ppl"),
+                            eval_pending=state.get("eval_pending", False))
         return cls(path=path, progress=progress, model=state["model"], optimizer=state["optimizer"],
                    rng_cpu=state["rng_cpu"], rng_cuda=state.get("rng_cuda"))
 
@@ -73,7 +75,7 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Tr
     if info.device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(info.device)
     return {**state, "wall_time_s": progress.wall_time_s, "tokens_seen": progress.tokens_seen,
-            "val_ppl": progress.val_ppl}
+            "val_ppl": progress.val_ppl, "eval_pending": progress.eval_pending}
 
 
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, resumed: Resumed, info: DistInfo,
@@ -125,10 +127,12 @@ def _saved_config(run_dir: Path, cfg: TrainConfig, resume: bool, allow_schedule_
     old = {**TrainConfig.field_defaults(), **old}  # a run written before a field existed had its default
     exempt = RESUMABLE_CHANGES + (SCHEDULE_FIELDS if allow_schedule_change else ())
     comparable = {k: v for k, v in cfg.to_dict().items() if k not in exempt}
-    if any(old.get(k) != v for k, v in comparable.items()):
-        diff = sorted(k for k, v in comparable.items() if old.get(k) != v)
-        raise TrainingError(f"{run_dir} holds a run with a different configuration (fields {diff}); "
-                            f"--resume needs the same settings, or choose another --out")
+    diff = sorted(k for k, v in comparable.items() if old.get(k) != v)
+    if diff:
+        changes = "; ".join(f"{k}: {old.get(k)!r} in the run, {comparable[k]!r} now" for k in diff)
+        raise TrainingError(f"{run_dir} holds a run with a different configuration ({changes}). --resume needs "
+                            f"the same values for these (leave them out to keep the run's), or choose another "
+                            f"--out. Settings that may change on resume: {', '.join(RESUMABLE_CHANGES)}")
     return old
 
 

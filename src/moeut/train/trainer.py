@@ -29,16 +29,17 @@ from moeut.fileio import atomic_write_json
 from moeut.model import build_model
 from moeut.model.accounting import model_stats
 from moeut.model.perplexity import window_nll
-from moeut.run.checkpoint import list_checkpoints, save_checkpoint
+from moeut.run.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
 from moeut.run.layout import CHECKPOINTS, SUMMARY
 from moeut.runtime import progress, tune_malloc
 from moeut.train.activation_checkpointing import apply_activation_checkpointing
 from moeut.train.config import TrainConfig
 from moeut.train.console import console_line, header_lines
 from moeut.train.distributed import DistInfo, barrier, init_distributed, shutdown, wrap_model
-from moeut.train.errors import TrainingError
+from moeut.train.errors import TrainingError, TrainingStopped
 from moeut.train.init_from import InitFromError, load_init_weights
 from moeut.train.metrics import MetricsLogger, WandbSink, depth_metrics, residual_norm_metrics, routing_stats
+from moeut.train.preemption import StopSignals, agree
 from moeut.train.resume import Progress, Resumed, checkpoint_state, prepare_run_dir, restore
 from moeut.train.step import StepResult, autocast_for, train_step
 from moeut.train.systems import PeakMemory, device_peak_tflops, train_flops_per_token
@@ -65,6 +66,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True,
     finally:
         trainer.release()
         shutdown(info)
+
+
+def _monotonic() -> float:
+    """The clock of time-based checkpoints (a function of its own, so that tests can move time)."""
+    return time.monotonic()
 
 
 @dataclass
@@ -114,7 +120,7 @@ class Trainer:
                                 f"{info.world_size}×{cfg.grad_accum}")
         self.sampler = self.data.sampler(batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
                                          rank=info.rank, world_size=info.world_size)
-        self._start_logging(resumed is not None)
+        self._start_logging(resume)
 
     def _build(self, resumed: Resumed | None, init_weights: dict[str, Any] | None, origin: str) -> None:
         """The model (from the checkpoint or the init weights), its wrappers, the optimizer and its state."""
@@ -140,16 +146,16 @@ class Trainer:
             restore(self.model, self.optimizer, resumed, info, sharded=cfg.fsdp and info.distributed)
         self.autocast = autocast_for(cfg.precision, info.device)
 
-    def _start_logging(self, resuming: bool) -> None:
+    def _start_logging(self, resume: bool) -> None:
         cfg, info = self.cfg, self.info
         sinks = []
         if cfg.wandb_project and info.is_main:
             sinks.append(WandbSink(self.run_dir, project=cfg.wandb_project, name=cfg.wandb_run_name,
                                    entity=cfg.wandb_entity, config={"train": cfg.to_dict(),
                                                                     "model": json.loads(self.model_cfg.to_json())}))
-        self.logger = MetricsLogger(self.run_dir, enabled=info.is_main, sinks=sinks)
-        if resuming:
-            self.logger.truncate_after(self.progress.step)
+        # on resume, what an earlier process logged after the checkpoint's step is dropped: it is logged again
+        self.logger = MetricsLogger(self.run_dir, enabled=info.is_main, sinks=sinks,
+                                    resume_step=self.progress.step if resume else None)
         self.stats = {**model_stats(self.model_cfg, context=cfg.seq_len), "hardware": _hardware(info.device)}
         if info.is_main:
             print("\n".join(header_lines(cfg, self.model_cfg, self.stats, info, self.data, self.data.val,
@@ -162,32 +168,73 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self, show_progress: bool = True) -> dict[str, Any]:
-        """Run the steps from the current one to ``cfg.steps``; returns the summary."""
+        """Run the steps from the current one to ``cfg.steps``; returns the summary. On SIGINT/SIGTERM: finish
+        the step, checkpoint it and raise :class:`TrainingStopped` (:mod:`moeut.train.preemption`)."""
         cfg, info = self.cfg, self.info
-        start_step = self.progress.step
+        self.start_step = self.progress.step
         show_bar = show_progress and info.is_main
-        self.bar = progress(total=cfg.steps, initial=start_step, desc="train", enabled=show_bar)
+        self.bar = progress(total=cfg.steps, initial=self.start_step, desc="train", enabled=show_bar)
         self.clock = _Throughput(t0=time.perf_counter())
-        self.start_step = start_step
-        for step in range(start_step, cfg.steps):
-            res = self.step(step)
-            done = step + 1
-            self.log(done, res, console=not show_bar)
-            is_last = done == cfg.steps
-            evaluated = (cfg.eval_every and done % cfg.eval_every == 0) or is_last
-            if evaluated:
-                self.evaluate(done, complete=is_last)
-            if (cfg.save_every and done % cfg.save_every == 0) or is_last:
-                self.save(done)
-            if info.is_main and evaluated:
-                self.write_summary(done)
-        self.bar.close()
-        self.logger.close()
+        self.last_save = _monotonic()
+        try:
+            if self.progress.eval_pending:
+                self._pending_evaluation()
+            with StopSignals(quiet=not info.is_main) as signals:
+                for step in range(self.start_step, cfg.steps):
+                    res = self.step(step)
+                    self.log(step + 1, res, console=not show_bar)
+                    signum, save_due = agree([signals.signum or 0, self._save_due()], info.device,
+                                             info.distributed)
+                    self.after_step(step + 1, stop=bool(signum), save_due=bool(save_due))
+                    if signum:
+                        raise TrainingStopped(int(signum), step + 1, cfg.steps, checkpoint_path(self.run_dir, step + 1),
+                                              self.run_dir, distributed=info.distributed, quiet=not info.is_main)
+        finally:
+            self.bar.close()
+            self.logger.close()
         summary = _read_summary(self.run_dir) if info.is_main else {}
         if info.is_main and summary:
             print(f"done: {summary['step']} steps, {summary['tokens_seen']:,} tokens, "
                   f"validation perplexity {summary['val_ppl']:.2f}, {summary['wall_time_s']:.0f} s")
         return summary
+
+    def after_step(self, done: int, *, stop: bool, save_due: bool) -> None:
+        """The evaluation, checkpoint and summary due after step ``done``. When stopping, the evaluation is left
+        for the resumed run (a complete one could outlast a preemption's grace period) and a checkpoint is due."""
+        cfg = self.cfg
+        is_last = done == cfg.steps
+        eval_due = bool(cfg.eval_every and done % cfg.eval_every == 0) or is_last
+        if eval_due and stop:
+            self.progress.eval_pending = True
+        elif eval_due:
+            self.evaluate(done, complete=is_last)
+        if stop or save_due or self._scheduled_save(done):
+            self.save(done)
+        if self.info.is_main and (eval_due or stop):
+            self.write_summary(done)
+
+    def _scheduled_save(self, done: int) -> bool:
+        return bool(self.cfg.save_every and done % self.cfg.save_every == 0) or done == self.cfg.steps
+
+    def _save_due(self) -> bool:
+        """``save_every_minutes`` have passed since the last checkpoint (or since this process started)."""
+        minutes = self.cfg.save_every_minutes
+        return minutes > 0 and _monotonic() - self.last_save >= 60 * minutes
+
+    def _pending_evaluation(self) -> None:
+        """The evaluation a signal postponed, on the restored weights: logged at its step as if never stopped."""
+        done = self.progress.step
+        self.evaluate(done, complete=done == self.cfg.steps)
+        self.progress.eval_pending = False
+        if self._scheduled_save(done):  # that checkpoint holds the evaluation in an uninterrupted run
+            self.save(done)
+        if self.info.is_main:  # the stopped process wrote the step's training metrics; add the evaluation
+            summary = _read_summary(self.run_dir)
+            if summary.get("step") == done:
+                atomic_write_json(self.run_dir / SUMMARY, {**summary, "val_ppl": self.progress.val_ppl,
+                                                           "wall_time_s": self.wall_time()})
+            else:
+                self.write_summary(done)
 
     def step(self, step: int) -> StepResult:
         """Optimizer step ``step`` (0-based) at its learning rate; fills :attr:`last` with its metrics."""
@@ -254,12 +301,14 @@ class Trainer:
     def save(self, done: int) -> None:
         """Checkpoint after step ``done`` (every rank takes part: FSDP2 gathers; rank 0 writes)."""
         progress_now = Progress(step=done, tokens_seen=self.progress.tokens_seen, wall_time_s=self.wall_time(),
-                                val_ppl=self.progress.val_ppl)
+                                val_ppl=self.progress.val_ppl, eval_pending=self.progress.eval_pending)
         state = checkpoint_state(self.model, self.optimizer, self.cfg, self.model_cfg, self.data.tokenizer_sha256,
                                  self.info, progress_now)
         if self.info.is_main:
+            self.logger.flush()  # the logs reach at least the checkpoint's step, even if the process dies next
             save_checkpoint(self.run_dir, done, state, keep=self.cfg.keep_checkpoints)
         barrier(self.info)
+        self.last_save = _monotonic()
 
     def write_summary(self, done: int) -> None:
         last = self.last
