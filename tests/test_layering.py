@@ -10,7 +10,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 # higher number = higher layer; a module may import only modules of a lower layer or its own package
 LAYERS = {"cli": 5, "train": 4, "eval": 4, "analysis": 4, "integrations": 4, "run": 3, "model": 2, "ops": 1,
-          "data": 1, "errors": 0, "fileio": 0, "runtime": 0, "report": 0, "version": 0}
+          "data": 1, "errors": 0, "fileio": 0, "settings": 0, "runtime": 0, "report": 0, "version": 0}
 STAGES = {"train", "eval", "analysis", "integrations"}
 ALLOWED_ACROSS = {("moeut.analysis.sweep", "train")}  # a sweep trains
 

@@ -67,7 +67,7 @@ def test_flops_convention_and_peak_table():
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_without_native_bf16_is_flagged(tiny_data, tmp_path, capsys, monkeypatch, native):
-    monkeypatch.setattr("moeut.train.trainer.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("moeut.train.console.cpu_has_native_bf16", lambda: native)
     assert main([*train_args(tiny_data, tmp_path / "run", steps=1, eval_every=0, save_every=1),
                  "--precision", "bf16"]) == 0
     out = capsys.readouterr().out
@@ -88,7 +88,7 @@ def test_training_on_a_cpu_tunes_malloc(tiny_data, tmp_path, monkeypatch):
 @pytest.mark.parametrize("native", [False, True])
 def test_auto_precision_is_fp32_on_a_cpu_and_points_to_bf16_where_it_is_native(tiny_data, tmp_path, capsys,
                                                                                 monkeypatch, native):
-    monkeypatch.setattr("moeut.train.trainer.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("moeut.train.console.cpu_has_native_bf16", lambda: native)
     assert main(train_args(tiny_data, tmp_path / "run", steps=1, eval_every=0, save_every=1)) == 0
     out = capsys.readouterr().out
     assert "(fp32)" in out and "bf16 autocast" not in out

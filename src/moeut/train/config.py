@@ -4,56 +4,94 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moeut.data.mixture import MixtureSpecError, parse_sources
 from moeut.model.config import ConfigError, ModelConfig
 from moeut.model.presets import RECIPES
+from moeut.settings import field_default, setting, settings_of
 from moeut.train.schedule import DECAY_SHAPES, DEFAULT_DECAY_FRACTION, SCHEDULES, LRSchedule
 
 @dataclass
 class TrainConfig:
-    preset: str = "moeut-tiny"  # model preset (see `moeut info`)
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields to change
-    data: str | list = ""  # directory written by `moeut prepare`, or a list of "DIR[:WEIGHT]" (a mixture)
-    out: str = ""  # run directory
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 16  # global batch in sequences (split over ranks and accumulation steps)
-    seq_len: int | None = None  # context T; default: the preset's context_length
-    grad_accum: int = 1  # micro-batches per optimizer step (per rank)
-    lr: float | None = None  # peak learning rate; default: the preset's recipe (the paper's 2.5e-4)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.01  # on all parameters, as the paper
-    warmup_steps: int | None = None  # linear warmup; default: the preset's recipe (0 for 44M, 4000 for larger)
-    final_lr_ratio: float = 0.1  # the floor: the cosine's eta_min (T_max = steps, as the paper's code), the WSD end
-    grad_clip: float | None = None  # κ; default: the preset's recipe (0.1 for 44M, 0.25 otherwise); 0 disables
-    eval_every: int = 200  # validation perplexity every N steps (and at the end); 0 = only at the end
-    eval_batches: int = 0  # validation batches per periodic evaluation; 0 = all (the final one is always complete)
-    save_every: int = 500  # checkpoint every N steps (and at the end); 0 = only at the end
-    save_every_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last one; 0 = off
-    keep_checkpoints: int = 3  # keep the newest K checkpoints
-    log_every: int = 10  # metrics line every N steps
-    routing_every: int = 100  # routing statistics every N steps; 0 disables
-    residual_norm_every: int = 0  # residual/update norm per layer application every N steps (one val batch); 0 = off
-    seed: int = 0
-    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16", "fp32"
-    backend: str | None = None  # expert-matmul backend (None = automatic)
-    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard each shared layer, then the root) instead of DDP
-    compile: bool = False  # torch.compile the training forward/backward (the expert ops are custom ops: no breaks)
-    activation_checkpointing: int = 0  # recompute every K-th layer application in the backward pass; 0 = off
-    schedule: str = "cosine"  # "cosine" (the paper's) or "wsd" (warmup, stable, decay)
-    decay_steps: int | None = None  # wsd: length of the final decay (or decay_fraction of steps; default 0.2)
-    decay_fraction: float | None = None  # wsd: decay over this fraction of steps (when decay_steps is not set)
-    decay_shape: str = "linear"  # wsd: "linear" or "cosine" decay from lr to final_lr_ratio · lr
-    peak_tflops: float | None = None  # per-device peak for mfu; default: the table for known GPUs, none on CPU
-    init_from: str = ""  # start from the weights of this run/checkpoint/export (fresh optimizer and schedule)
-    wandb_project: str = ""  # log to Weights & Biases (pip install 'moeut[wandb]'); "" = off
-    wandb_run_name: str = ""  # W&B run name (default: W&B's)
-    wandb_entity: str = ""  # W&B entity (team or user; default: yours)
+    """A training run: the model preset, the data, the paper's recipe and everything around it.
+
+    Each field is defined once (:func:`moeut.settings.setting`): ``moeut train``'s flags, ``--config`` files,
+    ``--help`` and the resume rules are derived from these definitions. Fields left as None are resolved from
+    the preset (:data:`moeut.model.presets.RECIPES`, the model's context length) when the config is made.
+    """
+
+    preset: str = setting("moeut-tiny", help="model preset; see `moeut info`")
+    model_overrides: dict[str, Any] = setting(default_factory=dict, cli=False,
+                                              help="ModelConfig fields to change (flag: --model FIELD=VALUE)")
+    data: str | list = setting("", cli=False, resumable=True,
+                               help='directory written by `moeut prepare`, or a list of "DIR[:WEIGHT]" (a mixture)')
+    out: str = setting("", resumable=True,
+                       help="run directory (checkpoints, metrics.jsonl, summary.json, tensorboard/)")
+    steps: int = setting(1000, resumable=True, help="optimizer steps")
+    batch_size: int = setting(16, help="global batch in sequences (split over ranks and accumulation steps)")
+    seq_len: int | None = setting(None, default_text="the preset's context_length", help="context length T")
+    grad_accum: int = setting(1, help="micro-batches per optimizer step (per rank)")
+    lr: float | None = setting(None, default_text="the preset's recipe: the paper's 2.5e-4 for every preset",
+                               help="peak learning rate")
+    betas: tuple[float, float] = setting((0.9, 0.999), metavar="BETA", help="AdamW betas")
+    eps: float = setting(1e-8, help="AdamW epsilon")
+    weight_decay: float = setting(0.01, help="AdamW weight decay, on all parameters as the paper")
+    warmup_steps: int | None = setting(None, aliases=("warmup",),
+                                       default_text="the preset's recipe: 0 for 44M, 4000 from 126M, 50 for -tiny",
+                                       help="linear warmup steps")
+    final_lr_ratio: float = setting(0.1, help="the floor as a fraction of lr: the cosine's eta_min (T_max = steps, "
+                                              "as the paper's code), the end of the WSD decay")
+    grad_clip: float | None = setting(None, aliases=("clip",),
+                                      default_text="the preset's recipe: 0.1 for 44M, 0.25 otherwise",
+                                      help="gradient clipping norm κ; 0 = off")
+    eval_every: int = setting(200, resumable=True,
+                              help="validation perplexity every N steps (and at the end); 0 = only at the end")
+    eval_batches: int = setting(0, resumable=True, help="validation batches per periodic evaluation; 0 = all "
+                                                        "(the final evaluation is always complete)")
+    save_every: int = setting(500, resumable=True, help="checkpoint every N steps (and at the end); 0 = only at "
+                                                        "the end")
+    save_every_minutes: float = setting(0.0, resumable=True, help="also checkpoint when M minutes have passed since "
+                                                                  "the last checkpoint (preemptible clusters); 0 = off")
+    keep_checkpoints: int = setting(3, aliases=("keep",), resumable=True, help="keep the newest K checkpoints")
+    log_every: int = setting(10, resumable=True, help="metrics line every N steps")
+    routing_every: int = setting(100, resumable=True, help="routing statistics every N steps; 0 = off")
+    residual_norm_every: int = setting(0, resumable=True,
+                                       help="residual and update norm of every layer application every N steps, on "
+                                            "one validation batch; 0 = off")
+    seed: int = setting(0, help="seed of the initialisation and the data order")
+    device: str = setting("auto", resumable=True, help='"auto" (CUDA when available), "cpu", "cuda", "cuda:N"')
+    precision: str = setting("auto", choices=("auto", "bf16", "fp32"),
+                             help="auto: bf16 autocast on CUDA, fp32 on CPUs")
+    backend: str | None = setting(None, default_text="automatic", help="expert-matmul backend")
+    fsdp: bool = setting(False, help="under torchrun: FSDP2 (each shared layer, then the root) instead of DDP")
+    compile: bool = setting(False, resumable=True,
+                            help="torch.compile the model (whole graph: the expert ops are registered custom ops)")
+    activation_checkpointing: int = setting(0, resumable=True, const=1, metavar="K",
+                                            help="recompute every K-th layer application in the backward pass (K = "
+                                                 "1 when the flag has no value; 0 = off): less activation memory "
+                                                 "for about one more forward pass")
+    schedule: str = setting("cosine", choices=SCHEDULES,
+                            help="learning-rate schedule: cosine (the paper's) or wsd (warmup, stable, decay: "
+                                 "extendable while the decay has not started)")
+    decay_steps: int | None = setting(None, default_text="", help="wsd: decay over the last N steps")
+    decay_fraction: float | None = setting(None, default_text="0.2 when --decay-steps is not given",
+                                           help="wsd: decay over this fraction of --steps")
+    decay_shape: str = setting("linear", choices=DECAY_SHAPES, help="wsd: shape of the decay to final_lr_ratio × lr")
+    peak_tflops: float | None = setting(None, resumable=True,
+                                        default_text="a table of common GPUs in bf16; no mfu on CPUs",
+                                        help="per-device peak TFLOP/s for the mfu metric")
+    init_from: str = setting("", metavar="RUN_OR_CHECKPOINT",
+                             help="start from these weights only (a moeut run, checkpoint, export-hf or import-paper "
+                                  "directory): fresh optimizer, schedule and data; the model configuration must "
+                                  "match (without --preset/--model/--config it is taken from the source)")
+    wandb_project: str = setting("", resumable=True,
+                                 help="also log to this Weights & Biases project (pip install 'moeut[wandb]'; files "
+                                      "in RUN/wandb/; WANDB_MODE=offline works)")
+    wandb_run_name: str = setting("", resumable=True, help="W&B run name (default: W&B's)")
+    wandb_entity: str = setting("", resumable=True, help="W&B entity, a team or user (default: yours)")
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -144,11 +182,14 @@ class TrainConfig:
         """Every field's default (as in :meth:`to_dict`; None where the default is resolved per preset)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                out[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
-            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                out[f.name] = f.default_factory()  # type: ignore[misc]
+            default = field_default(f)
+            out[f.name] = list(default) if isinstance(default, tuple) else default
         return out
+
+    @classmethod
+    def resumable_fields(cls) -> tuple[str, ...]:
+        """The settings that may change when a run resumes: they change nothing the run computes."""
+        return tuple(f.name for f, s in settings_of(cls) if s.resumable)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

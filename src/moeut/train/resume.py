@@ -20,11 +20,9 @@ from moeut.train.config import TrainConfig
 from moeut.train.distributed import DistInfo, barrier
 from moeut.train.errors import TrainingError
 
-# settings that may change when a run is resumed: they do not change what is computed (the schedule's are
-# checked separately, see check_schedule_change)
-RESUMABLE_CHANGES = ("out", "data", "steps", "eval_every", "eval_batches", "save_every", "save_every_minutes",
-                     "keep_checkpoints", "log_every", "routing_every", "residual_norm_every", "device", "compile",
-                     "activation_checkpointing", "peak_tflops", "wandb_project", "wandb_run_name", "wandb_entity")
+# settings that may change when a run is resumed (declared with the fields: TrainConfig.resumable_fields); the
+# schedule's may change too when the steps already taken keep their learning rates (check_schedule_change)
+RESUMABLE_CHANGES = TrainConfig.resumable_fields()
 SCHEDULE_FIELDS = ("schedule", "decay_steps", "decay_fraction", "decay_shape")
 
 
