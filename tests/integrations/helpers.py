@@ -44,3 +44,19 @@ def make_run(run_dir: Path, tokenizer, arch: str = "moeut", seed: int = 0, cfg: 
     save_checkpoint(run_dir, STEP, {"model": model.state_dict(), "model_config": cfg.to_json(), "train_config": "{}",
                                     "tokenizer_sha256": tokenizer.sha256})
     return run_dir
+
+
+def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompts`` as one left-padded batch and its attention mask, as transformers' generate() takes them."""
+    width = max(map(len, prompts))
+    tokens = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(tokens)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return tokens, mask
+
+
+def until_eos(rows: list[list[int]], eos: int) -> list[list[int]]:
+    """Each row cut after its first ``eos`` (included): moeut stops a row there, transformers pads it."""
+    return [r[:r.index(eos) + 1] if eos in r else r for r in rows]

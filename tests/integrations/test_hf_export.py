@@ -19,7 +19,7 @@ from moeut.integrations.hf.tokenizer import ROUND_TRIP_TEXTS
 from tests.run_helpers import load_model
 from tests.data.helpers import make_documents
 from tests.integrations.conftest import need_hf
-from tests.integrations.helpers import STEP, TINY, logits_tol, make_run
+from tests.integrations.helpers import STEP, TINY, left_padded, logits_tol, make_run, until_eos
 
 PROMPTS = [[5, 17, 33, 40], [7], [11, 12, 13, 14, 15, 16, 17], [250, 251]]  # no special ids (pad would be masked)
 
@@ -29,16 +29,6 @@ def _texts() -> list[str]:
     alphabet = list("abcdefghij klmnop Document the and 0123456789\n\t.,!?éü東京🙂—") + ["  ", "the ", " and"]
     fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(300)]
     return ROUND_TRIP_TEXTS + make_documents(30, seed=11) + fuzz
-
-
-def _left_padded(prompts, pad: int):
-    width = max(map(len, prompts))
-    tokens = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(tokens)
-    for i, p in enumerate(prompts):
-        tokens[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    return tokens, mask
 
 
 def _batch(vocab: int):
@@ -54,10 +44,6 @@ def _hf_model(path, **kw):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), **kw).eval()
-
-
-def _until_eos(rows, eos):
-    return [r[:r.index(eos) + 1] if eos in r else r for r in rows]
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -172,14 +158,14 @@ def test_greedy_generate_equals_moeut(export_dir, run_dir, tokenizer):
     ref = load_model(run_dir)
     hf = _hf_model(export_dir, trust_remote_code=True)
     want = ref.generate(PROMPTS, 14, temperature=0, eos_id=tokenizer.eos_id)
-    tokens, mask = _left_padded(PROMPTS, tokenizer.pad_id)
+    tokens, mask = left_padded(PROMPTS, tokenizer.pad_id)
     out = hf.generate(input_ids=tokens, attention_mask=mask, max_new_tokens=14, do_sample=False)
-    got = _until_eos(out[:, tokens.shape[1]:].tolist(), tokenizer.eos_id)
+    got = until_eos(out[:, tokens.shape[1]:].tolist(), tokenizer.eos_id)
     assert got == want
     # each prompt alone, no padding (transformers drops the all-ones mask)
     for p, w in zip(PROMPTS, want):
         alone = hf.generate(input_ids=torch.tensor([p]), max_new_tokens=14, do_sample=False)
-        assert _until_eos(alone[:, len(p):].tolist(), tokenizer.eos_id)[0] == w
+        assert until_eos(alone[:, len(p):].tolist(), tokenizer.eos_id)[0] == w
 
 
 def test_tokenizer_round_trips_like_sentencepiece(export_dir, tokenizer):
@@ -253,7 +239,7 @@ def test_loads_where_moeut_is_not_installed(export_dir, run_dir, tokenizer, tmp_
     """A fresh interpreter (-I -S) with only the venv's site-packages: `import moeut` fails there."""
     ref = load_model(run_dir)
     tokens, mask = _batch(ref.cfg.vocab_size)
-    prompt_tokens, prompt_mask = _left_padded(PROMPTS, tokenizer.pad_id)
+    prompt_tokens, prompt_mask = left_padded(PROMPTS, tokenizer.pad_id)
     with torch.no_grad():
         out = ref(tokens, attention_mask=mask, output_routing=True)
     greedy = ref.generate(PROMPTS, 12, temperature=0, eos_id=tokenizer.eos_id)
@@ -391,10 +377,10 @@ def test_repeats_at_load_and_forward_time_match_moeut_with_the_cache(export_dir,
         assert (at_load(input_ids=tokens, attention_mask=mask, use_cache=False).logits - full).abs().max() <= 1e-5
     prompts = PROMPTS
     expected = ref.generate(prompts, 10, temperature=0, eos_id=tokenizer.eos_id, repeats=repeats)
-    padded, pmask = _left_padded(prompts, tokenizer.pad_id)
+    padded, pmask = left_padded(prompts, tokenizer.pad_id)
     for model, kw in ((hf, {"repeats": repeats}), (at_load, {})):
         out = model.generate(input_ids=padded, attention_mask=pmask, max_new_tokens=10, do_sample=False, **kw)
-        assert _until_eos(out[:, padded.shape[1]:].tolist(), tokenizer.eos_id) == expected
+        assert until_eos(out[:, padded.shape[1]:].tolist(), tokenizer.eos_id) == expected
 
 
 def test_load_run_repeats_on_an_export_and_its_config_field(export_dir, run_dir, tmp_path):

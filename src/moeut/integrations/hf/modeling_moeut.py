@@ -1,7 +1,8 @@
 # MoEUT (Csordás et al., "MoEUT: Mixture-of-Experts Universal Transformers", NeurIPS 2024) for Hugging Face
 # transformers. Written by `moeut export-hf`. Self-contained: it imports only torch and transformers (plus the
 # configuration next to it), so an exported directory loads with `trust_remote_code=True` where moeut is not
-# installed. The model math is a plain-PyTorch copy of moeut's; the expert matmul never syncs with the host.
+# installed. The model math is a plain-PyTorch copy of moeut's (moeut's tests/integrations/test_hf_parity.py holds
+# the two equal, family by family); the expert matmul never syncs with the host.
 """MoEUT language model for transformers: ``MoEUTForCausalLM(PreTrainedModel, GenerationMixin)``.
 
 A universal transformer whose ``group_size`` = G distinct layers are applied in order A B … A B …
@@ -26,7 +27,8 @@ A cache must be continued with the R that filled it.
 
 ``arch="sut"``: the Sparse Universal Transformer baseline (moeut.model.sut): post-LN layers of a mixture of
 attention heads (relative positions, no RoPE) and a softmax MoE, with ACT halting; ``aux_loss`` is its
-mutual-information router loss plus the ACT loss (summed over the halting applications).
+mutual-information router loss plus the ACT loss (summed over the halting applications); with ACT, ``depth``
+in the outputs is each token's expected number of layer applications.
 
 ``act=True`` on a MoEUT config: per-token ACT over applications of the whole group (moeut.model.lm): group 0
 always runs; before each further group a gate reads ``LN`` of the previous group's output and the token halts by
@@ -586,7 +588,8 @@ class SUTLayer(nn.Module):
 def _sut_stack(model, h, mask, cache, output_hidden_states, with_aux, repeats):
     """SUT layer applications with ACT halting (stick-breaking; tokens freeze once their probability of never
     halting is below 1 − act_threshold). Returns the output state, hidden states, aux loss (None unless
-    ``with_aux``; its ACT part is summed over the halting applications), MLP router logits."""
+    ``with_aux``; its ACT part is summed over the halting applications), MLP router logits and, under ACT,
+    each token's expected number of applications (as moeut's ``depth``; None without ACT)."""
     cfg = model.config
     threshold = cfg.act_threshold
     all_hidden = (h,) if output_hidden_states else None
@@ -622,8 +625,11 @@ def _sut_stack(model, h, mask, cache, output_hidden_states, with_aux, repeats):
             applied.append(logits[1])
         if output_hidden_states:
             all_hidden = all_hidden + (state,)
+    depth_out = None  # as moeut's: ACT only, 1 everywhere when no halting step ran
+    if cfg.act:
+        depth_out = torch.ones_like(state[..., 0], dtype=torch.float32) if q is None else 1 + depth + q * idx
     if not with_aux:
-        return state, all_hidden, None, None
+        return state, all_hidden, None, None, depth_out
     aux = torch.zeros((), device=h.device)
     if cfg.mi_reg:
         for rs in per_layer:
@@ -631,7 +637,7 @@ def _sut_stack(model, h, mask, cache, output_hidden_states, with_aux, repeats):
             aux = aux + cfg.mi_reg * (mutual_information_loss([lg[0] for lg in rs], weights, cfg.mi_loss)
                                       + mutual_information_loss([lg[1] for lg in rs], weights, cfg.mi_loss))
     aux = aux + cfg.act_reg * act_loss
-    return state, all_hidden, aux, tuple(applied)
+    return state, all_hidden, aux, tuple(applied), depth_out
 
 
 def _fit_cache_depth(cache, applications, past):
@@ -847,10 +853,10 @@ class MoEUTModel(MoEUTPreTrainedModel):
         mask = _attention_mask(bsz, length, past, attention_mask, h.device)
         with_aux = self.training or bool(output_router_logits)  # else no aux_loss (None) and no router logits
         if cfg.arch == "sut":  # relative positions only: no RoPE, position_ids are not used
-            h, all_hidden, aux_loss, applied = _sut_stack(self, h, mask, cache, output_hidden_states, with_aux,
-                                                               repeats)
+            h, all_hidden, aux_loss, applied, depth = _sut_stack(self, h, mask, cache, output_hidden_states,
+                                                                 with_aux, repeats)
             return MoEUTModelOutput(last_hidden_state=h, cache=cache, hidden_states=all_hidden, aux_loss=aux_loss,
-                                    router_logits=applied if output_router_logits else None)
+                                    router_logits=applied if output_router_logits else None, depth=depth)
 
         rec = {"hidden": [h] if output_hidden_states else None, "with_aux": with_aux,
                "routing": [[] for _ in range(cfg.group_size)],  # per distinct layer g: (logits_v, logits_o, logits_ff)
