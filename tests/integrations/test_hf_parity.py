@@ -140,3 +140,51 @@ def test_export_imports_back_with_the_same_config(exported, name):
     assert back.cfg == ref.cfg
     assert all(torch.equal(back.state_dict()[k], v) for k, v in ref.state_dict().items())
 
+
+# ------------------------------------------------------------------------------------------ initialisation
+# wider than FAMILIES, so that each tensor's statistics are estimated well enough to compare
+_WIDE = dict(d_model=128, d_head=32, ff_expert_size=32, d_ff=256)
+
+
+def _pooled_init(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor kind (its name without the layer index) with every layer's values pooled, flattened."""
+    pooled: dict[str, list[torch.Tensor]] = {}
+    for key, t in state.items():
+        parts = key.split(".")
+        kind = ".".join(p for i, p in enumerate(parts) if not (p.isdigit() and parts[i - 1] == "layers"))
+        pooled.setdefault(kind, []).append(t.detach().float().flatten())
+    return {k: torch.cat(v) for k, v in pooled.items()}
+
+
+def _kurtosis(x: torch.Tensor) -> float:
+    z = (x - x.mean()) / x.std()
+    return z.pow(4).mean().item()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_fresh_init_is_moeuts(exported, name):
+    """A model the exported code creates (no checkpoint: fine-tuning from scratch, a resized head) is initialised
+    as moeut initialises one: deterministic tensors (LayerNorms, zero biases, the halting gates) equal,
+    random ones of the same mean, std and shape of distribution (normal or uniform)."""
+    from moeut.integrations.hf import hf_config_dict, to_hf_state_dict
+
+    _, hf, _ = exported(name)
+    cfg = ModelConfig(vocab_size=256, **{**FAMILIES[name], **_WIDE})
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        states.append(to_hf_state_dict(build_model(cfg).state_dict()))
+    fixed = {k for k in states[0] if torch.equal(states[0][k], states[1][k])}  # the same for every seed
+    config = type(hf.config)(**hf_config_dict(cfg, bos_id=1, eos_id=2, pad_id=3))
+    torch.manual_seed(2)
+    fresh = type(hf)(config).state_dict()  # the exported (remote) class, as from_config builds it
+    assert fresh.keys() == states[0].keys()
+    for key in fixed:
+        assert torch.equal(fresh[key], states[0][key]), key
+    want, got = _pooled_init({k: v for k, v in states[0].items() if k not in fixed}), _pooled_init(fresh)
+    for kind, a in want.items():
+        b, n = got[kind], a.numel()
+        assert b.std().item() == pytest.approx(a.std().item(), rel=5 / (2 * n) ** 0.5), kind
+        assert abs(b.mean().item() - a.mean().item()) <= 5 * a.std().item() * (2 / n) ** 0.5, kind
+        if n >= 4096:  # normal (kurtosis 3) or uniform (1.8)
+            assert _kurtosis(b) == pytest.approx(_kurtosis(a), abs=0.5), kind

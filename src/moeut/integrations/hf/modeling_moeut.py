@@ -287,6 +287,120 @@ def _attention_mask(batch, length, past, attention_mask, device):
     return allowed.unsqueeze(1)
 
 
+# ------------------------------------------------------------------------------------------ initialisation
+# moeut's initialisation (Sec. 2.5 of the paper), module by module. transformers calls ``_init_weights`` on each
+# module (children first) and each initialises only the tensors it holds itself: a module class of this file
+# by its ``init_tensors(config)``; a Linear layer by the rule of LINEAR_INITS its parent named when creating it
+# (``_linear(..., init=...)``; torch's default otherwise); LayerNorm and Embedding by _LEAF_INITS. Never a
+# parent for its children: transformers 5 skips custom modules that hold no parameter of their own (the dense
+# attention and feed-forward, the routers, the halting gates). A tensor that from_pretrained loaded
+# (``_is_hf_initialized``) is never touched, so the in-place renormalisations run only on fresh tensors.
+def _needs_init(param):
+    """False for tensors that from_pretrained already loaded (never overwrite them)."""
+    return param is not None and not getattr(param, "_is_hf_initialized", False)
+
+
+def _std_scale(config):
+    """The paper's init scale s: √(2 / n_layers), 1 for post-LN MoEUT."""
+    if config.arch == "moeut" and config.norm_placement == "post":
+        return 1.0
+    return math.sqrt(2 / config.num_hidden_layers)
+
+
+def _normal(t, std):
+    """N(0, std) into ``t`` unless it was loaded; True when it was initialised."""
+    if not _needs_init(t):
+        return False
+    nn.init.normal_(t, 0, std)
+    return True
+
+
+def _uniform(t, bound):
+    """U(±bound) into ``t`` unless it was loaded."""
+    if _needs_init(t):
+        nn.init.uniform_(t, -bound, bound)
+
+
+def _fill(t, value):
+    """``value`` (a number, or one value per element) into ``t`` unless it was loaded."""
+    if not _needs_init(t):
+        return
+    if isinstance(value, (int, float)):
+        nn.init.constant_(t, value)
+    else:
+        t.copy_(torch.tensor(value, dtype=t.dtype))
+
+
+@torch.no_grad()
+def _renorm_over_experts_keep_std(w):
+    std = w.std()
+    w.div_(w.norm(dim=0, keepdim=True))
+    w.mul_(std / w.std())
+
+
+@torch.no_grad()
+def _renorm_rows_keep_row_std(w):
+    row_std = w.std(dim=-1, keepdim=True)
+    w.div_(w.norm(dim=-1, keepdim=True))
+    w.mul_(row_std / w.std())
+
+
+def _init_linear_torch(lin, config):
+    """torch's own nn.Linear init (output head, routers, halting hidden layers)."""
+    if _needs_init(lin.weight):
+        nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
+    if lin.bias is not None:
+        _uniform(lin.bias, 1 / math.sqrt(lin.in_features))
+
+
+def _init_linear_scaled(lin, config):
+    """N(0, s/√fan_in), zero bias: SwitchHead's q and k, the dense baseline's attention and feed-forward."""
+    _normal(lin.weight, _std_scale(config) / math.sqrt(lin.in_features))
+    if lin.bias is not None:
+        _fill(lin.bias, 0.0)
+
+
+def _init_linear_xavier(lin, config):
+    """Xavier-uniform with gain 1/√2: SUT's shared K and V (the SUT code's init)."""
+    if _needs_init(lin.weight):
+        nn.init.xavier_uniform_(lin.weight, gain=1 / math.sqrt(2))
+
+
+def _init_linear_halt(lin, config):
+    """A halting gate's last layer: zero weight (every token starts from the bias), bias (0, act_halt_bias_init)."""
+    _fill(lin.weight, 0.0)
+    if lin.bias is not None:
+        _fill(lin.bias, [0.0, float(config.act_halt_bias_init)])
+
+
+LINEAR_INITS = {"torch": _init_linear_torch, "scaled": _init_linear_scaled, "xavier": _init_linear_xavier,
+                "halt": _init_linear_halt}
+
+
+def _linear(d_in, d_out, bias=True, init="torch"):
+    """``nn.Linear`` initialised (by ``_init_weights``) with rule ``init`` of LINEAR_INITS."""
+    lin = nn.Linear(d_in, d_out, bias=bias)
+    lin.init_rule = init
+    return lin
+
+
+def _init_linear(lin, config):
+    """A Linear layer by the rule its parent gave it (``_linear``); torch's default for any other one."""
+    LINEAR_INITS[getattr(lin, "init_rule", "torch")](lin, config)
+
+
+def _init_layer_norm(norm, config):
+    _fill(norm.weight, 1.0)
+    _fill(norm.bias, 0.0)
+
+
+def _init_embedding(emb, config):
+    _normal(emb.weight, 1 / math.sqrt(config.hidden_size))
+
+
+_LEAF_INITS = ((nn.Linear, _init_linear), (nn.LayerNorm, _init_layer_norm), (nn.Embedding, _init_embedding))
+
+
 # ----------------------------------------------------------------------------------------------- modules
 class MoEUTSwitchHead(nn.Module):
     """SwitchHead attention: dense q, k; per-head mixtures of value and output experts (expert h·N_A + e)."""
@@ -295,12 +409,25 @@ class MoEUTSwitchHead(nn.Module):
         super().__init__()
         d, h, dh, e = config.hidden_size, config.num_attention_heads, config.head_dim, config.att_n_experts
         self.n_heads, self.d_head, self.n_experts, self.top_k = h, dh, e, config.att_k
-        self.q = nn.Linear(d, h * dh, bias=False)
-        self.k = nn.Linear(d, h * dh, bias=False)
+        self.q = _linear(d, h * dh, bias=False, init="scaled")
+        self.k = _linear(d, h * dh, bias=False, init="scaled")
         self.v = nn.Parameter(torch.empty(h * e, d, dh))
         self.o = nn.Parameter(torch.empty(h * e, dh, d))
         self.sel_v = nn.Parameter(torch.empty(h * e, d))
         self.sel_o = nn.Parameter(torch.empty(h * e, d))
+
+    def init_tensors(self, config):
+        """N(0, s/√d) routers (rows renormalised, keeping their std) and V experts, N(0, s/√(H·d_h)) O experts;
+        with ``att_norm_init`` V and O renormalised across the expert axis (the training code's norm_init)."""
+        s, d = _std_scale(config), config.hidden_size
+        for router in (self.sel_v, self.sel_o):
+            if _normal(router, s / math.sqrt(d)):
+                _renorm_rows_keep_row_std(router)
+        fresh = [_normal(self.v, s / math.sqrt(d)), _normal(self.o, s / math.sqrt(self.n_heads * self.d_head))]
+        if getattr(config, "att_norm_init", False):
+            for p, new in zip((self.v, self.o), fresh):
+                if new:
+                    _renorm_over_experts_keep_std(p)
 
     def _route(self, xn, router):
         logits, gates, indices = sigmoid_topk(xn, router, self.top_k, n_heads=self.n_heads)
@@ -337,6 +464,14 @@ class MoEUTSigmaMoE(nn.Module):
         self.keys = nn.Parameter(torch.empty(e, d, de))
         self.values = nn.Parameter(torch.empty(e, de, d))
         self.expert_sel = nn.Parameter(torch.empty(e, d))
+
+    def init_tensors(self, config):
+        """N(0, s/√d) router (rows not renormalised, as the paper's training code) and keys, N(0, s/√(E·d_e))
+        values."""
+        s, d = _std_scale(config), config.hidden_size
+        _normal(self.expert_sel, s / math.sqrt(d))
+        _normal(self.keys, s / math.sqrt(d))
+        _normal(self.values, s / math.sqrt(self.n_experts * self.values.shape[1]))
 
     def forward(self, x, router_input):
         logits, gates, indices = sigmoid_topk(router_input, self.expert_sel, self.top_k)
@@ -381,10 +516,10 @@ class MoEUTDenseAttention(nn.Module):
         super().__init__()
         d, h, dh = config.hidden_size, config.num_attention_heads, config.head_dim
         self.n_heads, self.d_head = h, dh
-        self.q = nn.Linear(d, h * dh, bias=False)
-        self.k = nn.Linear(d, h * dh, bias=False)
-        self.v = nn.Linear(d, h * dh, bias=False)
-        self.o = nn.Linear(h * dh, d, bias=False)
+        self.q = _linear(d, h * dh, bias=False, init="scaled")
+        self.k = _linear(d, h * dh, bias=False, init="scaled")
+        self.v = _linear(d, h * dh, bias=False, init="scaled")
+        self.o = _linear(h * dh, d, bias=False, init="scaled")
 
     def forward(self, xn, rope, mask, cache, layer_idx):
         bsz, length, _ = xn.shape
@@ -407,8 +542,8 @@ class MoEUTDenseLayer(nn.Module):
         self.ln1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = MoEUTDenseAttention(config)
         self.ln2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.ff_in = nn.Linear(config.hidden_size, config.d_ff)
-        self.ff_out = nn.Linear(config.d_ff, config.hidden_size)
+        self.ff_in = _linear(config.hidden_size, config.d_ff, init="scaled")
+        self.ff_out = _linear(config.d_ff, config.hidden_size, init="scaled")
 
     def forward(self, x, rope, mask, cache, layer_idx):
         x = x + self.attention(self.ln1(x), rope, mask, cache, layer_idx)
@@ -475,9 +610,15 @@ class SUTAttention(nn.Module):
         self.router = SUTRouter(d, e)
         self.q = nn.Parameter(torch.empty(e, d, h * dh))
         self.o = nn.Parameter(torch.empty(e, h * dh, d))
-        self.k = nn.Linear(d, h * dh, bias=False)
-        self.v = nn.Linear(d, h * dh, bias=False)
+        self.k = _linear(d, h * dh, bias=False, init="xavier")
+        self.v = _linear(d, h * dh, bias=False, init="xavier")
         self.rel_pos = nn.Parameter(torch.empty(h, dh, 2 * p + 1))
+
+    def init_tensors(self, config):
+        """The SUT code's init: expert weights U(±1/fan_in), relative-position table 0."""
+        for w in (self.q, self.o):
+            _uniform(w, 1 / w.shape[1])
+        _fill(self.rel_pos, 0.0)
 
     def forward(self, x_q, x_kv, mask, cache, layer_idx, active=None):
         bsz, length, d = x_q.shape
@@ -522,6 +663,13 @@ class SUTMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(e, de, d))
         self.b2 = nn.Parameter(torch.empty(e, d))
 
+    def init_tensors(self, config):
+        """The SUT code's init: weights U(±1/fan_in), biases U(±1/√fan_out)."""
+        for w in (self.w1, self.w2):
+            _uniform(w, 1 / w.shape[1])
+        for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
+            _uniform(b, 1 / math.sqrt(w.shape[2]))
+
     def forward(self, x, active=None):
         logits, gates, indices = softmax_topk(self.router(x), self.top_k, active)
         ids = indices.reshape(-1, self.top_k)
@@ -537,7 +685,7 @@ class SUTHalting(nn.Module):
     def __init__(self, d_model):
         super().__init__()
         self.hidden = nn.Linear(d_model, d_model)
-        self.out = nn.Linear(d_model, 2, bias=False)
+        self.out = _linear(d_model, 2, bias=False, init="halt")
 
     def forward(self, h):
         return F.log_softmax(self.out(F.gelu(self.hidden(h))).float(), dim=-1)
@@ -550,7 +698,7 @@ class MoEUTHalting(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.hidden = nn.Linear(config.hidden_size, config.hidden_size)
-        self.out = nn.Linear(config.hidden_size, 2)
+        self.out = _linear(config.hidden_size, 2, init="halt")
 
     def forward(self, h):
         return F.log_softmax(self.out(F.gelu(self.hidden(self.norm(h)))).float(), dim=-1)
@@ -653,31 +801,6 @@ def _fit_cache_depth(cache, applications, past):
 
 
 # ---------------------------------------------------------------------------------------- pretrained base
-def _halting_linears(model):
-    """The two Linear layers of the MoEUT halting gate of ``model`` (a MoEUTModel or MoEUTForCausalLM), or ()."""
-    halting = getattr(model, "halting", None) or getattr(getattr(model, "model", None), "halting", None)
-    return () if halting is None else (halting.hidden, halting.out)
-
-
-def _needs_init(param):
-    """False for tensors that from_pretrained already loaded (never overwrite them)."""
-    return param is not None and not getattr(param, "_is_hf_initialized", False)
-
-
-@torch.no_grad()
-def _renorm_over_experts_keep_std(w):
-    std = w.std()
-    w.div_(w.norm(dim=0, keepdim=True))
-    w.mul_(std / w.std())
-
-
-@torch.no_grad()
-def _renorm_rows_keep_row_std(w):
-    row_std = w.std(dim=-1, keepdim=True)
-    w.div_(w.norm(dim=-1, keepdim=True))
-    w.mul_(row_std / w.std())
-
-
 class MoEUTPreTrainedModel(PreTrainedModel):
     config_class = MoEUTConfig
     base_model_prefix = "model"
@@ -691,101 +814,17 @@ class MoEUTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """moeut's initialisation (Sec. 2.5 of the paper), applied only to tensors that were not loaded.
-
-        Overridden because the generic one knows nothing of the expert tensors and routers (3D / 2D
-        ``nn.Parameter``\\ s), and because the routers' row renormalisation is in place: a loaded tensor
-        (``_is_hf_initialized``) is never touched.
-        """
-        cfg = self.config
-        d = cfg.hidden_size
-        post_ln = cfg.arch == "moeut" and cfg.norm_placement == "post"
-        s = 1.0 if post_ln else math.sqrt(2 / cfg.num_hidden_layers)
-        if isinstance(module, nn.Embedding):
-            if _needs_init(module.weight):
-                nn.init.normal_(module.weight, 0, 1 / math.sqrt(d))
-        elif isinstance(module, nn.LayerNorm):
-            if _needs_init(module.weight):
-                nn.init.ones_(module.weight)
-            if _needs_init(module.bias):
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, MoEUTSwitchHead):
-            for router in (module.sel_v, module.sel_o):
-                if _needs_init(router):
-                    nn.init.normal_(router, 0, s / math.sqrt(d))
-                    _renorm_rows_keep_row_std(router)
-            for p in (module.q.weight, module.k.weight, module.v):
-                if _needs_init(p):
-                    nn.init.normal_(p, 0, s / math.sqrt(d))
-            if _needs_init(module.o):
-                nn.init.normal_(module.o, 0, s / math.sqrt(module.n_heads * module.d_head))
-            if getattr(cfg, "att_norm_init", False):  # the training code's moe.att.norm_init
-                for p in (module.v, module.o):
-                    if _needs_init(p):
-                        _renorm_over_experts_keep_std(p)
-        elif isinstance(module, MoEUTSigmaMoE):
-            if _needs_init(module.expert_sel):  # rows not renormalised, as the paper's training code
-                nn.init.normal_(module.expert_sel, 0, s / math.sqrt(d))
-            if _needs_init(module.keys):
-                nn.init.normal_(module.keys, 0, s / math.sqrt(d))
-            if _needs_init(module.values):
-                nn.init.normal_(module.values, 0, s / math.sqrt(module.n_experts * module.values.shape[1]))
-        elif isinstance(module, MoEUTDenseAttention):
-            for lin in (module.q, module.k, module.v, module.o):
-                if _needs_init(lin.weight):
-                    nn.init.normal_(lin.weight, 0, s / math.sqrt(lin.in_features))
-        elif isinstance(module, MoEUTDenseLayer):
-            for lin in (module.ff_in, module.ff_out):
-                if _needs_init(lin.weight):
-                    nn.init.normal_(lin.weight, 0, s / math.sqrt(lin.in_features))
-                if _needs_init(lin.bias):
-                    nn.init.zeros_(lin.bias)
-        elif isinstance(module, (SUTAttention, SUTMoE)):  # the SUT code's init (its routers: torch's default)
-            for w in ((module.q, module.o) if isinstance(module, SUTAttention) else (module.w1, module.w2)):
-                if _needs_init(w):
-                    nn.init.uniform_(w, -1 / w.shape[1], 1 / w.shape[1])
-            if isinstance(module, SUTAttention):
-                for lin in (module.k, module.v):
-                    if _needs_init(lin.weight):
-                        nn.init.xavier_uniform_(lin.weight, gain=1 / math.sqrt(2))
-                if _needs_init(module.rel_pos):
-                    nn.init.zeros_(module.rel_pos)
-            else:
-                for w, b in ((module.w1, module.b1), (module.w2, module.b2)):
-                    if _needs_init(b):
-                        nn.init.uniform_(b, -1 / math.sqrt(w.shape[2]), 1 / math.sqrt(w.shape[2]))
-        elif isinstance(module, (SUTRouter, SUTHalting)):
-            for lin in (module.hidden, module.out):
-                if _needs_init(lin.weight):
-                    if isinstance(module, SUTHalting) and lin is module.out:
-                        nn.init.zeros_(lin.weight)
-                    else:
-                        nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
-                if lin.bias is not None and _needs_init(lin.bias):
-                    bound = 1 / math.sqrt(lin.in_features)
-                    nn.init.uniform_(lin.bias, -bound, bound)
-        elif isinstance(module, nn.Linear) and module in _halting_linears(self):
-            # MoEUT's halting gate (set per Linear: transformers skips a custom module without own parameters):
-            # torch's default hidden layer; out: zero weight, bias (0, act_halt_bias_init)
-            if module.out_features == 2:
-                if _needs_init(module.weight):
-                    nn.init.zeros_(module.weight)
-                if _needs_init(module.bias):
-                    module.bias.copy_(torch.tensor([0.0, float(cfg.act_halt_bias_init)]))
-            else:
-                if _needs_init(module.weight):
-                    nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-                if _needs_init(module.bias):
-                    bound = 1 / math.sqrt(module.in_features)
-                    nn.init.uniform_(module.bias, -bound, bound)
-        elif isinstance(module, nn.Linear) and module is getattr(self, "lm_head", None):
-            # torch's default nn.Linear init, as moeut's output head
-            if _needs_init(module.weight):
-                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-            if _needs_init(module.bias):
-                bound = 1 / math.sqrt(module.in_features)
-                nn.init.uniform_(module.bias, -bound, bound)
-        # other nn.Linear modules (q, k, ff_in, ...) are initialised by their parent module above
+        """moeut's initialisation of the tensors ``module`` holds itself (see "initialisation" above); tensors
+        that were loaded are never touched. Overridden because the generic one knows nothing of the expert
+        tensors and routers (3D / 2D ``nn.Parameter``\\ s)."""
+        init = getattr(module, "init_tensors", None)
+        if init is not None:
+            init(self.config)
+            return
+        for cls, leaf_init in _LEAF_INITS:
+            if isinstance(module, cls):
+                leaf_init(module, self.config)
+                return
 
 
 @dataclass
