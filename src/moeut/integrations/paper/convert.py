@@ -118,14 +118,34 @@ class RunArgs:
 
 # ---------------------------------------------------------------------------------------------- args → config
 def config_from_paper_args(raw_args: Mapping[str, Any], vocab_size: int) -> ModelConfig:
-    """The :class:`ModelConfig` of a run of the paper's training code (``vocab_size``: the head's width)."""
+    """The :class:`ModelConfig` of a run of the paper's training code (``vocab_size``: the head's width).
+
+    The arguments are checked in a fixed order (variant, shapes and embedding, layer layout, SwitchHead and
+    σ-MoE options, regularisers), so a run with several unsupported options always names the same one."""
     a = RunArgs(raw_args)
+    variant = _variant(a)
+    common = _common_fields(a, variant, vocab_size)
+    if variant in DENSE_VARIANTS:
+        d_ff = int(common["d_model"] * a.get("transformer.ff_multiplier", _as_float, 2.0))
+        return ModelConfig(arch="dense", group_size=common["n_layers"], d_ff=d_ff, **common)
+    layout = _moe_layout(a, variant, common["n_layers"])
+    _check_moe_layer(a)
+    return ModelConfig(arch="moeut", **layout, **_moe_sizes(a), **common)
+
+
+def _variant(a: RunArgs) -> str:
+    """``transformer.variant``, if moeut has a model for it."""
     variant = a.get("transformer.variant", _as_str)
     if variant not in MOE_VARIANTS + DENSE_VARIANTS:
         raise UnsupportedVariantError(
             "transformer.variant", variant,
             f"moeut imports {', '.join(MOE_VARIANTS + DENSE_VARIANTS)} (SUT variants, post-LN/shared dense "
             f"transformers, parallel and GELU layers have no moeut equivalent)")
+    return variant
+
+
+def _common_fields(a: RunArgs, variant: str, vocab_size: int) -> dict[str, Any]:
+    """The fields every variant has (sizes, RoPE, context), after checking the embedding and input options."""
     preln = "preln" in variant
     d = a.get("state_size", _as_int)
     n_layers = a.get("transformer.encoder_n_layers", _as_int)
@@ -149,15 +169,15 @@ def config_from_paper_args(raw_args: Mapping[str, Any], vocab_size: int) -> Mode
     if scale is not None and not math.isclose(scale, implied, rel_tol=1e-6):
         raise UnsupportedVariantError("transformer.embedding_scale", a.raw["transformer.embedding_scale"],
                                       f"moeut scales the embedding by {implied:g} for this variant")
-    common = dict(vocab_size=vocab_size, d_model=d, n_layers=n_layers, n_heads=n_heads, d_head=d_head,
-                  rope_fraction=a.get("rope.rotate_fraction", _as_float, 0.5),
-                  rope_base=a.get("rope.base", _as_float, 10000.0),
-                  context_length=a.get("lm.unroll", _as_int, 1024))
+    return dict(vocab_size=vocab_size, d_model=d, n_layers=n_layers, n_heads=n_heads, d_head=d_head,
+                rope_fraction=a.get("rope.rotate_fraction", _as_float, 0.5),
+                rope_base=a.get("rope.base", _as_float, 10000.0),
+                context_length=a.get("lm.unroll", _as_int, 1024))
 
-    if variant in DENSE_VARIANTS:
-        d_ff = int(d * a.get("transformer.ff_multiplier", _as_float, 2.0))
-        return ModelConfig(arch="dense", group_size=n_layers, d_ff=d_ff, **common)
 
+def _moe_layout(a: RunArgs, variant: str, n_layers: int) -> dict[str, Any]:
+    """``norm_placement``, ``group_size`` and ``group_order`` of a MoE variant."""
+    preln = "preln" in variant
     nonorm = a.get("moe.nonorm", _as_bool, False)
     if preln:
         norm_placement = "peri" if nonorm else "pre"
@@ -175,7 +195,11 @@ def config_from_paper_args(raw_args: Mapping[str, Any], vocab_size: int) -> Mode
         group_size, group_order = n_layers, "abab"
     if group_size in (1, n_layers):
         group_order = "abab"  # one layer, or none shared: the order means nothing
+    return dict(norm_placement=norm_placement, group_size=group_size, group_order=group_order)
 
+
+def _check_moe_layer(a: RunArgs) -> None:
+    """Refuse SwitchHead / σ-MoE options that moeut's layer does not have."""
     a.need("moe.att.enable", _as_bool, False, True,
            "MoEUT layers use SwitchHead attention; a σ-MoE MLP with dense attention is not a moeut model")
     for key, want in (("moe.att.q_expert", False), ("moe.att.k_expert", False), ("moe.att.v_expert", True),
@@ -194,15 +218,17 @@ def config_from_paper_args(raw_args: Mapping[str, Any], vocab_size: int) -> Mode
     if att_mode is not None and att_mode != ffn_mode:
         raise UnsupportedVariantError("moe.att.perplexity_reg_mode", att_mode,
                                       "moeut's attention regulariser is layers_time, like the σ-MoE one")
+
+
+def _moe_sizes(a: RunArgs) -> dict[str, Any]:
+    """Expert counts and widths, and the regularisers' weights (``reg`` scales both, as in the training code)."""
     reg = a.get("reg", _as_float, 1.0)
     ffn_reg = a.get("moe.perplexity_reg", _as_float, 0.0)
     att_reg = a.get("moe.att.perplexity_reg", _as_float, None, optional=True)
-    return ModelConfig(arch="moeut", group_size=group_size, group_order=group_order, norm_placement=norm_placement,
-                       att_n_experts=a.get("moe.att.n_experts", _as_int, 4), att_k=a.get("moe.att.k", _as_int, 2),
-                       ff_n_experts=a.get("moe.n_experts", _as_int, 128),
-                       ff_expert_size=a.get("moe.expert_size", _as_int, 128), ff_k=a.get("pkm.n_heads", _as_int, 1),
-                       entropy_reg=reg * ffn_reg, att_entropy_reg=reg * (ffn_reg if att_reg is None else att_reg),
-                       **common)
+    return dict(att_n_experts=a.get("moe.att.n_experts", _as_int, 4), att_k=a.get("moe.att.k", _as_int, 2),
+                ff_n_experts=a.get("moe.n_experts", _as_int, 128),
+                ff_expert_size=a.get("moe.expert_size", _as_int, 128), ff_k=a.get("pkm.n_heads", _as_int, 1),
+                entropy_reg=reg * ffn_reg, att_entropy_reg=reg * (ffn_reg if att_reg is None else att_reg))
 
 
 # ------------------------------------------------------------------------------------------------- parameters
