@@ -59,67 +59,26 @@ class MoEUTConfig(PreTrainedConfig):
 
     def __init__(
         self,
-        arch="moeut",
-        vocab_size=8000,
-        hidden_size=412,
-        num_hidden_layers=16,
-        group_size=2,
-        num_attention_heads=4,
-        head_dim=82,
-        att_n_experts=8,
-        att_k=2,
-        att_norm_init=False,
-        ff_n_experts=155,
-        ff_expert_size=128,
-        ff_k=12,
-        d_ff=2053,
-        entropy_reg=0.01,
-        att_entropy_reg=0.001,
-        entropy_reg_mode="sequence",
-        rope_fraction=0.5,
-        rope_base=10000.0,
-        max_position_embeddings=1024,
-        norm_placement="peri",
-        group_order="abab",
-        repeats=None,
-        act=None,
-        act_reg=0.01,
-        act_threshold=0.999,
-        act_halt_bias_init=None,
-        mi_reg=0.001,
-        mi_loss="code",
-        sample_topk=0,
-        rel_pos_max=64,
-        layer_norm_eps=1e-5,
-        use_cache=True,
-        output_router_logits=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        tie_word_embeddings=False,
+        arch="moeut", vocab_size=8000, hidden_size=412, num_hidden_layers=16, group_size=2,
+        num_attention_heads=4, head_dim=82,
+        att_n_experts=8, att_k=2, att_norm_init=False,  # SwitchHead
+        ff_n_experts=155, ff_expert_size=128, ff_k=12,  # σ-MoE
+        d_ff=2053,  # dense baseline
+        entropy_reg=0.01, att_entropy_reg=0.001, entropy_reg_mode="sequence",
+        rope_fraction=0.5, rope_base=10000.0, max_position_embeddings=1024,
+        norm_placement="peri", group_order="abab", repeats=None,
+        act=None, act_reg=0.01, act_threshold=0.999, act_halt_bias_init=None,  # ACT (MoEUT and SUT)
+        mi_reg=0.001, mi_loss="code", sample_topk=0, rel_pos_max=64,  # SUT
+        layer_norm_eps=1e-5, use_cache=True, output_router_logits=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
         **kwargs,
     ):
-        if arch not in ("moeut", "dense", "sut"):
-            raise ValueError(f'MoEUTConfig.arch={arch!r}: must be "moeut", "dense" or "sut"')
-        if mi_loss not in ("code", "paper"):
-            raise ValueError(f'MoEUTConfig.mi_loss={mi_loss!r}: must be "code" or "paper"')
-        if entropy_reg_mode not in ("sequence", "batch", "global"):
-            raise ValueError(f'MoEUTConfig.entropy_reg_mode={entropy_reg_mode!r}: must be "sequence", "batch" or "global"')
-        if norm_placement not in ("peri", "pre", "post"):
-            raise ValueError(f'MoEUTConfig.norm_placement={norm_placement!r}: must be "peri", "pre" or "post"')
-        if group_order not in ("abab", "aabb"):
-            raise ValueError(f'MoEUTConfig.group_order={group_order!r}: must be "abab" or "aabb"')
+        _check_choices(arch=arch, mi_loss=mi_loss, entropy_reg_mode=entropy_reg_mode,
+                       norm_placement=norm_placement, group_order=group_order)
         if group_size <= 0 or num_hidden_layers % group_size:
             raise ValueError(f"MoEUTConfig.group_size={group_size} must divide num_hidden_layers={num_hidden_layers}")
         _check_repeats(repeats, arch)
-        if act is None:
-            act = arch == "sut"
-        elif act and arch != "sut" and act_halt_bias_init is None:
-            act = False  # a config.json from before MoEUT had ACT (every one of them said act: true)
-        if act and arch == "dense":
-            raise ValueError("MoEUTConfig.act=True: the dense baseline has no shared depth to halt over")
-        if act and arch == "moeut" and group_order != "abab":
-            raise ValueError('MoEUTConfig.act=True halts between group applications: needs group_order="abab"')
+        act = _resolve_act(act, arch, group_order, act_halt_bias_init)
         self.arch = arch
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -154,13 +113,8 @@ class MoEUTConfig(PreTrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.use_cache = use_cache
         self.output_router_logits = output_router_logits
-        super().__init__(
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            tie_word_embeddings=tie_word_embeddings,
-            **kwargs,
-        )
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def n_repeats(self):
@@ -188,6 +142,40 @@ class MoEUTConfig(PreTrainedConfig):
         """Channels of each head that RoPE rotates (an even number)."""
         n = int(self.rope_fraction * self.head_dim)
         return n - n % 2
+
+
+# the fields that take one of a few names, and those names
+_CHOICES = {
+    "arch": ("moeut", "dense", "sut"),
+    "mi_loss": ("code", "paper"),
+    "entropy_reg_mode": ("sequence", "batch", "global"),
+    "norm_placement": ("peri", "pre", "post"),
+    "group_order": ("abab", "aabb"),
+}
+
+
+def _check_choices(**fields):
+    """Refuse a field of _CHOICES outside its names (in the order given), naming the ones it may take."""
+    for name, value in fields.items():
+        allowed = _CHOICES[name]
+        if value not in allowed:
+            names = ", ".join(f'"{a}"' for a in allowed[:-1]) + f' or "{allowed[-1]}"'
+            raise ValueError(f"MoEUTConfig.{name}={value!r}: must be {names}")
+
+
+def _resolve_act(act, arch, group_order, act_halt_bias_init):
+    """``act`` as the model reads it: None = the architecture's default (on for SUT only); ``act: true`` without
+    ``act_halt_bias_init`` on MoEUT/dense is a config.json from before MoEUT had ACT (every one of them said
+    act: true) and means no ACT. Refuses ACT where the architecture cannot halt."""
+    if act is None:
+        act = arch == "sut"
+    elif act and arch != "sut" and act_halt_bias_init is None:
+        act = False
+    if act and arch == "dense":
+        raise ValueError("MoEUTConfig.act=True: the dense baseline has no shared depth to halt over")
+    if act and arch == "moeut" and group_order != "abab":
+        raise ValueError('MoEUTConfig.act=True halts between group applications: needs group_order="abab"')
+    return act
 
 
 def _check_repeats(repeats, arch):
