@@ -12,10 +12,13 @@ from moeut.cli import main
 from tests.analysis.conftest import TINY_MOEUT, assert_png
 
 
-@pytest.mark.parametrize("analysis,stem", [("expert-usage", "expert_usage_ffn"),
-                                           ("layer-similarity", "layer_similarity_ffn"),
-                                           ("token-diversity", "token_diversity_ffn")])
-def test_routing_analysis_cli_writes_table_json_and_png(tiny_runs, tiny_data, tmp_path, capsys, analysis, stem):
+# figure sizes of the plot code for the tiny MoEUT (G = 2 shared layers, R = 2 repeats); layer-similarity is
+# saved with bbox_inches="tight"
+@pytest.mark.parametrize("analysis,stem,figsize", [("expert-usage", "expert_usage_ffn", (10, 0.5 + 1.4 * 2)),
+                                                   ("layer-similarity", "layer_similarity_ffn", (1.5 + 3.2 * 2, 3.4)),
+                                                   ("token-diversity", "token_diversity_ffn", (12, 4))])
+def test_routing_analysis_cli_writes_table_json_and_png(tiny_runs, tiny_data, tmp_path, capsys, analysis, stem,
+                                                        figsize):
     out = tmp_path / "out"
     rc = main(["analyze", analysis, "--checkpoint", str(tiny_runs["moeut"]), "--data", str(tiny_data), "--out",
                str(out), "--batches", "2", "--batch-size", "2", "--no-progress"])
@@ -24,7 +27,7 @@ def test_routing_analysis_cli_writes_table_json_and_png(tiny_runs, tiny_data, tm
     assert "on 128 tokens" in text and "L1" in text  # 2 batches × 2 × 32 tokens; both shared layers reported
     data = json.loads((out / f"{stem}.json").read_text())
     assert data["analysis"] == analysis
-    assert_png(out / f"{stem}.png")
+    assert_png(out / f"{stem}.png", figsize, tight=analysis == "layer-similarity")
 
 
 def test_residual_norm_cli_compares_moeut_and_dense_on_the_runs_own_validation_split(tiny_runs, tmp_path, capsys):
@@ -37,7 +40,7 @@ def test_residual_norm_cli_compares_moeut_and_dense_on_the_runs_own_validation_s
     res = json.loads((out / "residual_norm.json").read_text())["results"]
     assert [r["arch"] for r in res] == ["moeut", "dense"]
     assert all(r["tokens"] == 64 and len(r["update_norm"]) == 4 and len(r["residual_norm"]) == 5 for r in res)
-    assert_png(out / "residual_norm.png")
+    assert_png(out / "residual_norm.png", (13, 3.8))
 
 
 def test_residual_norm_cli_reads_text_files_with_the_runs_tokenizer(tiny_runs, tmp_path):
@@ -60,7 +63,7 @@ def test_depth_cli_writes_the_curve_table_json_and_png(tiny_runs, tiny_data, tmp
     assert [p["applications"] for p in res["points"]] == [2, 4, 6, 8]
     assert all(p["tokens"] == 128 and p["ppl"] > 1 for p in res["points"])
     assert len({round(p["ppl"], 6) for p in res["points"]}) == 4  # every depth gives another perplexity
-    assert_png(out / "depth.png")
+    assert_png(out / "depth.png", (5.5, 3.8))
     assert main(["analyze", "depth", "--checkpoint", str(tiny_runs["dense"]), "--data", str(tiny_data), "--out",
                  str(tmp_path / "d"), "--batches", "1", "--no-progress"]) == 2
     assert "shares no layers" in capsys.readouterr().err
@@ -86,6 +89,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert rc == 2 and "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sweep_trains_each_config_once_and_a_second_call_does_no_training(tiny_data, tmp_path, monkeypatch, capsys):
     import moeut.analysis.sweep as sweep_module
 
@@ -115,7 +119,7 @@ def test_sweep_trains_each_config_once_and_a_second_call_does_no_training(tiny_d
     assert [r["status"] for r in second["rows"]] == ["done earlier"] * 2
     assert [r["val_ppl"] for r in second["rows"]] == [r["val_ppl"] for r in first["rows"]]
     assert "done earlier" in capsys.readouterr().out
-    assert_png(out / "sweep.png")
+    assert_png(out / "sweep.png", (12, 4))
 
     # a longer budget resumes both runs from their checkpoints
     assert main(args(steps=4)) == 0
@@ -145,6 +149,7 @@ def test_unknown_sweep_name_lists_the_builtin_ones(tmp_path, tiny_data, capsys):
     assert rc == 2 and "expert-size-k" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_wallclock_measures_each_preset_in_its_own_process_with_accumulation(tmp_path, capsys):
     tiny = ",".join(f"{k}={v}" for k, v in TINY_MOEUT.items())
     out = tmp_path / "wc"
@@ -157,7 +162,7 @@ def test_wallclock_measures_each_preset_in_its_own_process_with_accumulation(tmp
     assert r["grad_accum"] == 2 and r["iters"] == 2 and r["ms_per_iter"] > 0 and r["peak_memory_bytes"] >= 0
     assert r["params"] < 1_000_000 and "RSS" in r["memory_kind"]
     assert "ms/iter" in capsys.readouterr().out
-    assert_png(out / "wallclock.png")
+    assert_png(out / "wallclock.png", (10, 3.6))
 
 
 def test_wallclock_unknown_preset_is_a_clear_error(tmp_path, capsys):
@@ -175,15 +180,16 @@ def test_compute_training_macs_are_three_times_forward_macs_times_tokens(tiny_ru
     assert rc == 0
     rows = {r["name"]: r for r in json.loads((out / "compute.json").read_text())["rows"]}
     m = rows["moeut"]
-    cfg = ModelConfig.from_dict(json.loads((Path(tiny_runs["moeut"]) / "model_config.json").read_text()))
+    cfg = ModelConfig.from_saved((Path(tiny_runs["moeut"]) / "model_config.json").read_text())
     assert m["macs_per_token"] == model_stats(cfg, context=32)["macs_per_token"]
     assert m["tokens"] == 3 * 4 * 32 and m["train_macs"] == 3 * m["macs_per_token"] * m["tokens"]
     assert m["hardware"].startswith("cpu") and m["val_ppl"] > 1 and m["wall_time_s"] > 0
     assert rows["moeut-44m"]["train_macs"] == 3 * rows["moeut-44m"]["macs_per_token"] * 1000
     assert "train MACs" in capsys.readouterr().out
-    assert_png(out / "compute.png")
+    assert_png(out / "compute.png", (11, 4))
 
 
+@pytest.mark.slow
 def test_training_logs_residual_norms_at_the_interval(tiny_data, tmp_path):
     from moeut.train import TrainConfig, train
 

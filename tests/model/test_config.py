@@ -87,4 +87,4 @@ def test_config_round_trips_through_dict_and_json(name):
     import json
 
     cfg = ModelConfig.from_name(name)
-    assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert ModelConfig.from_saved(cfg.to_json()) == cfg

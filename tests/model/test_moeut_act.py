@@ -6,12 +6,14 @@ MoEUT had ACT keep loading as the models they are."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from moeut.model import ConfigError, KVCache, ModelConfig, build_model
+from moeut.model.config import SCHEMA_VERSION
 from tests.model.helpers import tiny_config
 
 # tiny_config: n_layers 6, G = 2: at most 3 group applications (2 halting decisions)
@@ -74,6 +76,7 @@ def test_cached_decoding_equals_the_full_pass_with_left_padding(repeats):
     assert (unfrozen - ref.logits).abs().max() > 1e-3, "no token froze: the test would not test freezing"
 
 
+@pytest.mark.slow
 def test_generate_cached_and_batched_equal_uncached_and_one_by_one():
     model = act_model()
     prompts = [[5, 7, 9, 11], [3], [1, 2, 3, 4, 5, 6, 7]]
@@ -134,18 +137,28 @@ def test_depth_is_none_without_act_and_the_model_has_no_gate():
 
 
 def test_configs_written_before_moeut_had_act_keep_act_off():
-    """Every saved config carried ``act: true`` (it meant something for SUT only); a complete dump without
-    ``act_halt_bias_init`` is one of those, while a preset with the override means it."""
+    """Every config saved before the schema version (version 1) carried ``act: true`` (it meant something for
+    SUT only); one without ``act_halt_bias_init`` predates MoEUT's ACT and loads with act off. Saved configs now
+    carry ``schema_version``; a dict of fields as given (a preset with overrides) is never upgraded."""
     old = tiny_config().to_dict()
     del old["act_halt_bias_init"]
     old["act"] = True
-    assert ModelConfig.from_dict(old).act is False
-    assert ModelConfig.from_dict({**old, "act_halt_bias_init": 0.0}).act is True
+    assert ModelConfig.from_saved(old).act is False
+    assert ModelConfig.from_saved({**old, "act_halt_bias_init": 0.0}).act is True
+    assert ModelConfig.from_dict(old).act is True  # fields as given mean what they say
     assert ModelConfig.from_name("moeut-tiny", act=True).act is True
     sut = ModelConfig.from_name("sut-tiny").to_dict()
     del sut["act_halt_bias_init"]
-    assert ModelConfig.from_dict(sut).act is True
+    assert ModelConfig.from_saved(sut).act is True
     assert ModelConfig.from_name("moeut-tiny").act is False and ModelConfig.from_name("sut-tiny").act is True
+    saved = json.loads(ModelConfig.from_name("moeut-tiny-act").to_json())
+    assert saved["schema_version"] == SCHEMA_VERSION and ModelConfig.from_saved(saved).act is True
+
+
+def test_a_config_from_a_newer_moeut_is_refused_with_the_fix():
+    saved = {**tiny_config().to_dict(), "schema_version": SCHEMA_VERSION + 1}
+    with pytest.raises(ConfigError, match="model_config.json has schema_version .* upgrade moeut"):
+        ModelConfig.from_saved(saved, source="model_config.json")
 
 
 @pytest.mark.parametrize("kw, field", [

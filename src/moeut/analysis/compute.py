@@ -59,7 +59,7 @@ def run_row(run_dir: str | Path) -> ComputeRow:
     if not mc:
         raise AnalysisError(f"{run} is not a moeut run directory (no model_config.json); pass directories written "
                             "by `moeut train`")
-    cfg = ModelConfig.from_dict(mc)
+    cfg = ModelConfig.from_saved(mc, source=str(run / MODEL_CONFIG))
     tc = _read_json(run / TRAIN_CONFIG)
     summary = _read_json(run / SUMMARY)
     context = tc.get("seq_len") or cfg.context_length

@@ -221,8 +221,8 @@ def run_sweep(entries: Sequence[SweepEntry], data: str | Path, out: str | Path, 
                 summary = train_run(cfg, resume=True, show_progress=show_progress, allow_schedule_change=True)
             except TrainingError as err:
                 raise AnalysisError(f"sweep run {e.name!r} ({run_dir}): {err}") from err
-        model_cfg = (ModelConfig.from_dict(json.loads((run_dir / MODEL_CONFIG).read_text())) if summary
-                     else cfg.model_config())
+        saved = run_dir / MODEL_CONFIG
+        model_cfg = ModelConfig.from_saved(saved.read_text(), source=str(saved)) if summary else cfg.model_config()
         stats = model_stats(model_cfg, context=cfg.seq_len)
         rows.append(SweepRow(name=e.name, preset=e.preset, model=e.model, run_dir=str(run_dir), status=status,
                              params=stats["params_total"], active_params=stats["active_params_per_token"],

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal
 
 from moeut.errors import MoeutError
@@ -135,82 +136,40 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
-        def need(cond: bool, name: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}: {msg}")
-
-        need(self.arch in ARCHS, "arch", 'must be "moeut", "dense" or "sut"')
-        for name in ("vocab_size", "d_model", "n_layers", "group_size", "n_heads", "d_head", "context_length"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
-                 "must be a positive integer")
-        need(self.n_layers % self.group_size == 0, "group_size",
-             f"must divide n_layers={self.n_layers} (the group of G layers is repeated n_layers/G times); "
-             f"choose a divisor such as {_divisors(self.n_layers)}")
-        need(0.0 <= self.rope_fraction <= 1.0, "rope_fraction", "must be in [0, 1]")
-        need(self.rope_base > 0, "rope_base", "must be positive")
-        need(self.entropy_reg >= 0, "entropy_reg", "must be >= 0 (0 disables the σ-MoE regulariser)")
-        need(self.att_entropy_reg >= 0, "att_entropy_reg", "must be >= 0 (0 disables the attention regulariser)")
-        need(self.entropy_reg_mode in ENTROPY_REG_MODES, "entropy_reg_mode",
-             'must be "sequence" (per sequence, the paper\'s), "batch" (the micro-batch) or "global" (all '
-             'data-parallel ranks)')
-        need(self.entropy_reg_mode == "sequence" or self.arch == "moeut", "entropy_reg_mode",
-             f'only MoEUT has the entropy regulariser (arch={self.arch!r}); leave it at "sequence"')
-        need(self.norm_placement in NORM_PLACEMENTS, "norm_placement", 'must be "peri", "pre" or "post"')
-        need(self.group_order in GROUP_ORDERS, "group_order", 'must be "abab" or "aabb"')
-        if self.arch != "moeut":
-            need(self.norm_placement == "peri", "norm_placement",
-                 f'only MoEUT layers take a LayerNorm placement (arch={self.arch!r} has a fixed one: dense is '
-                 f'pre-LN, SUT post-LN); leave it at "peri"')
-        need(isinstance(self.att_norm_init, bool), "att_norm_init", "must be true or false")
-        need(not self.att_norm_init or self.arch == "moeut", "att_norm_init",
-             f"only MoEUT layers have SwitchHead V/O experts to renormalise (arch={self.arch!r}); leave it false")
-        if self.arch in ("moeut", "sut"):
-            for name in ("att_n_experts", "att_k", "ff_n_experts", "ff_expert_size", "ff_k"):
-                need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
-                     "must be a positive integer")
-            need(self.ff_k <= self.ff_n_experts, "ff_k",
-                 f"K cannot exceed the number of experts ff_n_experts={self.ff_n_experts}; lower ff_k or add experts")
-            need(self.att_k <= self.att_n_experts, "att_k",
-                 f"K_A cannot exceed att_n_experts={self.att_n_experts}; lower att_k or add experts")
-        need(isinstance(self.act, bool), "act", "must be true or false")
-        need(not self.act or self.arch != "dense", "act",
-             "the dense baseline shares no layers, so it has no depth to halt over; use act=false")
-        if self.act:
-            need(self.act_reg >= 0, "act_reg", "must be >= 0 (0 disables the ACT loss)")
-            need(0.0 < self.act_threshold < 1.0, "act_threshold", "must be in (0, 1), e.g. 0.999")
-        need(isinstance(self.act_halt_bias_init, (int, float)) and math.isfinite(self.act_halt_bias_init),
-             "act_halt_bias_init", "must be a finite number (negative = deep start)")
-        need(not self.act or self.group_order == "abab", "group_order",
-             'ACT halts between applications of the whole group (A B | A B | …): use group_order="abab"')
-        need(self.act_halt_bias_init == 0.0 or (self.act and self.arch == "moeut"), "act_halt_bias_init",
-             "only MoEUT's halting gate has a bias (needs arch='moeut' and act=true); leave it at 0")
-        if self.arch == "sut":
-            need(self.mi_reg >= 0, "mi_reg", "must be >= 0 (0 disables the mutual-information loss)")
-            need(self.mi_loss in MI_LOSS_FORMS, "mi_loss",
-                 'must be "code" (H(E|X) + H(E), the SUT authors\' code) or "paper" (H(E|X) - H(E))')
-            need(isinstance(self.sample_topk, int) and 0 <= self.sample_topk <= self.att_k, "sample_topk",
-                 f"must be an integer in [0, att_k] = [0, {self.att_k}] (it samples attention experts only)")
-            need(isinstance(self.rel_pos_max, int) and self.rel_pos_max >= 1, "rel_pos_max",
-                 "must be a positive integer (relative distances are clipped to ±(rel_pos_max - 1))")
-        elif self.arch == "dense":
-            need(isinstance(self.d_ff, int) and self.d_ff > 0, "d_ff", "must be a positive integer")
-            need(self.group_size == 1 or self.group_size == self.n_layers, "group_size",
-                 "the dense baseline does not share layers: use group_size = n_layers")
+        """Raise a ConfigError naming the first invalid field: the fields every architecture shares, then those
+        of ``arch`` (each architecture's rules in its own function below)."""
+        _validate_shared(self)
+        _ARCH_RULES[self.arch](self)
 
     # ------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        """The saved form (``model_config.json``, checkpoints): every field and the schema version."""
+        return json.dumps({"schema_version": SCHEMA_VERSION, **self.to_dict()}, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Fields as given (a preset with overrides, a user's dict); read saved configs with :meth:`from_saved`."""
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**_upgrade_pre_moeut_act(d))
+        return cls(**d)
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any] | str, *, source: str = "the saved configuration") -> "ModelConfig":
+        """A configuration moeut wrote (:meth:`to_json`: a run's ``model_config.json``, a checkpoint's, an
+        export's), upgraded from the schema version it was written with; ``source`` names it in errors."""
+        d = json.loads(d) if isinstance(d, str) else dict(d)
+        version = d.pop("schema_version", 1)  # configs written before the version was saved are version 1
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise ConfigError(f"{source} has schema_version {version!r}, newer than this moeut reads "
+                              f"({SCHEMA_VERSION}): upgrade moeut (pip install -U moeut)")
+        for upgrade in _UPGRADES[version - 1:]:
+            d = upgrade(d)
+        return cls.from_dict(d)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return self.from_dict({**self.to_dict(), **changes})
@@ -249,19 +208,111 @@ def parse_preset(spec: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"{e}; overrides are field=value pairs separated by commas") from e
 
 
-# fields that only a complete dump (``to_dict``) of a MoEUT/dense config holds, never a preset with overrides
-_DUMP_MARKERS = ("act_reg", "act_threshold", "mi_reg", "mi_loss", "rel_pos_max", "d_ff", "sample_topk")
-
-
-def _upgrade_pre_moeut_act(d: dict[str, Any]) -> dict[str, Any]:
-    """A complete config written before MoEUT had ACT (it lacks ``act_halt_bias_init``) carries ``act: true``
-    for every architecture, where it only meant something for SUT: read it as act=false for MoEUT and dense,
-    so those runs and exports keep loading as the models they are."""
-    if "act_halt_bias_init" in d or d.get("arch", "moeut") == "sut" or d.get("act") is not True:
+def _upgrade_1_to_2(d: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 configs written before MoEUT had ACT (they lack ``act_halt_bias_init``) carry ``act: true`` for
+    every architecture, where it only meant something for SUT: read it as act=false for MoEUT and dense, so
+    those runs and exports keep loading as the models they are."""
+    if "act_halt_bias_init" in d or d.get("arch", "moeut") == "sut":
         return d
-    if not all(k in d for k in _DUMP_MARKERS):
-        return d  # a partial dict (a preset with overrides): act=true is meant
     return {**d, "act": False}
+
+
+# _UPGRADES[v - 1] turns a version-v config into version v + 1
+_UPGRADES: list[Callable[[dict[str, Any]], dict[str, Any]]] = [_upgrade_1_to_2]
+SCHEMA_VERSION = len(_UPGRADES) + 1
+
+
+def _need(cfg: ModelConfig, cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"ModelConfig.{name}={getattr(cfg, name)!r}: {msg}")
+
+
+def _positive_ints(cfg: ModelConfig, *names: str) -> None:
+    for name in names:
+        _need(cfg, isinstance(getattr(cfg, name), int) and getattr(cfg, name) > 0, name, "must be a positive integer")
+
+
+def _validate_shared(cfg: ModelConfig) -> None:
+    """The fields every architecture has: sizes, positions, grouping, ACT."""
+    _need(cfg, cfg.arch in ARCHS, "arch", 'must be "moeut", "dense" or "sut"')
+    _positive_ints(cfg, "vocab_size", "d_model", "n_layers", "group_size", "n_heads", "d_head", "context_length")
+    _need(cfg, cfg.n_layers % cfg.group_size == 0, "group_size",
+          f"must divide n_layers={cfg.n_layers} (the group of G layers is repeated n_layers/G times); "
+          f"choose a divisor such as {_divisors(cfg.n_layers)}")
+    _need(cfg, 0.0 <= cfg.rope_fraction <= 1.0, "rope_fraction", "must be in [0, 1]")
+    _need(cfg, cfg.rope_base > 0, "rope_base", "must be positive")
+    _need(cfg, cfg.group_order in GROUP_ORDERS, "group_order", 'must be "abab" or "aabb"')
+    _need(cfg, cfg.norm_placement in NORM_PLACEMENTS, "norm_placement", 'must be "peri", "pre" or "post"')
+    _need(cfg, isinstance(cfg.att_norm_init, bool), "att_norm_init", "must be true or false")
+    _need(cfg, isinstance(cfg.act, bool), "act", "must be true or false")
+    if cfg.act:
+        _need(cfg, cfg.act_reg >= 0, "act_reg", "must be >= 0 (0 disables the ACT loss)")
+        _need(cfg, 0.0 < cfg.act_threshold < 1.0, "act_threshold", "must be in (0, 1), e.g. 0.999")
+        _need(cfg, cfg.group_order == "abab", "group_order",
+              'ACT halts between applications of the whole group (A B | A B | …): use group_order="abab"')
+    _need(cfg, isinstance(cfg.act_halt_bias_init, (int, float)) and math.isfinite(cfg.act_halt_bias_init),
+          "act_halt_bias_init", "must be a finite number (negative = deep start)")
+    if cfg.arch != "moeut":
+        _not_moeut(cfg)
+
+
+def _not_moeut(cfg: ModelConfig) -> None:
+    """Settings only MoEUT layers have must keep their defaults in the baselines."""
+    _need(cfg, cfg.entropy_reg_mode == "sequence", "entropy_reg_mode",
+          f'only MoEUT has the entropy regulariser (arch={cfg.arch!r}); leave it at "sequence"')
+    _need(cfg, cfg.norm_placement == "peri", "norm_placement",
+          f'only MoEUT layers take a LayerNorm placement (arch={cfg.arch!r} has a fixed one: dense is pre-LN, SUT '
+          f'post-LN); leave it at "peri"')
+    _need(cfg, not cfg.att_norm_init, "att_norm_init",
+          f"only MoEUT layers have SwitchHead V/O experts to renormalise (arch={cfg.arch!r}); leave it false")
+    _need(cfg, cfg.act_halt_bias_init == 0.0, "act_halt_bias_init",
+          "only MoEUT's halting gate has a bias (needs arch='moeut' and act=true); leave it at 0")
+
+
+def _experts(cfg: ModelConfig) -> None:
+    """The expert counts of MoEUT's and SUT's attention and MLP mixtures."""
+    _positive_ints(cfg, "att_n_experts", "att_k", "ff_n_experts", "ff_expert_size", "ff_k")
+    _need(cfg, cfg.ff_k <= cfg.ff_n_experts, "ff_k",
+          f"K cannot exceed the number of experts ff_n_experts={cfg.ff_n_experts}; lower ff_k or add experts")
+    _need(cfg, cfg.att_k <= cfg.att_n_experts, "att_k",
+          f"K_A cannot exceed att_n_experts={cfg.att_n_experts}; lower att_k or add experts")
+
+
+def _validate_moeut(cfg: ModelConfig) -> None:
+    """MoEUT (and σ-MoE, the ablations): SwitchHead and σ-MoE experts, the entropy regulariser."""
+    _experts(cfg)
+    _need(cfg, cfg.entropy_reg >= 0, "entropy_reg", "must be >= 0 (0 disables the σ-MoE regulariser)")
+    _need(cfg, cfg.att_entropy_reg >= 0, "att_entropy_reg", "must be >= 0 (0 disables the attention regulariser)")
+    _need(cfg, cfg.entropy_reg_mode in ENTROPY_REG_MODES, "entropy_reg_mode",
+          'must be "sequence" (per sequence, the paper\'s), "batch" (the micro-batch) or "global" (all '
+          'data-parallel ranks)')
+    _need(cfg, cfg.act_halt_bias_init == 0.0 or cfg.act, "act_halt_bias_init",
+          "only MoEUT's halting gate has a bias (needs arch='moeut' and act=true); leave it at 0")
+
+
+def _validate_dense(cfg: ModelConfig) -> None:
+    """The dense pre-LN baseline: no experts, no sharing, so no depth to halt over."""
+    _need(cfg, isinstance(cfg.d_ff, int) and cfg.d_ff > 0, "d_ff", "must be a positive integer")
+    _need(cfg, cfg.group_size == 1 or cfg.group_size == cfg.n_layers, "group_size",
+          "the dense baseline does not share layers: use group_size = n_layers")
+    _need(cfg, not cfg.act, "act",
+          "the dense baseline shares no layers, so it has no depth to halt over; use act=false")
+
+
+def _validate_sut(cfg: ModelConfig) -> None:
+    """SUT: mixtures of attention heads and a softmax MoE, the mutual-information loss, relative positions."""
+    _experts(cfg)
+    _need(cfg, cfg.mi_reg >= 0, "mi_reg", "must be >= 0 (0 disables the mutual-information loss)")
+    _need(cfg, cfg.mi_loss in MI_LOSS_FORMS, "mi_loss",
+          'must be "code" (H(E|X) + H(E), the SUT authors\' code) or "paper" (H(E|X) - H(E))')
+    _need(cfg, isinstance(cfg.sample_topk, int) and 0 <= cfg.sample_topk <= cfg.att_k, "sample_topk",
+          f"must be an integer in [0, att_k] = [0, {cfg.att_k}] (it samples attention experts only)")
+    _need(cfg, isinstance(cfg.rel_pos_max, int) and cfg.rel_pos_max >= 1, "rel_pos_max",
+          "must be a positive integer (relative distances are clipped to ±(rel_pos_max - 1))")
+
+
+_ARCH_RULES: dict[str, Callable[[ModelConfig], None]] = {"moeut": _validate_moeut, "dense": _validate_dense,
+                                                         "sut": _validate_sut}
 
 
 def _divisors(n: int) -> list[int]:

@@ -61,7 +61,7 @@ def model_config_from_hf(d: dict[str, Any]) -> ModelConfig:
         key = HF_NAMES.get(f.name, f.name)
         if f.init and key in d:
             kwargs[f.name] = d[key]
-    cfg = ModelConfig.from_dict(kwargs)
+    cfg = ModelConfig.from_saved(kwargs, source="the export's config.json")
     # an export may set a depth at inference (``repeats``: the group applied that many times)
     return cfg if d.get("repeats") is None else cfg.with_repeats(d["repeats"])
 

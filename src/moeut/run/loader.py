@@ -99,7 +99,8 @@ def load_run(path: str | Path, *, tokenizer: str | Path | None = None, device: s
         skipped = ()
     else:
         source, state, skipped = _checkpoint(path)
-        model = build_model(ModelConfig.from_dict(json.loads(state["model_config"])), backend=backend)
+        cfg = ModelConfig.from_saved(state["model_config"], source=f"checkpoint {source}")
+        model = build_model(cfg, backend=backend)
         model.load_state_dict(state["model"])
         model.eval()
         recorded, step, kind, run_dir = state.get("tokenizer_sha256"), state.get("step"), "checkpoint", run_dir_of(source)
