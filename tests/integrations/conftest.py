@@ -62,3 +62,22 @@ def export_dir(tmp_path_factory, run_dir) -> Path:
     from moeut.integrations.hf import export_hf
 
     return export_hf(run_dir, tmp_path_factory.mktemp("export") / "moeut-tiny")
+
+
+def unregister_moeut_auto() -> None:
+    """Undo ``moeut.integrations.hf.register()`` (transformers has no public unregister). Loading an export
+    through moeut's loader registers the package's classes with the Auto classes; while they are registered,
+    ``trust_remote_code=True`` resolves to them instead of the export's own files."""
+    import sys
+
+    hf = sys.modules.get("moeut.integrations.hf")
+    if hf is None or not getattr(hf, "_REGISTERED", False):
+        return
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    from moeut.integrations.hf.configuration_moeut import MoEUTConfig
+
+    configuration_auto.CONFIG_MAPPING._extra_content.pop("moeut", None)
+    for mapping in (modeling_auto.MODEL_MAPPING, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING):
+        mapping._extra_content.pop(MoEUTConfig, None)
+    hf._REGISTERED = False

@@ -18,7 +18,7 @@ import torch
 from moeut.integrations.hf.tokenizer import ROUND_TRIP_TEXTS
 from tests.run_helpers import load_model
 from tests.data.helpers import make_documents
-from tests.integrations.conftest import need_hf
+from tests.integrations.conftest import unregister_moeut_auto, need_hf
 from tests.integrations.helpers import STEP, TINY, left_padded, logits_tol, make_run, until_eos
 
 PROMPTS = [[5, 17, 33, 40], [7], [11, 12, 13, 14, 15, 16, 17], [250, 251]]  # no special ids (pad would be masked)
@@ -187,15 +187,7 @@ def registered():
     moeut_hf.register()
     moeut_hf.register()  # idempotent
     yield
-    # transformers has no public unregister: undo it, so that other tests load the remote code
-    from transformers.models.auto import configuration_auto, modeling_auto
-
-    from moeut.integrations.hf.configuration_moeut import MoEUTConfig
-
-    configuration_auto.CONFIG_MAPPING._extra_content.pop("moeut", None)
-    for mapping in (modeling_auto.MODEL_MAPPING, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING):
-        mapping._extra_content.pop(MoEUTConfig, None)
-    moeut_hf._REGISTERED = False
+    unregister_moeut_auto()  # so that other tests load the remote code
 
 
 def test_register_makes_it_load_without_remote_code(registered, export_dir, run_dir, tokenizer):
@@ -235,6 +227,7 @@ def _paths_without_moeut() -> tuple[list[str], bool]:
     return paths, block
 
 
+@pytest.mark.slow
 def test_loads_where_moeut_is_not_installed(export_dir, run_dir, tokenizer, tmp_path):
     """A fresh interpreter (-I -S) with only the venv's site-packages: `import moeut` fails there."""
     ref = load_model(run_dir)

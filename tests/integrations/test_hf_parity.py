@@ -15,8 +15,17 @@ import torch
 
 from moeut.model import ModelConfig, build_model
 from moeut.run.checkpoint import save_checkpoint
-from tests.integrations.conftest import need_hf
+from tests.integrations.conftest import need_hf, unregister_moeut_auto
 from tests.integrations.helpers import STEP, left_padded, logits_tol, until_eos
+
+
+
+@pytest.fixture(autouse=True)
+def _remote_code_not_the_package():
+    """Earlier tests may have loaded an export through moeut, which registers the package's classes: this file
+    tests the export's own files."""
+    unregister_moeut_auto()
+
 
 PROMPTS = [[5, 17, 33, 40], [7], [11, 12, 13, 14, 15, 16, 17]]  # left-padded into one batch
 NEW_TOKENS = 8
