@@ -77,7 +77,27 @@ def tiny_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
             "dense": _train(tiny_data, root / "dense", "dense-tiny", TINY_DENSE)}
 
 
-def assert_png(path: Path) -> None:
-    assert path.is_file(), path
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, f"{path} is not a non-empty PNG"
+def assert_png(path: Path, figsize: tuple[float, float], *, dpi: int = 120, tight: bool = False) -> None:
+    """``path`` decodes as an image of the figure's size, with data drawn on it.
+
+    Size: ``figsize`` (inches, as the plot code passes it to ``plt.subplots``) × ``dpi`` pixels, to a pixel; with
+    ``tight`` (``savefig(bbox_inches="tight")`` crops or extends to the drawn content) within 25 %. Content: at
+    least 0.05 % of the pixels are coloured (not white, grey or black: axes, ticks and text are black on white),
+    i.e. a curve, markers or a heatmap was drawn (the sparsest plot here, compute.png's points, has 0.16 %).
+    """
+    from matplotlib import image
+
+    assert path.is_file(), f"{path} was not written"
+    img = image.imread(str(path))  # float RGB(A) in [0, 1]; raises on anything that is not a PNG
+    assert img.ndim == 3 and img.shape[2] in (3, 4), f"{path}: unexpected image shape {img.shape}"
+    height, width = img.shape[:2]
+    want_w, want_h = figsize[0] * dpi, figsize[1] * dpi
+    if tight:
+        assert abs(width - want_w) <= 0.25 * want_w and abs(height - want_h) <= 0.25 * want_h, (
+            f"{path} is {width}x{height} px, expected about {want_w:.0f}x{want_h:.0f} (figsize {figsize}, tight)")
+    else:
+        assert abs(width - want_w) <= 1 and abs(height - want_h) <= 1, (
+            f"{path} is {width}x{height} px, expected {want_w:.0f}x{want_h:.0f} (figsize {figsize} at {dpi} dpi)")
+    rgb = img[..., :3]
+    coloured = float(((rgb.max(axis=2) - rgb.min(axis=2)) > 0.2).mean())
+    assert coloured >= 0.0005, f"{path}: only {coloured:.3%} of the pixels are coloured: no data drawn?"
