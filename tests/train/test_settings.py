@@ -22,7 +22,7 @@ EXAMPLES = {"preset": "dense-tiny", "out": "runs/x", "steps": 77, "batch_size": 
             "residual_norm_every": 12, "seed": 3, "device": "cpu", "precision": "bf16", "backend": "torch",
             "fsdp": True, "compile": True, "activation_checkpointing": 2, "schedule": "wsd", "decay_steps": 10,
             "decay_fraction": 0.3, "decay_shape": "cosine", "peak_tflops": 100.0, "init_from": "runs/y",
-            "wandb_project": "p", "wandb_run_name": "n", "wandb_entity": "e"}
+            "depth_sampling": "uniform:1-3", "wandb_project": "p", "wandb_run_name": "n", "wandb_entity": "e"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ from moeut.data.mixture import MixtureSpecError, parse_sources
 from moeut.model.config import ConfigError, ModelConfig
 from moeut.model.presets import RECIPES
 from moeut.settings import field_default, setting, settings_of
+from moeut.train.depth_sampling import DepthSampler, DepthSamplingError
 from moeut.train.schedule import DECAY_SHAPES, DEFAULT_DECAY_FRACTION, SCHEDULES, LRSchedule
 
 @dataclass
@@ -80,6 +81,11 @@ class TrainConfig:
     decay_fraction: float | None = setting(None, default_text="0.2 when --decay-steps is not given",
                                            help="wsd: decay over this fraction of --steps")
     decay_shape: str = setting("linear", choices=DECAY_SHAPES, help="wsd: shape of the decay to final_lr_ratio × lr")
+    depth_sampling: str = setting("", metavar="LAW",
+                                  help='train with the number of group applications drawn anew every step '
+                                       '(shared-layer models): "uniform:LO-HI" or Huginn\'s '
+                                       '"lognormal-poisson:MEAN:MAX[:SIGMA]"; validation stays at the trained depth; '
+                                       '"" = the trained depth every step')
     peak_tflops: float | None = setting(None, resumable=True,
                                         default_text="a table of common GPUs in bf16; no mfu on CPUs",
                                         help="per-device peak TFLOP/s for the mfu metric")
@@ -148,12 +154,23 @@ class TrainConfig:
             need(self.steps - self.wsd_decay_steps() >= self.warmup_steps, "warmup_steps",
                  f"must end before the decay starts (step {self.steps - self.wsd_decay_steps()})")
         need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
+        if self.depth_sampling:
+            try:
+                DepthSampler.parse(self.depth_sampling)
+            except DepthSamplingError as e:
+                raise ConfigError(f"TrainConfig.depth_sampling: {e}") from None
+            need(self.model_config().arch != "dense", "depth_sampling",
+                 "the dense baseline shares no layers, so its depth cannot change; leave it empty")
         if self.data:  # the format of "DIR[:WEIGHT]" entries; the directories are opened by the trainer
             try:
                 parse_sources(self.data)
             except MixtureSpecError as e:
                 raise ConfigError(f"TrainConfig.data={self.data!r}: {e}") from None
         self.model_config()  # validates preset and overrides
+
+    def depth_sampler(self) -> DepthSampler | None:
+        """The per-step depth law (None: the trained depth every step)."""
+        return DepthSampler.parse(self.depth_sampling) if self.depth_sampling else None
 
     def wsd_decay_steps(self) -> int:
         """Length of the WSD decay: decay_steps, or round(decay_fraction · steps) (default fraction 0.2)."""

@@ -30,6 +30,9 @@ def header_lines(cfg: TrainConfig, model_cfg, stats: dict[str, Any], info: DistI
            if cfg.activation_checkpointing else ""),
         f"run        {cfg.out}" + (f" (resuming at step {start_step})" if start_step else ""),
     ]
+    if cfg.depth_sampling:
+        lines.insert(4, f"depth      {cfg.depth_sampler().describe()}; validation at the trained "
+                        f"{model_cfg.n_repeats}")
     if cfg.warmup_steps >= cfg.steps:
         last_lr = cfg.lr_schedule().lr(cfg.steps - 1)
         lines.append(f"warning    warmup {cfg.warmup_steps} >= steps {cfg.steps}: the learning rate never reaches --lr "

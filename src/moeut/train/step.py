@@ -36,8 +36,10 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, *,
                grad_accum: int = 1, grad_clip: float = 0.0,
                autocast: contextlib.AbstractContextManager | None = None,
-               device: torch.device | None = None, distributed: bool = False) -> StepResult:
-    """One optimizer step over ``batch`` ``[B, T+1]`` (this rank's rows), in ``grad_accum`` micro-batches."""
+               device: torch.device | None = None, distributed: bool = False,
+               repeats: int | None = None) -> StepResult:
+    """One optimizer step over ``batch`` ``[B, T+1]`` (this rank's rows), in ``grad_accum`` micro-batches;
+    ``repeats``: apply the group of shared layers that many times (None = the trained depth)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     if device is not None:
@@ -50,7 +52,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
         no_sync = distributed and not sync and hasattr(model, "no_sync")
         with model.no_sync() if no_sync else contextlib.nullcontext():
             with autocast or contextlib.nullcontext():
-                out = model(mb[:, :-1], targets=mb[:, 1:])  # the model's head computes the CE (maybe in chunks)
+                # the model's head computes the CE (maybe in chunks)
+                out = model(mb[:, :-1], targets=mb[:, 1:], **({} if repeats is None else {"repeats": repeats}))
             ce = out.ce
             loss = (ce + out.reg_loss) / len(micro)
             loss.backward()

@@ -162,7 +162,9 @@ class Trainer:
                                          self.autocast, self.progress.step)), flush=True)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
         self.schedule = cfg.lr_schedule()
-        self.flops_per_step = train_flops_per_token(self.model_cfg, cfg.seq_len) * self.tokens_per_step / info.world_size
+        self.depth_sampler = cfg.depth_sampler()
+        per_token = train_flops_per_token(self.model_cfg, cfg.seq_len)
+        self.flops_per_step = per_token * self.tokens_per_step / info.world_size
         self.peak_tflops = device_peak_tflops(info.device, cfg.peak_tflops)
 
     # ------------------------------------------------------------------ the loop
@@ -243,9 +245,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = self.sampler.batch(step)
+        repeats = self.depth_sampler.repeats(cfg.seed, step) if self.depth_sampler else None
         t_step = time.perf_counter()
         res = train_step(self.wrapped, self.optimizer, batch, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
-                         autocast=self.autocast, device=info.device, distributed=info.distributed)
+                         autocast=self.autocast, device=info.device, distributed=info.distributed, repeats=repeats)
         self.clock.window_time += time.perf_counter() - t_step  # train_step ends in .item(): the device is done
         self.clock.window_steps += 1
         if not (math.isfinite(res.ce) and math.isfinite(res.reg)):
@@ -260,6 +263,8 @@ class Trainer:
                      "tokens_seen": self.progress.tokens_seen, "tok_per_s": tok_s, "tflops": tflops,
                      "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
                      "peak_memory_bytes": self.memory.peak_bytes()}
+        if repeats is not None:
+            self.last["depth/repeats"] = repeats
         return res
 
     def log(self, done: int, res: StepResult, console: bool) -> None:
@@ -269,7 +274,7 @@ class Trainer:
         if want_routing and res.expert_counts is not None:
             last.update(routing_stats(res.expert_counts))
         if res.depth is not None:  # ACT: mean and distribution of the per-token depth, every step
-            last.update(depth_metrics(res.depth, _max_depth(self.model_cfg)))
+            last.update(depth_metrics(res.depth, self._max_depth()))
         want_norms = cfg.residual_norm_every > 0 and done % cfg.residual_norm_every == 0
         if want_norms:
             last.update(_residual_norms(self.wrapped, self.data.val, cfg, self.autocast, self.info))
@@ -283,6 +288,13 @@ class Trainer:
         self.bar.set_postfix(loss=f"{res.ce:.3f}", reg=f"{res.reg:+.4f}", lr=f"{last['lr']:.2e}",
                              gnorm=f"{res.grad_norm:.3f}", tok_s=f"{last['tok_per_s']:,.0f}",
                              tflops=f"{last['tflops']:.3g}", mem=f"{last['peak_memory_bytes'] / 2**20:,.0f}MiB")
+
+    def _max_depth(self) -> int:
+        """The largest ACT depth a step can report: group applications for MoEUT, layer applications for SUT
+        (whose group is one layer), up to the most a sampled depth allows."""
+        cfg = self.model_cfg
+        trained = cfg.n_layers if cfg.is_sut else cfg.n_repeats
+        return max(trained, self.depth_sampler.high) if self.depth_sampler else trained
 
     def evaluate(self, done: int, complete: bool) -> None:
         """Validation perplexity after step ``done`` (``eval_batches`` batches, or all when ``complete``)."""
@@ -340,11 +352,6 @@ def _residual_norms(model: torch.nn.Module, val_ds, cfg: TrainConfig, autocast, 
     with autocast or contextlib.nullcontext():
         out = model(batch[:, :-1].to(info.device), output_hidden_states=True)
     return residual_norm_metrics(out.hidden_states) if out.hidden_states is not None else {}
-
-
-def _max_depth(model_cfg) -> int:
-    """The depth unit of ACT: group applications for MoEUT, layer applications for SUT."""
-    return model_cfg.n_layers if model_cfg.is_sut else model_cfg.n_repeats
 
 
 def _hardware(device: torch.device) -> str:
