@@ -59,17 +59,17 @@ class MoEUTLayer(nn.Module):
             x = x + att
             xn = self.ln2(x)
             upd, route_ff = self.ffn(xn, xn)
-            return x + upd, kv, LayerRouting(route_v, route_o, route_ff)
+            return x + upd, kv, LayerRouting(att_v=route_v, att_o=route_o, ffn=route_ff)
         if self.norm_placement == "post":
             att, kv, route_v, route_o = self.attention(x, x, rope, mask, past)
             x = self.ln1(x + att)
             upd, route_ff = self.ffn(x, x)
-            return self.ln2(x + upd), kv, LayerRouting(route_v, route_o, route_ff)
+            return self.ln2(x + upd), kv, LayerRouting(att_v=route_v, att_o=route_o, ffn=route_ff)
         xn = self.ln1(x)
         att, kv, route_v, route_o = self.attention(x, xn, rope, mask, past)
         x = x + att
         upd, route_ff = self.ffn(x, self.ln2(x))
-        return x + upd, kv, LayerRouting(route_v, route_o, route_ff)
+        return x + upd, kv, LayerRouting(att_v=route_v, att_o=route_o, ffn=route_ff)
 
 
 class DenseLayer(nn.Module):

@@ -79,7 +79,7 @@ class SUTLayer(nn.Module):
         att, kv, route_att = self.attention(x_q, x_kv, mask, past, active)
         x = self.ln1(x_q + att)
         upd, route_ff = self.ffn(x, active)
-        return self.ln2(x + upd), kv, SUTLayerRouting(route_att, route_ff, active)
+        return self.ln2(x + upd), kv, SUTLayerRouting(att=route_att, ffn=route_ff, weight=active)
 
 
 class SUTLM(LanguageModel):
