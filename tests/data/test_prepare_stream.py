@@ -126,6 +126,7 @@ def _peak(tmp_path, two_pass, n_docs: int) -> tuple[int, int]:
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 def test_single_pass_memory_does_not_grow_with_the_input(tmp_path, two_pass):
     """Python-side peak of a streamed prepare: three times the input (past one tokenization batch of 512
     documents), about the same peak — nothing holds the corpus."""

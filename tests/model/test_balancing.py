@@ -100,6 +100,7 @@ def _two_ranks(tmp_path, mode: str) -> list[dict]:
     return [torch.load(f"{result}.{r}") for r in range(2)]
 
 
+@pytest.mark.slow
 def test_global_mode_on_two_gloo_ranks_equals_one_process(tmp_path):
     model, _, reg, loss = _reference("global")
     ranks = _two_ranks(tmp_path, "global")
@@ -110,6 +111,7 @@ def test_global_mode_on_two_gloo_ranks_equals_one_process(tmp_path):
             torch.testing.assert_close(res["grads"][k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_batch_mode_on_two_ranks_is_per_rank_and_differs_from_one_process(tmp_path):
     _, tokens, reg, _ = _reference("batch")
     ranks = _two_ranks(tmp_path, "batch")

@@ -32,6 +32,7 @@ def _tokens(vocab: int, shape=(3, 13), seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 def test_cached_decoding_equals_the_full_pass_at_every_depth(case):
     model, repeats = case
     tokens = _tokens(model.cfg.vocab_size)
@@ -50,6 +51,7 @@ def test_cached_decoding_equals_the_full_pass_at_every_depth(case):
         torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5, msg=f"repeats={r}")
 
 
+@pytest.mark.slow
 def test_generate_with_cache_and_batched_equals_one_by_one(case):
     model, repeats = case
     prompts = [[5, 7, 9, 11], [3], [1, 2, 3, 4, 5, 6, 7]]

@@ -412,6 +412,7 @@ def test_output_can_be_modified_in_place(backend, gated):
     torch.testing.assert_close(w.grad, want_w.grad)
 
 
+@pytest.mark.slow
 def test_moe_layer_benchmark_quick_run_prints_json():
     # keeps benchmarks/moe_layer.py from rotting: a smoke run, no timing assertions
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_layer.py"

@@ -83,11 +83,14 @@ def _compile_and_compare(device: str, bf16: bool = False, backend: str | None = 
         torch.testing.assert_close(grads[name], g, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_torch_compile_runs_the_model_without_graph_breaks_and_matches_eager(monkeypatch):
     monkeypatch.setattr(torch_backend, "FEW_SLOTS", 0)
     _compile_and_compare("cpu")
 
 
+@pytest.mark.slow
 def test_torch_compile_under_cpu_bf16_autocast(monkeypatch):
     """CPU bf16: the rows kept for backward have a routing-dependent count (the block layout), which the
     fake kernels give as a dynamic size; compiled forward and backward still match eager."""

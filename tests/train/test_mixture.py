@@ -82,6 +82,7 @@ def test_mixture_sampler_rows_come_from_their_source_in_proportion(tiny_data, se
     assert sorted(s1.windows_of_samples(np.arange(s1.windows_per_epoch)).tolist()) == list(range(s1.windows_per_epoch))
 
 
+@pytest.mark.slow
 def test_two_source_mixture_trains_in_proportion_and_resumes_bit_identically(tiny_data, second_data, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     common = dict(steps=12, save_every=4, eval_every=6, batch_size=8)

@@ -30,6 +30,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_training_writes_run_directory_and_learns(tiny_data, tmp_path):
     run = tmp_path / "run"
     assert main(train_args(tiny_data, run, steps=40, save_every=20)) == 0
@@ -48,6 +49,7 @@ def test_training_writes_run_directory_and_learns(tiny_data, tmp_path):
     assert list((run / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical_to_uninterrupted_run(tiny_data, tmp_path):
     steps = "60"
     ref = tmp_path / "ref"
@@ -79,6 +81,8 @@ def test_sigkill_then_resume_is_bit_identical_to_uninterrupted_run(tiny_data, tm
     assert strip(_metrics(ref)) == strip(_metrics(run))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-ac", "fsdp-ac"])
 def test_two_gloo_ranks_match_one_process(tiny_data, tmp_path, mode):
     """Two ranks (DDP, FSDP2; "-ac": with activation checkpointing, against one process without it): the same
@@ -189,6 +193,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, caps
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("extra", [[], ["--activation-checkpointing"]], ids=["plain", "checkpointed"])
 def test_compiled_training_matches_eager_and_checkpoints_load(tiny_data, tmp_path, monkeypatch, extra):
     from tests.run_helpers import load_model
