@@ -8,7 +8,9 @@ SwitchHead, per head h (H heads of width d_h, N_A experts per head, top-K_A):
     A_h = softmax(q_h k_hᵀ + causal mask) V_h            RoPE on the first half of q_h and k_h
     y   = Σ_h Σ_{e ∈ top} g^O_{h,e} · A_h·W_O^{h,e}
 
-Expert ``h·N_A + e`` belongs to head h in every expert tensor and router.
+Expert ``h·N_A + e`` belongs to head h in every expert tensor and router. With loss-free balancing
+(``selection_bias=True``) each router has a selection bias, the buffers ``sel_v_bias`` / ``sel_o_bias`` [H·N_A]
+(:mod:`moeut.model.routing`): it chooses the top-K_A, the gates stay σ(s).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 class SwitchHead(nn.Module):
     def __init__(self, d_model: int, n_heads: int, d_head: int, n_experts: int, k: int,
-                 backend: str | None = None, norm_init: bool = False):
+                 backend: str | None = None, norm_init: bool = False, selection_bias: bool = False):
         super().__init__()
         self.d_model, self.n_heads, self.d_head, self.n_experts, self.top_k = d_model, n_heads, d_head, n_experts, k
         self.backend = backend
@@ -46,6 +48,9 @@ class SwitchHead(nn.Module):
         self.o = nn.Parameter(torch.empty(n_heads * n_experts, d_head, d_model))
         self.sel_v = nn.Parameter(torch.empty(n_heads * n_experts, d_model))
         self.sel_o = nn.Parameter(torch.empty(n_heads * n_experts, d_model))
+        # loss-free balancing: b of each router's selection, moved by the trainer; saved with the weights
+        self.sel_v_bias = nn.Buffer(torch.zeros(n_heads * n_experts)) if selection_bias else None
+        self.sel_o_bias = nn.Buffer(torch.zeros(n_heads * n_experts)) if selection_bias else None
 
     @torch.no_grad()
     def reset_parameters(self, std_scale: float) -> None:
@@ -63,10 +68,14 @@ class SwitchHead(nn.Module):
         if self.norm_init:
             for experts in (self.v, self.o):
                 renorm_over_experts_keep_std(experts)
+        for bias in (self.sel_v_bias, self.sel_o_bias):
+            if bias is not None:
+                bias.zero_()
 
-    def _route(self, xn: torch.Tensor, router: torch.Tensor) -> tuple[Routing, torch.Tensor]:
+    def _route(self, xn: torch.Tensor, router: torch.Tensor,
+               bias: torch.Tensor | None = None) -> tuple[Routing, torch.Tensor]:
         """Per-head top-K_A; returns the routing and global expert ids ``h·N_A + e`` as ``[N, H·K_A]``."""
-        r = sigmoid_topk(xn, router, self.top_k, n_heads=self.n_heads)  # indices [B, T, H, K_A]
+        r = sigmoid_topk(xn, router, self.top_k, n_heads=self.n_heads, bias=bias)  # indices [B, T, H, K_A]
         head_offset = torch.arange(self.n_heads, device=xn.device).unsqueeze(-1) * self.n_experts
         return r, (r.indices + head_offset).flatten(-2).reshape(-1, self.n_heads * self.top_k)
 
@@ -80,8 +89,8 @@ class SwitchHead(nn.Module):
         q = (self.q(xn) * scale).view(B, T, H, dh).transpose(1, 2)
         k = (self.k(xn) * scale).view(B, T, H, dh).transpose(1, 2)
 
-        route_v, ids_v = self._route(xn, self.sel_v)
-        route_o, ids_o = self._route(xn, self.sel_o)
+        route_v, ids_v = self._route(xn, self.sel_v, self.sel_v_bias)
+        route_o, ids_o = self._route(xn, self.sel_o, self.sel_o_bias)
         v = expert_matmul(x.reshape(B * T, 1, -1), ids_v, self.v, route_v.gates.reshape(B * T, -1),
                           out_groups=H, backend=self.backend)  # [B·T, H, d_h]
         v = v.view(B, T, H, dh).transpose(1, 2)

@@ -18,6 +18,7 @@ ARCHS = ("moeut", "dense", "sut")
 NORM_PLACEMENTS = ("peri", "pre", "post")
 GROUP_ORDERS = ("abab", "aabb")
 MI_LOSS_FORMS = ("code", "paper")
+BALANCING_MODES = ("entropy", "loss_free", "both")
 
 
 class ConfigError(MoeutError, ValueError):
@@ -61,6 +62,11 @@ class ModelConfig:
     # where the regulariser's mean softmax is taken: "sequence" (the paper's: per sequence), "batch" (the whole
     # micro-batch) or "global" (the micro-batches of all data-parallel ranks); see moeut.model.regularizer
     entropy_reg_mode: str = "sequence"
+    # load balancing of the σ-MoE and SwitchHead routers: "entropy" (the paper's regulariser above), "loss_free"
+    # (DeepSeek-V3's auxiliary-loss-free bias: a per-expert bias on the selection scores, nudged after every step by
+    # balancing_rate·sign(mean load − load); the entropy regulariser is off) or "both"; see moeut.model.routing
+    balancing: str = "entropy"
+    balancing_rate: float = 1e-3  # u, the bias update per step (loss_free / both)
     # positions
     rope_fraction: float = 0.5  # RoPE acts on the first int(fraction·d_head) channels (rounded down to even)
     rope_base: float = 10000.0  # RoPE base
@@ -101,6 +107,16 @@ class ModelConfig:
     def is_moe(self) -> bool:
         """True for MoEUT layers (MoEUT, σ-MoE and the LayerNorm / grouping ablations)."""
         return self.arch == "moeut"
+
+    @property
+    def loss_free(self) -> bool:
+        """The routers carry a selection bias moved by loss-free balancing (``balancing`` "loss_free" or "both")."""
+        return self.balancing in ("loss_free", "both")
+
+    @property
+    def entropy_balancing(self) -> bool:
+        """The entropy regulariser is part of the loss (``balancing`` "entropy" or "both")."""
+        return self.balancing in ("entropy", "both")
 
     @property
     def is_sut(self) -> bool:
@@ -260,6 +276,8 @@ def _not_moeut(cfg: ModelConfig) -> None:
     """Settings only MoEUT layers have must keep their defaults in the baselines."""
     _need(cfg, cfg.entropy_reg_mode == "sequence", "entropy_reg_mode",
           f'only MoEUT has the entropy regulariser (arch={cfg.arch!r}); leave it at "sequence"')
+    _need(cfg, cfg.balancing == "entropy", "balancing",
+          f'only MoEUT\'s sigmoid routers have loss-free balancing (arch={cfg.arch!r}); leave it at "entropy"')
     _need(cfg, cfg.norm_placement == "peri", "norm_placement",
           f'only MoEUT layers take a LayerNorm placement (arch={cfg.arch!r} has a fixed one: dense is pre-LN, SUT '
           f'post-LN); leave it at "peri"')
@@ -286,6 +304,12 @@ def _validate_moeut(cfg: ModelConfig) -> None:
     _need(cfg, cfg.entropy_reg_mode in ENTROPY_REG_MODES, "entropy_reg_mode",
           'must be "sequence" (per sequence, the paper\'s), "batch" (the micro-batch) or "global" (all '
           'data-parallel ranks)')
+    _need(cfg, cfg.balancing in BALANCING_MODES, "balancing",
+          'must be "entropy" (the paper\'s regulariser), "loss_free" (a selection bias moved by the load, '
+          'DeepSeek-V3\'s) or "both"')
+    _need(cfg, isinstance(cfg.balancing_rate, (int, float)) and not isinstance(cfg.balancing_rate, bool)
+          and math.isfinite(cfg.balancing_rate) and cfg.balancing_rate >= 0, "balancing_rate",
+          "must be a finite number >= 0 (the selection bias's step per update, e.g. 0.001; 0 freezes it)")
     _need(cfg, cfg.act_halt_bias_init == 0.0 or cfg.act, "act_halt_bias_init",
           "only MoEUT's halting gate has a bias (needs arch='moeut' and act=true); leave it at 0")
 

@@ -41,9 +41,10 @@ class MoEUTLayer(nn.Module):
         self.norm_placement = cfg.norm_placement
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attention = SwitchHead(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.att_n_experts, cfg.att_k, backend,
-                                    norm_init=cfg.att_norm_init)
+                                    norm_init=cfg.att_norm_init, selection_bias=cfg.loss_free)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.ffn = SigmaMoE(cfg.d_model, cfg.ff_n_experts, cfg.ff_expert_size, cfg.ff_k, backend)
+        self.ffn = SigmaMoE(cfg.d_model, cfg.ff_n_experts, cfg.ff_expert_size, cfg.ff_k, backend,
+                            selection_bias=cfg.loss_free)
 
     def reset_parameters(self, std_scale: float) -> None:
         self.attention.reset_parameters(std_scale)

@@ -37,7 +37,7 @@ from moeut.model.layer import DenseLayer, LayerRouting, MoEUTLayer
 from moeut.model.masks import attention_mask_for, positions_for
 from moeut.model.regularizer import entropy_of_mean_softmax
 from moeut.model.rope import rope_tables
-from moeut.model.routing import expert_counts
+from moeut.model.routing import expert_counts, loss_free_update
 
 
 class MoEUTLM(LanguageModel):
@@ -176,6 +176,8 @@ class MoEUTLM(LanguageModel):
         """γ·Σ_g −H(p_ffn,g) + δ·Σ_g (−H(p_V,g) − H(p_O,g)); p pooled over the repeats of g and over time
         (per sequence), the micro-batch or the global batch, as ``cfg.entropy_reg_mode`` says."""
         cfg = self.cfg
+        if not cfg.entropy_balancing:  # balancing="loss_free": the selection bias balances, no regulariser
+            return torch.zeros((), device=routings[0][0].ffn.logits.device)
         mode = cfg.entropy_reg_mode
         ffn = sum(entropy_of_mean_softmax([r.ffn.logits for r in rs], mode) for rs in routings)
         att = sum(entropy_of_mean_softmax([r.att_v.logits for r in rs], mode) +
@@ -192,6 +194,43 @@ class MoEUTLM(LanguageModel):
             "att_v": torch.stack([expert_counts(r.att_v.indices + head_offset, n_att) for r in flat]),
             "att_o": torch.stack([expert_counts(r.att_o.indices + head_offset, n_att) for r in flat]),
         }
+
+    # ------------------------------------------------------------------ loss-free balancing
+    def selection_biases(self) -> dict[str, list[torch.Tensor]]:
+        """The selection-bias buffers per router kind (the keys of :attr:`LMOutput.expert_counts`), one per
+        distinct layer; empty without loss-free balancing."""
+        if not self.cfg.loss_free:
+            return {}
+        return {"ffn": [layer.ffn.expert_sel_bias for layer in self.layers],
+                "att_v": [layer.attention.sel_v_bias for layer in self.layers],
+                "att_o": [layer.attention.sel_o_bias for layer in self.layers]}
+
+    def counts_per_layer(self, counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-application selection counts (:attr:`LMOutput.expert_counts`, ``[applications, experts]``) summed
+        over the applications of each distinct layer: ``[G, experts]``. The number of applications may be any
+        multiple of G (a sampled depth); their order is ``cfg.group_order``'s."""
+        cfg = self.cfg
+        out = {}
+        for kind, c in counts.items():
+            n_apps = c.shape[0]
+            layer = torch.tensor([cfg.layer_index(i, n_apps // cfg.group_size) for i in range(n_apps)],
+                                 device=c.device)
+            out[kind] = torch.zeros(cfg.group_size, c.shape[1], dtype=c.dtype, device=c.device).index_add_(0, layer, c)
+        return out
+
+    @torch.no_grad()
+    def update_selection_bias(self, counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss-free balancing after an optimizer step: ``b += balancing_rate · sign(mean load − load)`` for every
+        router of every distinct layer, the load summed over that layer's applications. ``counts``: the step's
+        per-application counts (global over data-parallel ranks, so every rank makes the same update).
+        Returns the per-layer counts it used (``[G, experts]`` per kind)."""
+        cfg = self.cfg
+        per_layer = self.counts_per_layer(counts)
+        for kind, biases in self.selection_biases().items():
+            heads = 1 if kind == "ffn" else cfg.n_heads
+            for g, bias in enumerate(biases):
+                loss_free_update(bias, per_layer[kind][g], cfg.balancing_rate, n_heads=heads)
+        return per_layer
 
 
 class _Pass:
