@@ -39,6 +39,24 @@ def routing_stats(counts: dict[str, torch.Tensor]) -> dict[str, float]:
     return stats
 
 
+def balance_stats(per_layer: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Loss-free balancing: the load of the most and of the least used expert of each router of each distinct layer
+    (``[G, experts]`` counts per kind, summed over the layer's applications and the step's tokens on every rank),
+    relative to the mean load (1 = balanced; 0 = an expert chose no token): ``balance/{kind}/L{g}/max_load`` and
+    ``min_load``, and the extremes over all layers ``balance/{kind}/max_load`` / ``min_load``."""
+    stats: dict[str, float] = {}
+    for kind, c in per_layer.items():
+        c = c.double()
+        rel = c / c.mean(-1, keepdim=True).clamp_min(1e-30)
+        hi, lo = rel.max(-1).values.tolist(), rel.min(-1).values.tolist()
+        for g in range(len(hi)):
+            stats[f"balance/{kind}/L{g}/max_load"] = hi[g]
+            stats[f"balance/{kind}/L{g}/min_load"] = lo[g]
+        stats[f"balance/{kind}/max_load"] = max(hi)
+        stats[f"balance/{kind}/min_load"] = min(lo)
+    return stats
+
+
 DEPTH_QUANTILES = (0.1, 0.5, 0.9)
 
 

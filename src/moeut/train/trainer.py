@@ -38,7 +38,8 @@ from moeut.train.console import console_line, header_lines
 from moeut.train.distributed import DistInfo, barrier, init_distributed, shutdown, wrap_model
 from moeut.train.errors import TrainingError, TrainingStopped
 from moeut.train.init_from import InitFromError, load_init_weights
-from moeut.train.metrics import MetricsLogger, WandbSink, depth_metrics, residual_norm_metrics, routing_stats
+from moeut.train.metrics import (MetricsLogger, WandbSink, balance_stats, depth_metrics, residual_norm_metrics,
+                                 routing_stats)
 from moeut.train.preemption import StopSignals, agree
 from moeut.train.resume import Progress, Resumed, checkpoint_state, prepare_run_dir, restore
 from moeut.train.step import StepResult, autocast_for, train_step
@@ -263,6 +264,8 @@ class Trainer:
                      "tokens_seen": self.progress.tokens_seen, "tok_per_s": tok_s, "tflops": tflops,
                      "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
                      "peak_memory_bytes": self.memory.peak_bytes()}
+        if self.model_cfg.loss_free and res.expert_counts is not None:  # after the optimizer step; global counts
+            self.last.update(balance_stats(self.model.update_selection_bias(res.expert_counts)))
         if repeats is not None:
             self.last["depth/repeats"] = repeats
         return res
