@@ -44,17 +44,20 @@ FAMILIES: dict[str, dict] = {
     "dense": dict(arch="dense", d_model=32, n_layers=3, group_size=3, n_heads=2, d_head=8, d_ff=48,
                   context_length=64),
     "moeut-act": {**_MOEUT, "act": True, "act_halt_bias_init": -1.0, "act_threshold": 0.6},
+    # loss-free balancing: family_model gives the selection biases non-zero values, so they change the routing
+    "moeut-loss-free": {**_MOEUT, "balancing": "loss_free"},
     "sut": {**_SUT, "act": False},
     "sut-act": {**_SUT, "act": True},
 }
 # (family, repeats): every family at its trained depth (None), shared-layer ones also deeper or shallower
 CASES = [(name, None) for name in FAMILIES] + [("moeut-abab", 3), ("moeut-aabb", 1), ("moeut-post-ln", 3),
-                                               ("moeut-act", 3), ("sut-act", 6)]
+                                               ("moeut-act", 3), ("sut-act", 6), ("moeut-loss-free", 3)]
 
 
 def family_model(name: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
     """A moeut model of family ``name`` with weights that exercise it: a sharper head (greedy paths far from
-    ties), random halting gates (tokens halt at different depths, some freeze) and SUT relative positions."""
+    ties), random halting gates (tokens halt at different depths, some freeze), SUT relative positions and random
+    loss-free balancing selection biases (other experts chosen than without them)."""
     cfg = ModelConfig(vocab_size=vocab_size, **FAMILIES[name])
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
@@ -67,6 +70,9 @@ def family_model(name: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
         for layer in model.layers:
             if hasattr(getattr(layer, "attention", None), "rel_pos"):
                 torch.nn.init.normal_(layer.attention.rel_pos)
+        for biases in getattr(model, "selection_biases", dict)().values():
+            for bias in biases:
+                torch.nn.init.normal_(bias, 0, 0.3)
     return model
 
 
@@ -197,3 +203,22 @@ def test_fresh_init_is_moeuts(exported, name):
         assert abs(b.mean().item() - a.mean().item()) <= 5 * a.std().item() * (2 / n) ** 0.5, kind
         if n >= 4096:  # normal (kurtosis 3) or uniform (1.8)
             assert _kurtosis(b) == pytest.approx(_kurtosis(a), abs=0.5), kind
+
+
+def test_loss_free_export_reproduces_the_biased_selection(exported, tokenizer):
+    """The export chooses experts with the trained selection bias: its logits are moeut's with the bias, and far
+    from moeut's with the bias zeroed (so the parity above would catch an export that dropped it)."""
+    ref, hf, _ = exported("moeut-loss-free")
+    assert any(b.abs().sum() > 0 for b in hf.buffers())
+    tokens, mask = _batch(ref.cfg.vocab_size)
+    unbiased = family_model("moeut-loss-free", tokenizer.vocab_size)
+    with torch.no_grad():
+        for bias in unbiased.buffers():
+            bias.zero_()
+        want = ref(tokens, attention_mask=mask, output_routing=True)
+        got = hf(input_ids=tokens, attention_mask=mask, output_router_logits=True)
+        other = unbiased(tokens, attention_mask=mask, output_routing=True)
+    assert (got.logits - want.logits).abs().max().item() <= logits_tol(want.logits)
+    assert (other.logits - want.logits).abs().max().item() > 100 * logits_tol(want.logits)
+    assert not torch.equal(other.expert_counts["ffn"], want.expert_counts["ffn"])
+    assert got.aux_loss.item() == 0.0  # no entropy regulariser under loss_free

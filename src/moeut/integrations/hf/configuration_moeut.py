@@ -26,6 +26,10 @@ class MoEUTConfig(PreTrainedConfig):
     * ``entropy_reg`` / ``att_entropy_reg``: weights of the load-balancing regularisers (the model's ``aux_loss``);
       ``entropy_reg_mode``: their mean softmax per sequence (``"sequence"``, the paper's), over the micro-batch
       (``"batch"``) or over all data-parallel ranks (``"global"``).
+    * ``balancing``: ``"entropy"`` (the regularisers above), ``"loss_free"`` (DeepSeek-V3's auxiliary-loss-free
+      balancing: each router's selection bias, a buffer saved with the weights, is added to the sigmoid scores to
+      choose the experts; no regulariser in ``aux_loss``) or ``"both"``; ``balancing_rate``: the bias's step per
+      update in moeut's trainer (informative here: the exported model does not move the bias).
     * ``rope_fraction`` (RoPE on the first ``int(rope_fraction·head_dim)`` channels, rounded down to even) and
       ``rope_base``.
     * ``norm_placement``: the MoEUT layer's LayerNorms, ``"peri"`` (the paper's), ``"pre"`` or ``"post"`` (then the
@@ -65,6 +69,7 @@ class MoEUTConfig(PreTrainedConfig):
         ff_n_experts=155, ff_expert_size=128, ff_k=12,  # σ-MoE
         d_ff=2053,  # dense baseline
         entropy_reg=0.01, att_entropy_reg=0.001, entropy_reg_mode="sequence",
+        balancing="entropy", balancing_rate=1e-3,  # load balancing: regulariser and/or loss-free selection bias
         rope_fraction=0.5, rope_base=10000.0, max_position_embeddings=1024,
         norm_placement="peri", group_order="abab", repeats=None,
         act=None, act_reg=0.01, act_threshold=0.999, act_halt_bias_init=None,  # ACT (MoEUT and SUT)
@@ -74,7 +79,10 @@ class MoEUTConfig(PreTrainedConfig):
         **kwargs,
     ):
         _check_choices(arch=arch, mi_loss=mi_loss, entropy_reg_mode=entropy_reg_mode,
-                       norm_placement=norm_placement, group_order=group_order)
+                       norm_placement=norm_placement, group_order=group_order, balancing=balancing)
+        if balancing != "entropy" and arch != "moeut":
+            raise ValueError(f"MoEUTConfig.balancing={balancing!r}: only MoEUT's sigmoid routers have loss-free "
+                             f"balancing (arch={arch!r})")
         if group_size <= 0 or num_hidden_layers % group_size:
             raise ValueError(f"MoEUTConfig.group_size={group_size} must divide num_hidden_layers={num_hidden_layers}")
         _check_repeats(repeats, arch)
@@ -96,6 +104,8 @@ class MoEUTConfig(PreTrainedConfig):
         self.entropy_reg = entropy_reg
         self.att_entropy_reg = att_entropy_reg
         self.entropy_reg_mode = entropy_reg_mode
+        self.balancing = balancing
+        self.balancing_rate = balancing_rate
         self.rope_fraction = rope_fraction
         self.rope_base = rope_base
         self.max_position_embeddings = max_position_embeddings
@@ -149,6 +159,7 @@ _CHOICES = {
     "arch": ("moeut", "dense", "sut"),
     "mi_loss": ("code", "paper"),
     "entropy_reg_mode": ("sequence", "batch", "global"),
+    "balancing": ("entropy", "loss_free", "both"),
     "norm_placement": ("peri", "pre", "post"),
     "group_order": ("abab", "aabb"),
 }

@@ -99,7 +99,9 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | P
     for name in (WEIGHTS, WEIGHTS_INDEX):  # a previous export's weights must not survive next to the new ones
         (out_dir / name).unlink(missing_ok=True)
 
-    tensors = {k: v.detach().to(getattr(torch, dtype)).contiguous()
+    # buffers (loss-free balancing's selection biases: small steps of the rate, which rounding would undo) stay fp32
+    keep = set(to_hf_state_dict(dict(model.named_buffers())))
+    tensors = {k: v.detach().to(torch.float32 if k in keep else getattr(torch, dtype)).contiguous()
                for k, v in to_hf_state_dict(model.state_dict()).items()}
     safetensors_torch.save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "pt"})
     umask = os.umask(0)

@@ -37,6 +37,11 @@ the token is frozen: its state stays and the group reads that state for it (so i
 alone: the cache is exact). The head reads the state; ``depth`` in the outputs is each token's expected number of
 group applications, and ``aux_loss`` adds ``act_reg · Σ_r mean E[depth]_r``.
 
+``balancing="loss_free"`` (or ``"both"``): every σ-MoE and SwitchHead router has a selection bias (the buffers
+``expert_sel_bias``, ``sel_v_bias``, ``sel_o_bias``, trained by moeut's loss-free balancing and saved with the
+weights) added to the sigmoid scores to choose the top-k; the gates stay the unbiased scores. ``"loss_free"``
+has no entropy regulariser in ``aux_loss``. The bias is not trained here (no gradient; moeut's trainer moves it).
+
 ``aux_loss`` (and the router logits) are computed in training mode or with ``output_router_logits=True``;
 in eval mode otherwise ``aux_loss`` is None.
 """
@@ -186,14 +191,27 @@ def expert_matmul(x, expert_ids, weight, gates=None, out_groups=None):
 
 
 # --------------------------------------------------------------------------------------- routing & RoPE
-def sigmoid_topk(x, router, k, n_heads=1):
-    """Router logits (fp32) ``[..., (H,) E]``, sigmoid gates and indices of the top-k per head (unsorted)."""
+def sigmoid_topk(x, router, k, n_heads=1, bias=None):
+    """Router logits (fp32) ``[..., (H,) E]``, sigmoid gates and indices of the top-k per head (unsorted).
+    ``bias`` ``[H·E]`` (loss-free balancing) is added to the scores to choose the top-k, not to the gates."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         logits = F.linear(x.float(), router.float())
     if n_heads > 1:
         logits = logits.unflatten(-1, (n_heads, -1))
-    gates, indices = torch.sigmoid(logits).topk(k, dim=-1, sorted=False)
-    return logits, gates, indices
+    scores = torch.sigmoid(logits)
+    if bias is None:
+        gates, indices = scores.topk(k, dim=-1, sorted=False)
+        return logits, gates, indices
+    with torch.no_grad():
+        indices = (scores + bias.float().view(scores.shape[-2:] if n_heads > 1 else (-1,))).topk(
+            k, dim=-1, sorted=False).indices
+    return logits, scores.gather(-1, indices), indices
+
+
+def _selection_bias(module, name, config, n):
+    """Register buffer ``name``: the loss-free balancing bias of a router of ``n`` experts (zeros), or None."""
+    on = getattr(config, "balancing", "entropy") != "entropy"
+    module.register_buffer(name, torch.zeros(n) if on else None)
 
 
 def entropy_of_mean_softmax(logits, mode="sequence"):
@@ -415,6 +433,8 @@ class MoEUTSwitchHead(nn.Module):
         self.o = nn.Parameter(torch.empty(h * e, dh, d))
         self.sel_v = nn.Parameter(torch.empty(h * e, d))
         self.sel_o = nn.Parameter(torch.empty(h * e, d))
+        _selection_bias(self, "sel_v_bias", config, h * e)
+        _selection_bias(self, "sel_o_bias", config, h * e)
 
     def init_tensors(self, config):
         """N(0, s/√d) routers (rows renormalised, keeping their std) and V experts, N(0, s/√(H·d_h)) O experts;
@@ -428,9 +448,12 @@ class MoEUTSwitchHead(nn.Module):
             for p, new in zip((self.v, self.o), fresh):
                 if new:
                     _renorm_over_experts_keep_std(p)
+        for bias in (self.sel_v_bias, self.sel_o_bias):
+            if bias is not None:
+                _fill(bias, 0.0)
 
-    def _route(self, xn, router):
-        logits, gates, indices = sigmoid_topk(xn, router, self.top_k, n_heads=self.n_heads)
+    def _route(self, xn, router, bias):
+        logits, gates, indices = sigmoid_topk(xn, router, self.top_k, n_heads=self.n_heads, bias=bias)
         offset = torch.arange(self.n_heads, device=xn.device).unsqueeze(-1) * self.n_experts
         ids = (indices + offset).reshape(-1, self.n_heads * self.top_k)
         return logits, gates.reshape(ids.shape), ids
@@ -441,8 +464,8 @@ class MoEUTSwitchHead(nn.Module):
         scale = dh ** -0.25
         q = (self.q(xn) * scale).view(bsz, length, h, dh).transpose(1, 2)
         k = (self.k(xn) * scale).view(bsz, length, h, dh).transpose(1, 2)
-        logits_v, gates_v, ids_v = self._route(xn, self.sel_v)
-        logits_o, gates_o, ids_o = self._route(xn, self.sel_o)
+        logits_v, gates_v, ids_v = self._route(xn, self.sel_v, self.sel_v_bias)
+        logits_o, gates_o, ids_o = self._route(xn, self.sel_o, self.sel_o_bias)
         v = expert_matmul(x.reshape(bsz * length, 1, -1), ids_v, self.v, gates_v, out_groups=h)
         v = v.view(bsz, length, h, dh).transpose(1, 2)
         cos, sin = rope
@@ -464,6 +487,7 @@ class MoEUTSigmaMoE(nn.Module):
         self.keys = nn.Parameter(torch.empty(e, d, de))
         self.values = nn.Parameter(torch.empty(e, de, d))
         self.expert_sel = nn.Parameter(torch.empty(e, d))
+        _selection_bias(self, "expert_sel_bias", config, e)
 
     def init_tensors(self, config):
         """N(0, s/√d) router (rows not renormalised, as the paper's training code) and keys, N(0, s/√(E·d_e))
@@ -472,9 +496,11 @@ class MoEUTSigmaMoE(nn.Module):
         _normal(self.expert_sel, s / math.sqrt(d))
         _normal(self.keys, s / math.sqrt(d))
         _normal(self.values, s / math.sqrt(self.n_experts * self.values.shape[1]))
+        if self.expert_sel_bias is not None:
+            _fill(self.expert_sel_bias, 0.0)
 
     def forward(self, x, router_input):
-        logits, gates, indices = sigmoid_topk(router_input, self.expert_sel, self.top_k)
+        logits, gates, indices = sigmoid_topk(router_input, self.expert_sel, self.top_k, bias=self.expert_sel_bias)
         ids = indices.reshape(-1, self.top_k)
         h = F.relu(expert_matmul(x.reshape(-1, 1, self.d_model), ids, self.keys))
         y = expert_matmul(h, ids, self.values, gates.reshape(-1, self.top_k))
@@ -915,11 +941,14 @@ class MoEUTModel(MoEUTPreTrainedModel):
         if not with_aux:
             aux_loss, router_logits = None, None
         elif cfg.arch == "moeut":
-            mode = cfg.entropy_reg_mode
-            ffn = sum(entropy_of_mean_softmax([lg[2] for lg in rs], mode) for rs in routing)
-            att = sum(entropy_of_mean_softmax([lg[0] for lg in rs], mode) +
-                      entropy_of_mean_softmax([lg[1] for lg in rs], mode) for rs in routing)
-            aux_loss = cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
+            if getattr(cfg, "balancing", "entropy") == "loss_free":  # the selection bias balances: no regulariser
+                aux_loss = torch.zeros((), device=h.device)
+            else:
+                mode = cfg.entropy_reg_mode
+                ffn = sum(entropy_of_mean_softmax([lg[2] for lg in rs], mode) for rs in routing)
+                att = sum(entropy_of_mean_softmax([lg[0] for lg in rs], mode) +
+                          entropy_of_mean_softmax([lg[1] for lg in rs], mode) for rs in routing)
+                aux_loss = cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
             if act_loss is not None:
                 aux_loss = aux_loss + cfg.act_reg * act_loss
             router_logits = None
