@@ -16,7 +16,8 @@ from moeut.train.resume import RESUMABLE_CHANGES
 
 # a value for each field's flag that differs from its default and is valid on its own
 EXAMPLES = {"preset": "dense-tiny", "out": "runs/x", "steps": 77, "batch_size": 8, "seq_len": 64, "grad_accum": 2,
-            "lr": 1e-3, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.1, "warmup_steps": 7,
+            "lr": 1e-3, "optimizer": "muon", "muon_lr": 0.02, "muon_weight_decay": 0.1, "muon_momentum": 0.9,
+            "muon_lr_scale": "original", "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.1, "warmup_steps": 7,
             "final_lr_ratio": 0.2, "grad_clip": 0.5, "eval_every": 9, "eval_batches": 3, "save_every": 11,
             "save_every_minutes": 2.5, "keep_checkpoints": 5, "log_every": 4, "routing_every": 6,
             "residual_norm_every": 12, "seed": 3, "device": "cpu", "precision": "bf16", "backend": "torch",

@@ -13,7 +13,11 @@ from moeut.model.config import ConfigError, ModelConfig
 from moeut.model.presets import RECIPES
 from moeut.settings import field_default, setting, settings_of
 from moeut.train.depth_sampling import DepthSampler, DepthSamplingError
+from moeut.train.muon import LR_SCALES
 from moeut.train.schedule import DECAY_SHAPES, DEFAULT_DECAY_FRACTION, SCHEDULES, LRSchedule
+
+OPTIMIZERS = ("adamw", "muon")
+
 
 @dataclass
 class TrainConfig:
@@ -37,6 +41,18 @@ class TrainConfig:
     grad_accum: int = setting(1, help="micro-batches per optimizer step (per rank)")
     lr: float | None = setting(None, default_text="the preset's recipe: the paper's 2.5e-4 for every preset",
                                help="peak learning rate")
+    optimizer: str = setting("adamw", choices=OPTIMIZERS,
+                             help="adamw (the paper's), or muon: Muon for the hidden matrices (each expert's on its "
+                                  "own) and AdamW for embeddings, head, norms, biases, routers and halting gates")
+    muon_lr: float | None = setting(None, default_text="--lr (the default scaling matches AdamW's update size)",
+                                    help="muon: peak learning rate of the Muon matrices")
+    muon_weight_decay: float | None = setting(None, default_text="--weight-decay",
+                                              help="muon: decoupled weight decay of the Muon matrices")
+    muon_momentum: float = setting(0.95, help="muon: momentum (Nesterov)")
+    muon_lr_scale: str = setting("match_rms_adamw", choices=LR_SCALES,
+                                 help="muon: learning-rate factor by matrix shape: match_rms_adamw "
+                                      "(0.2·√max(fan_in, fan_out), Moonshot's) or original "
+                                      "(√max(1, fan_out/fan_in), Keller Jordan's)")
     betas: tuple[float, float] = setting((0.9, 0.999), metavar="BETA", help="AdamW betas")
     eps: float = setting(1e-8, help="AdamW epsilon")
     weight_decay: float = setting(0.01, help="AdamW weight decay, on all parameters as the paper")
@@ -110,6 +126,9 @@ class TrainConfig:
             self.warmup_steps = recipe.warmup_steps
         if self.grad_clip is None:
             self.grad_clip = recipe.grad_clip
+        if self.optimizer == "muon":
+            self.muon_lr = self.lr if self.muon_lr is None else self.muon_lr
+            self.muon_weight_decay = self.weight_decay if self.muon_weight_decay is None else self.muon_weight_decay
         if self.seq_len is None:
             self.seq_len = self.model_config().context_length
         self.validate()
@@ -127,6 +146,15 @@ class TrainConfig:
         need(self.batch_size % self.grad_accum == 0, "grad_accum",
              f"must divide batch_size={self.batch_size} (each micro-batch has batch_size/grad_accum rows)")
         need(self.lr > 0, "lr", "must be positive")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {list(OPTIMIZERS)}")
+        if self.optimizer == "muon":
+            need(self.muon_lr > 0, "muon_lr", "must be positive")
+            need(self.muon_weight_decay >= 0, "muon_weight_decay", "must be >= 0")
+            need(0 <= self.muon_momentum < 1, "muon_momentum", "must be in [0, 1)")
+            need(self.muon_lr_scale in LR_SCALES, "muon_lr_scale", f"must be one of {list(LR_SCALES)}")
+        else:
+            for name in ("muon_lr", "muon_weight_decay"):
+                need(getattr(self, name) is None, name, "is a setting of --optimizer muon")
         need(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", "must be in [0, 1]")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")

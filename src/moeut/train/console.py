@@ -22,8 +22,8 @@ def header_lines(cfg: TrainConfig, model_cfg, stats: dict[str, Any], info: DistI
         f"batch      {cfg.batch_size} × {cfg.seq_len} = {per_step:,} tokens per step "
         f"({info.world_size} rank(s) × {cfg.grad_accum} micro-batch(es)); {cfg.steps} steps = "
         f"{per_step * cfg.steps / max(train_ds.num_tokens, 1):.2f} epochs",
-        f"optimizer  AdamW lr {cfg.lr:g} wd {cfg.weight_decay:g}, warmup {cfg.warmup_steps}, "
-        f"{cfg.lr_schedule().describe()}, clip {cfg.grad_clip:g}",
+        f"optimizer  {_optimizer(cfg)}, warmup {cfg.warmup_steps}, {cfg.lr_schedule().describe()}, "
+        f"clip {cfg.grad_clip:g}",
         f"device     {info.device} ({prec}), expert backend {cfg.backend or 'auto'}"
         + (f", {'FSDP2' if cfg.fsdp else 'DDP'}" if info.distributed else "")
         + (f", activation checkpointing every {cfg.activation_checkpointing} layer application(s)"
@@ -45,6 +45,14 @@ def header_lines(cfg: TrainConfig, model_cfg, stats: dict[str, Any], info: DistI
         lines.append("note       this CPU runs bf16 natively: --precision bf16 trains faster here (the README's "
                      "CPU speed section); auto keeps fp32 on CPUs, so a run gives the same numbers on every CPU")
     return lines
+
+
+def _optimizer(cfg: TrainConfig) -> str:
+    adamw = f"AdamW lr {cfg.lr:g} wd {cfg.weight_decay:g}"
+    if cfg.optimizer != "muon":
+        return adamw
+    return (f"Muon lr {cfg.muon_lr:g} wd {cfg.muon_weight_decay:g} momentum {cfg.muon_momentum:g} "
+            f"({cfg.muon_lr_scale} scaling) for the hidden matrices, {adamw} for the rest")
 
 
 def console_line(step: int, m: dict[str, Any]) -> str:

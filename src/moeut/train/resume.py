@@ -63,7 +63,7 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Tr
     if cfg.fsdp and info.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        model_sd, optim_sd = get_state_dict(model, optimizer,
+        model_sd, optim_sd = get_state_dict(model, _torch_optimizers(optimizer),
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         model_sd, optim_sd = model.state_dict(), optimizer.state_dict()
@@ -76,13 +76,19 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Tr
             "val_ppl": progress.val_ppl, "eval_pending": progress.eval_pending}
 
 
+def _torch_optimizers(optimizer) -> Any:
+    """The torch optimizer(s) behind ``optimizer`` (Muon + AdamW are two, in one state dict under FSDP2)."""
+    return getattr(optimizer, "optimizers", optimizer)
+
+
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, resumed: Resumed, info: DistInfo,
             sharded: bool) -> None:
     """Load the optimizer state (the model's is loaded before wrapping) and the RNG states."""
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, resumed.optimizer, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, _torch_optimizers(optimizer), resumed.optimizer,
+                                 options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(resumed.optimizer)
     torch.set_rng_state(resumed.rng_cpu)

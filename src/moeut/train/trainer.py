@@ -11,6 +11,7 @@ optimizer, resume, logging), :meth:`~Trainer.fit` (the step loop), and per step 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import platform
@@ -40,6 +41,7 @@ from moeut.train.errors import TrainingError, TrainingStopped
 from moeut.train.init_from import InitFromError, load_init_weights
 from moeut.train.metrics import (MetricsLogger, WandbSink, balance_stats, depth_metrics, residual_norm_metrics,
                                  routing_stats)
+from moeut.train.optimizers import build_optimizer
 from moeut.train.preemption import StopSignals, agree
 from moeut.train.resume import Progress, Resumed, checkpoint_state, prepare_run_dir, restore
 from moeut.train.step import StepResult, autocast_for, train_step
@@ -141,8 +143,7 @@ class Trainer:
         if cfg.compile:  # checkpoints keep reading ``model``: parameter names stay unprefixed
             wrapped = torch.compile(wrapped)
         self.wrapped = wrapped
-        self.optimizer = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(self.model, wrapped, cfg)
         if resumed is not None:
             restore(self.model, self.optimizer, resumed, info, sharded=cfg.fsdp and info.distributed)
         self.autocast = autocast_for(cfg.precision, info.device)
@@ -163,6 +164,8 @@ class Trainer:
                                          self.autocast, self.progress.step)), flush=True)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
         self.schedule = cfg.lr_schedule()
+        self.schedules = {g["base_lr"]: dataclasses.replace(self.schedule, peak=g["base_lr"])
+                          for g in self.optimizer.param_groups}
         self.depth_sampler = cfg.depth_sampler()
         per_token = train_flops_per_token(self.model_cfg, cfg.seq_len)
         self.flops_per_step = per_token * self.tokens_per_step / info.world_size
@@ -243,8 +246,8 @@ class Trainer:
         """Optimizer step ``step`` (0-based) at its learning rate; fills :attr:`last` with its metrics."""
         cfg, info = self.cfg, self.info
         lr = self.schedule.lr(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # each group on its own peak (Muon's may differ from AdamW's)
+            group["lr"] = lr if group["base_lr"] == cfg.lr else self.schedules[group["base_lr"]].lr(step)
         batch = self.sampler.batch(step)
         repeats = self.depth_sampler.repeats(cfg.seed, step) if self.depth_sampler else None
         t_step = time.perf_counter()
@@ -268,6 +271,8 @@ class Trainer:
             self.last.update(balance_stats(self.model.update_selection_bias(res.expert_counts)))
         if repeats is not None:
             self.last["depth/repeats"] = repeats
+        if cfg.optimizer == "muon":
+            self.last["lr_muon"] = self.schedules[cfg.muon_lr].lr(step)
         return res
 
     def log(self, done: int, res: StepResult, console: bool) -> None:
