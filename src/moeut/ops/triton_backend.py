@@ -14,7 +14,8 @@ Same contract and plan as the torch backend (see :mod:`moeut.ops`); called throu
   atomics, in either mode).
 
 Deterministic mode is on when ``torch.are_deterministic_algorithms_enabled()`` or ``MOEUT_DETERMINISTIC=1``
-(or :data:`DETERMINISTIC` is set); results are then bitwise reproducible run to run.
+(:mod:`moeut.ops.overrides`, or :data:`DETERMINISTIC` is set); results are then bitwise reproducible run to
+run.
 
 ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors (slow; used by the tests where the installed
 triton supports it). Without CUDA and without the interpreter, asking for this backend is an error.
@@ -23,19 +24,19 @@ triton supports it). Without CUDA and without the interpreter, asking for this b
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
+from moeut.ops.overrides import OVERRIDES, triton_interpreting
 from moeut.ops.plan import ExpertPlan
 
-DETERMINISTIC = os.environ.get("MOEUT_DETERMINISTIC", "0") == "1"
+DETERMINISTIC = OVERRIDES.deterministic
 _INSTALL_HINT = "install it with `pip install 'moeut[triton]'` (CUDA GPUs only), or use backend='torch'"
 
 
 def interpreting() -> bool:
     """Is triton's CPU interpreter on (``TRITON_INTERPRET=1``)?"""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton_interpreting()
 
 
 def is_available(device: torch.device | str | None = None) -> bool:

@@ -21,10 +21,10 @@ when ``torch.backends.cuda.matmul.allow_tf32`` says so).
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
+
+from moeut.ops.overrides import OVERRIDES
 
 
 @triton.jit
@@ -126,12 +126,10 @@ def wgrad_kernel(
              acc.to(GW.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
 
 
-# MOEUT_TRITON_AUTOTUNE (read at import): "full" (default) tunes over all configs below; "pruned" over 3 per
-# kernel; "off" uses one fixed config per kernel (no tuning, one compile per key: what a short GPU session
+# MOEUT_TRITON_AUTOTUNE (moeut.ops.overrides): "full" (default) tunes over all configs below; "pruned" over 3
+# per kernel; "off" uses one fixed config per kernel (no tuning, one compile per key: what a short GPU session
 # can afford, see ../shared/notes/gpu-kernels.md §5 P0).
-AUTOTUNE = os.environ.get("MOEUT_TRITON_AUTOTUNE", "full")
-if AUTOTUNE not in ("full", "pruned", "off"):
-    raise ValueError(f"MOEUT_TRITON_AUTOTUNE must be full, pruned or off, got {AUTOTUNE!r}")
+AUTOTUNE = OVERRIDES.triton_autotune
 _GMM_FIXED, _WGRAD_FIXED = (128, 64, 4, 4), (64, 128, 128, 8, 3)
 
 
