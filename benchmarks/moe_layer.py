@@ -33,7 +33,8 @@ from moeut.ops import available_backends, default_backend, expert_matmul, sigma_
 from moeut.runtime import tune_malloc  # noqa: E402
 
 MALLOC_TUNED = tune_malloc()  # before the benchmark allocates anything
-from moeut.ops import torch_backend  # noqa: E402
+from moeut.ops import current_policy, use_policy  # noqa: E402
+from moeut.ops.grouped_mm_layout import GROUPED_MM_EXISTS  # noqa: E402
 from moeut.ops.plan import make_plan  # noqa: E402
 
 
@@ -233,8 +234,12 @@ def main(argv=None):
                     help="shapes on which to time the (slow) reference oracle")
     args = ap.parse_args(argv)
 
-    if args.gemm:
-        torch_backend.GEMM_IMPL = args.gemm
+    with use_policy(gemm=args.gemm or current_policy().gemm):
+        run_all(args)
+
+
+def run_all(args: argparse.Namespace) -> None:
+    """Time every shape and backend of the run (under the policy main set) and print the JSON."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     backends = [b for b in args.backends.split(",") if b]
     #             d_model, experts, d_expert, K                 d_model, H, d_h, N_A, K_A
@@ -258,8 +263,8 @@ def main(argv=None):
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "malloc_tuned": MALLOC_TUNED,
-        "grouped_mm_available": torch_backend._grouped_mm is not None,
-        "torch_backend_gemm": torch_backend.gemm_impl(device, dtype),
+        "grouped_mm_available": GROUPED_MM_EXISTS,
+        "torch_backend_gemm": current_policy().describe(device, dtype),
         "timing": "forward+backward wall time in ms; median (and min) over reps after warm-up",
         "results": [],
     }

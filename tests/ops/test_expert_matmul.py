@@ -13,8 +13,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moeut.ops import available_backends, default_backend, expert_matmul
-from moeut.ops import torch_backend
+from moeut.ops import Strategy, available_backends, current_policy, default_backend, expert_matmul, use_policy
+from moeut.ops.strategy import BLOCKS, FEW_SLOTS, GROUPED_MM, LOOP, MM
+from moeut.ops.blocks import Blocks, block_layout
+from moeut.ops.grouped_mm_layout import grouped_mm_works
+from moeut.ops.mm_loops import loop_mm, loop_mm_wgrad
 from moeut.ops.plan import ExpertPlan, make_plan
 
 FAST_BACKENDS = [b for b in available_backends() if b != "reference"]
@@ -53,6 +56,18 @@ def run(x, ids, w, gates, grad, g_out, backend, **kw):
                       out_groups=g_out, backend=backend, **kw)
     y.backward(grad)
     return [y.detach()] + [t.grad for t in leaves]
+
+
+def run_strategy(strategy: Strategy, x, ids, w, gates, grad, g_out):
+    """:func:`run` through the custom op under an explicit ``strategy`` (one the policy would not pick for
+    these inputs, e.g. the block layout in fp64, where it can be checked exactly)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+    c = gates.detach().clone().requires_grad_() if gates is not None else None
+    plan = make_plan(ids, w.shape[0])
+    y, _, _ = torch.ops.moeut.expert_matmul(leaves[0], leaves[1], c, plan.perm, plan.inv_perm, plan.offsets, g_out,
+                                            strategy.encode(), c is not None)
+    y.backward(grad)
+    return [y.detach()] + [t.grad for t in leaves + ([c] if c is not None else [])]
 
 
 def assert_close_all(got, want, **tol):
@@ -97,11 +112,8 @@ def cases(draw):
 @given(case=cases())
 def test_backend_matches_reference_forward_and_gradients(backend, gemm, case):
     x, ids, w, gates, grad = make_case(**case)
-    before, torch_backend.GEMM_IMPL = torch_backend.GEMM_IMPL, gemm
-    try:
+    with use_policy(gemm=gemm):
         got = run(x, ids, w, gates, grad, case["g_out"], backend)
-    finally:
-        torch_backend.GEMM_IMPL = before
     want = run(x, ids, w, gates, grad, case["g_out"], "reference")
     assert got[0].shape == (case["n"], case["g_out"], w.shape[2])
     assert_close_all(got, want)
@@ -112,16 +124,33 @@ def test_backend_matches_reference_forward_and_gradients(backend, gemm, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("g_in,s,g_out,gated", [(1, 4, 4, False), (4, 4, 1, True), (1, 4, 2, True)])
 @pytest.mark.parametrize("d_in,d_out", [(16, 32), (32, 16)])  # gate on the input / the output side
-def test_backend_gemm_paths_in_fp32_and_bf16(backend, gemm, dtype, g_in, s, g_out, gated, d_in, d_out, monkeypatch):
+def test_backend_gemm_paths_in_fp32_and_bf16(backend, gemm, dtype, g_in, s, g_out, gated, d_in, d_out, policy):
     # widths that are multiples of 16 bytes, so grouped_mm really runs where it is available
-    if gemm == "grouped_mm" and not torch_backend._grouped_mm_works(torch.device("cpu"), dtype):
+    if gemm == "grouped_mm" and not grouped_mm_works("cpu", dtype):
         pytest.skip(f"grouped_mm unavailable for cpu/{dtype}")
-    monkeypatch.setattr(torch_backend, "GEMM_IMPL", gemm)
+    policy(gemm=gemm)
     case = dict(n=37, g_in=g_in, s=s, g_out=g_out, d_in=d_in, d_out=d_out, n_experts=7, gated=gated, seed=s)
     got = run(*make_case(**case, dtype=dtype), g_out, backend)
     want = run(*make_case(**case, dtype=torch.float64), g_out, "reference")
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     assert_close_all(got, want, **tol)
+
+
+@pytest.mark.parametrize("strategy", [Strategy(LOOP), Strategy(GROUPED_MM), Strategy(GROUPED_MM, True),
+                                      Strategy(MM, True), Strategy(MM, False, bucket=3),
+                                      Strategy(BLOCKS, True, bucket=4, max_block_waste=100.0),
+                                      Strategy(BLOCKS, False, bucket=4, max_block_waste=100.0)],
+                         ids=lambda s: s.encode())
+@pytest.mark.parametrize("g_in,s,g_out,gated,d_in,d_out", [(1, 4, 4, False, 16, 8), (4, 4, 1, True, 8, 16),
+                                                            (2, 4, 2, True, 16, 8)])
+def test_every_strategy_matches_reference(strategy, g_in, s, g_out, gated, d_in, d_out):
+    """Each kernel, chosen explicitly (whatever the policy would pick for fp32), with either gate side."""
+    if strategy.kernel == GROUPED_MM and not grouped_mm_works("cpu", torch.float32):
+        pytest.skip("grouped_mm unavailable for cpu/float32")
+    case = dict(n=37, g_in=g_in, s=s, g_out=g_out, d_in=d_in, d_out=d_out, n_experts=7, gated=gated, seed=s)
+    got = run_strategy(strategy, *make_case(**case, dtype=torch.float32), g_out)
+    want = run(*make_case(**case), g_out, "reference")
+    assert_close_all(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bucket", [1, 3, 4, 64])
@@ -143,12 +172,12 @@ def test_bucketed_mm_loop_is_exact(bucket, dtype):
     want_y = torch.cat([a[lo:hi] @ b[e] for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])
     want_w = torch.stack([a[lo:hi].t() @ gy[lo:hi] for lo, hi in zip(bounds, bounds[1:])])
     tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch_backend._loop_mm(a, b, plan, bucket), want_y, **tol)
-    torch.testing.assert_close(torch_backend._loop_mm(gy, b.transpose(1, 2), plan, bucket),
+    torch.testing.assert_close(loop_mm(a, b, plan, bucket), want_y, **tol)
+    torch.testing.assert_close(loop_mm(gy, b.transpose(1, 2), plan, bucket),
                                torch.cat([gy[lo:hi] @ b[e].t() for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]),
                                **tol)
-    torch.testing.assert_close(torch_backend._loop_mm_wgrad(a, gy, plan, bucket), want_w, **tol)
-    torch.testing.assert_close(torch_backend._loop_mm_wgrad(gy, a, plan, bucket), want_w.transpose(1, 2),
+    torch.testing.assert_close(loop_mm_wgrad(a, gy, plan, bucket), want_w, **tol)
+    torch.testing.assert_close(loop_mm_wgrad(gy, a, plan, bucket), want_w.transpose(1, 2),
                                **tol)  # the zeroed side is the narrower one: here the first operand
 
 
@@ -156,12 +185,12 @@ def test_bucketed_mm_loop_is_exact(bucket, dtype):
 @pytest.mark.parametrize("bucket", [0, 4, 64])
 @pytest.mark.parametrize("g_in,s,g_out,gated", [(1, 4, 4, False), (4, 4, 1, True), (1, 4, 2, True)])
 @pytest.mark.parametrize("d_in,d_out", [(16, 32), (32, 16)])
-def test_cpu_bf16_expert_gemms_match_reference(layout, bucket, g_in, s, g_out, gated, d_in, d_out, monkeypatch):
+def test_cpu_bf16_expert_gemms_match_reference(layout, bucket, g_in, s, g_out, gated, d_in, d_out, policy,
+                                               monkeypatch):
     """CPU bf16 never runs grouped_mm: its GEMMs are one ``bmm`` over equal blocks of rows (the block
-    layout), or, past ``MAX_BLOCK_WASTE`` extra rows, a loop of ``mm`` over row counts rounded up to
-    ``ROW_BUCKET`` (oneDNN builds a kernel per shape); forward and every gradient against the reference."""
-    monkeypatch.setattr(torch_backend, "ROW_BUCKET", bucket)
-    monkeypatch.setattr(torch_backend, "MAX_BLOCK_WASTE", 100.0 if layout == "blocks" else -1.0)
+    layout), or, past ``max_block_waste`` extra rows, a loop of ``mm`` over row counts rounded up to
+    ``row_bucket`` (oneDNN builds a kernel per shape); forward and every gradient against the reference."""
+    policy(row_bucket=bucket, max_block_waste=100.0 if layout == "blocks" else -1.0)
     rows, blocks = [], []  # each mm's slot-row count (a's rows, or for a weight gradient aᵀg its inner
     real_mm, real_bmm = torch.mm, torch.bmm  # size), and each bmm's block size
 
@@ -173,9 +202,9 @@ def test_cpu_bf16_expert_gemms_match_reference(layout, bucket, g_in, s, g_out, g
         blocks.append(a.shape[2] if a.stride(1) == 1 and a.shape[2] > 1 else a.shape[1])
         return real_bmm(a, b, **kw)
 
-    monkeypatch.setattr(torch_backend, "_grouped_mm", None)  # would raise if called
-    assert torch_backend.gemm_impl("cpu", torch.bfloat16) == (f"loop, rows bucketed to {bucket}" if bucket > 1
-                                                              else "loop")
+    chosen = current_policy().choose(torch.device("cpu"), torch.bfloat16, 150 * s)
+    assert chosen == (Strategy(BLOCKS, True, bucket, 100.0) if layout == "blocks" and bucket
+                      else Strategy(MM, True, bucket))
     case = dict(n=150, g_in=g_in, s=s, g_out=g_out, d_in=d_in, d_out=d_out, n_experts=7, gated=gated, seed=s)
     want = run(*make_case(**case, dtype=torch.float64), g_out, "reference")
     monkeypatch.setattr(torch, "mm", spy_mm)
@@ -193,62 +222,58 @@ def test_cpu_bf16_expert_gemms_match_reference(layout, bucket, g_in, s, g_out, g
             assert all(r % bucket == 0 for r in rows), sorted(set(rows))
 
 
-@pytest.fixture
-def blocks_in_fp64(monkeypatch):
-    """Run the CPU bf16 GEMM path (block layout, bucket 4) in fp64, where it can be checked exactly."""
-    monkeypatch.setattr(torch_backend, "_cpu_low_precision", lambda t: t.device.type == "cpu")
-    monkeypatch.setattr(torch_backend, "ROW_BUCKET", 4)
-    monkeypatch.setattr(torch_backend, "MAX_BLOCK_WASTE", 100.0)
-
-
-@pytest.mark.parametrize("save", ["cpu", "never"])
+@pytest.mark.parametrize("save", [True, False])
 @pytest.mark.parametrize("g_in,s,g_out,gated,d_in,d_out", [
     (1, 4, 4, False, 6, 5), (4, 4, 1, True, 5, 6), (1, 4, 2, True, 6, 3), (2, 4, 2, True, 3, 6), (1, 1, 1, True, 4, 4)])
-def test_block_layout_is_exact(save, g_in, s, g_out, gated, d_in, d_out, blocks_in_fp64, monkeypatch):
-    """The block layout (pad rows zeroed by every gather, one bmm per GEMM) gives the reference's forward
-    and gradients to fp64 precision, empty experts and an expert whose rows fill its block included."""
-    monkeypatch.setattr(torch_backend, "SAVE_GATHERED", save)
+def test_block_layout_is_exact(save, g_in, s, g_out, gated, d_in, d_out):
+    """The block layout (pad rows zeroed by every gather, one bmm per GEMM), chosen explicitly in fp64 where it
+    can be checked exactly: the reference's forward and gradients to fp64 precision, empty experts and an
+    expert whose rows fill its block included."""
     ids = torch.randint(0, 6, (41, s), generator=torch.Generator().manual_seed(s + d_in))
     ids[ids == 2] = 3  # expert 2 empty
     ids[:4, 0] = 5
     case = dict(n=41, g_in=g_in, s=s, g_out=g_out, d_in=d_in, d_out=d_out, n_experts=6, gated=gated, ids=ids)
-    plan = make_plan(ids, 6)
-    blocks = torch_backend._blocked(plan, torch.empty(0, dtype=torch.float64))
-    assert isinstance(blocks, torch_backend._Blocks) and blocks.block % 4 == 0
+    blocks = block_layout(make_plan(ids, 6), 4, 100.0)
+    assert isinstance(blocks, Blocks) and blocks.block % 4 == 0
     assert torch.equal(blocks.perm[blocks.inv_perm], torch.arange(41 * s))  # every slot at its block row
-    got = run(*make_case(**case), g_out, "torch")
+    got = run_strategy(Strategy(BLOCKS, save, bucket=4, max_block_waste=100.0), *make_case(**case), g_out)
     want = run(*make_case(**case), g_out, "reference")
     assert_close_all(got, want, atol=1e-10, rtol=1e-10)
 
 
-def test_block_layout_falls_back_to_the_loop_past_the_waste_limit(blocks_in_fp64, monkeypatch):
+def test_block_layout_falls_back_to_the_loop_past_the_waste_limit():
     """One expert with most of the rows: blocks of its size would multiply the work, so the loop runs."""
-    monkeypatch.setattr(torch_backend, "MAX_BLOCK_WASTE", 0.5)
     ids = torch.zeros(40, 2, dtype=torch.long)
     ids[:4, 1] = torch.arange(1, 5)
     plan = make_plan(ids, 5)
-    assert torch_backend._blocked(plan, torch.empty(0, dtype=torch.float64)) is plan
+    assert block_layout(plan, 4, 0.5) is plan
     balanced = make_plan(torch.arange(80).remainder(5).view(40, 2), 5)
-    assert isinstance(torch_backend._blocked(balanced, torch.empty(0, dtype=torch.float64)), torch_backend._Blocks)
+    assert isinstance(block_layout(balanced, 4, 0.5), Blocks)
+    # and the op then runs the bucketed loop over the plain sorted rows, exactly
+    x, ids, w, gates, grad = make_case(40, 1, 2, 1, 6, 5, 5, True, ids=ids)
+    got = run_strategy(Strategy(BLOCKS, True, bucket=4, max_block_waste=0.5), x, ids, w, gates, grad, 1)
+    assert_close_all(got, run(x, ids, w, gates, grad, 1, "reference"), atol=1e-10, rtol=1e-10)
 
 
-def test_block_layout_only_for_cpu_bf16_and_fp16(monkeypatch):
-    monkeypatch.setattr(torch_backend, "ROW_BUCKET", 4)  # 16 rows per expert: blocks of 16
-    plan = make_plan(torch.arange(80).remainder(5).view(40, 2), 5)
-    for dtype in (torch.float32, torch.float64):  # MKL: no kernel per shape, grouped_mm or the exact loop
-        assert torch_backend._blocked(plan, torch.empty(0, dtype=dtype)) is plan
+def test_block_layout_only_for_cpu_bf16_and_fp16(policy):
+    """oneDNN (bf16/fp16 on a CPU) builds a kernel per GEMM shape; MKL (fp32/fp64) and GPUs do not."""
+    policy(row_bucket=4)
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.float64):  # grouped_mm or the exact loop
+        assert current_policy().choose(cpu, dtype, 10_000).kernel in (GROUPED_MM, MM)
+        assert current_policy().choose(cpu, dtype, 10_000).bucket == 0
     for dtype in (torch.bfloat16, torch.float16):
-        assert isinstance(torch_backend._blocked(plan, torch.empty(0, dtype=dtype)), torch_backend._Blocks)
+        assert current_policy().choose(cpu, dtype, 10_000) == Strategy(BLOCKS, True, 4, 0.5)
+    assert current_policy().choose(torch.device("cuda"), torch.bfloat16, 10_000).kernel != BLOCKS
 
 
 @pytest.mark.parametrize("save", ["always", "never"])
 @pytest.mark.parametrize("gemm", ["grouped_mm", "loop"])
 @pytest.mark.parametrize("g_in,s,g_out,d_in,d_out", [(1, 4, 4, 16, 8), (4, 4, 1, 8, 16), (2, 4, 2, 8, 8)])
 @pytest.mark.parametrize("grads", ["all", "no_gates", "only_weight"])
-def test_torch_backend_options_and_partial_gradients(save, gemm, g_in, s, g_out, d_in, d_out, grads, monkeypatch):
+def test_torch_backend_options_and_partial_gradients(save, gemm, g_in, s, g_out, d_in, d_out, grads, policy):
     # gathered rows saved or gathered again; gate on the input or output side; some inputs without grad
-    monkeypatch.setattr(torch_backend, "SAVE_GATHERED", save)
-    monkeypatch.setattr(torch_backend, "GEMM_IMPL", gemm)
+    policy(save_gathered=save, gemm=gemm)
     x, ids, w, gates, grad = make_case(11, g_in, s, g_out, d_in, d_out, 5, True, seed=g_in, dtype=torch.float32)
     outs = {}
     for backend in ("torch", "reference"):
@@ -374,8 +399,8 @@ def test_default_backend_is_torch_on_cpu_and_listed():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gemm", ["auto", "loop"])
 @pytest.mark.parametrize("g_in,s,g_out,gated", [(1, 8, 8, False), (8, 8, 1, True), (1, 8, 4, True), (4, 8, 1, True)])
-def test_backend_matches_reference_on_cuda(backend, dtype, gemm, g_in, s, g_out, gated, monkeypatch):
-    monkeypatch.setattr(torch_backend, "GEMM_IMPL", gemm)
+def test_backend_matches_reference_on_cuda(backend, dtype, gemm, g_in, s, g_out, gated, policy):
+    policy(gemm=gemm)
     case = dict(n=300, g_in=g_in, s=s, g_out=g_out, d_in=64, d_out=128, n_experts=16, gated=gated, seed=1)
     got = run(*make_case(**case, dtype=dtype, device="cuda"), g_out, backend)
     want = run(*make_case(**case, dtype=torch.float64), g_out, "reference")
@@ -431,11 +456,9 @@ def test_moe_layer_benchmark_quick_run_prints_json():
 def test_few_slots_decoding_path_matches_reference(case):
     """With few (row, slot) pairs the torch backend gathers weights and runs one bmm instead of sorting."""
     x, ids, w, gates, grad = make_case(**case)
-    before, torch_backend.FEW_SLOTS = torch_backend.FEW_SLOTS, 10**9
-    try:
+    with use_policy(few_slots=10**9):
+        assert current_policy().choose(x.device, x.dtype, ids.numel()).kernel == FEW_SLOTS
         got = run(x, ids, w, gates, grad, case["g_out"], "torch")
-    finally:
-        torch_backend.FEW_SLOTS = before
     assert got[0].shape == (case["n"], case["g_out"], w.shape[2])
     assert_close_all(got, run(x, ids, w, gates, grad, case["g_out"], "reference"))
 

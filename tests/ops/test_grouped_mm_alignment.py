@@ -3,8 +3,9 @@
 grouped_mm refuses such row strides; the backend pads the row stride instead of looping over experts.
 These tests check the layout rule against the real op, the padded path against the reference op
 (forward and every gradient, fp32 and bf16), and that no per-expert loop (host sync) runs where
-grouped_mm is the path. On a CPU, bf16 takes the bucketed loop of ``mm`` instead (torch_backend._row_bucket):
-there the same tests check that path at the same widths, and that it never builds a padded operand.
+grouped_mm is the path. On a CPU, bf16 takes the block layout or the bucketed loop of ``mm`` instead
+(:mod:`moeut.ops.policy`): there the same tests check that path at the same widths, and that it never builds a
+padded operand.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeut.ops import expert_matmul, sigma_moe_experts, torch_backend
+from moeut.ops import current_policy, expert_matmul, grouped_mm_layout, sigma_moe_experts, sorted_gemm, use_policy
+from moeut.ops import strategy as st
+from moeut.ops.grouped_mm_layout import aligned, aligned_empty, grouped_mm_works, layout_ok
 from moeut.ops.plan import ExpertPlan, make_plan
 from moeut.ops.reference import expert_matmul_reference
 
@@ -21,12 +24,12 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 def _have_grouped_mm(dtype: torch.dtype) -> bool:
-    return torch_backend._grouped_mm_ok(torch.empty(0, dtype=dtype))  # the backend's own cached probe
+    return grouped_mm_works("cpu", dtype)  # the backend's own cached probe
 
 
 def _grouped_path(dtype: torch.dtype) -> bool:
     """Does the backend run grouped_mm (with padded rows) for CPU tensors of ``dtype``?"""
-    return _have_grouped_mm(dtype) and torch_backend._grouped_kernel(torch.empty(0, dtype=dtype))
+    return current_policy().choose(torch.device("cpu"), dtype, 10_000).kernel == st.GROUPED_MM
 
 
 def _boom(what: str):
@@ -44,13 +47,12 @@ def expected_path(monkeypatch):
         _have_grouped_mm(dtype)
 
     def expect(dtype: torch.dtype) -> None:
-        if _grouped_path(dtype):
+        if _grouped_path(dtype):  # every loop over experts starts with the host sync of counts_list
             monkeypatch.setattr(ExpertPlan, "counts_list", _boom("the per-expert loop fallback ran"))
-            for name in ("_loop_mm", "_loop_mm_wgrad", "_loop_forward", "_loop_backward"):
-                monkeypatch.setattr(torch_backend, name, _boom("the per-expert loop fallback ran"))
         else:
-            for name in ("_aligned_empty", "_aligned"):
-                monkeypatch.setattr(torch_backend, name, _boom("a padded operand was built for the mm loop"))
+            boom = _boom("a padded operand was built for the mm loop")
+            monkeypatch.setattr(sorted_gemm, "aligned_empty", boom)
+            monkeypatch.setattr(grouped_mm_layout, "aligned", boom)
     return expect
 
 
@@ -69,28 +71,28 @@ def test_layout_rule_agrees_with_grouped_mm(dtype, rows, cols):
     a = torch.randn(5, rows, dtype=dtype)
     b = torch.randn(3, rows, cols, dtype=dtype)
     try:
-        torch_backend._grouped_mm(a, b, offs=offs)
+        grouped_mm_layout._grouped_mm(a, b, offs=offs)
         accepted = True
     except RuntimeError as e:
         assert "16 bytes" in str(e)
         accepted = False
-    assert accepted == (torch_backend._layout_ok(a) and torch_backend._layout_ok(b))
+    assert accepted == (layout_ok(a) and layout_ok(b))
     # padded copies are always accepted and give the same product as a loop of mm
-    got = torch_backend._grouped_mm(torch_backend._aligned(a), torch_backend._aligned(b), offs=offs)
+    got = grouped_mm_layout.grouped_mm(a, b, offs)
     want = torch.cat([a[:2] @ b[0], a[2:5] @ b[2]])
     torch.testing.assert_close(got[:2].float(), want[:2].float(), atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(got[2:].float(), want[2:].float(), atol=1e-2, rtol=1e-2)
     # a column-major operand (a transposed weight) is padded along its contiguous dimension
-    bt = torch_backend._aligned(b.transpose(1, 2))
-    assert bt.stride(-2) == 1 and torch_backend._layout_ok(bt) and torch.equal(bt, b.transpose(1, 2))
+    bt = aligned(b.transpose(1, 2))
+    assert bt.stride(-2) == 1 and layout_ok(bt) and torch.equal(bt, b.transpose(1, 2))
 
 
 def test_padded_buffers_have_16_byte_row_strides():
     like = torch.empty(0, dtype=torch.bfloat16)
-    t = torch_backend._aligned_empty((5, 412), like)
+    t = aligned_empty((5, 412), like)
     assert t.shape == (5, 412) and t.stride() == (416, 1)
-    assert torch_backend._aligned_empty((5, 3), torch.empty(0)).stride() == (4, 1)
-    assert torch_backend._aligned_empty((5, 16), like).is_contiguous()
+    assert aligned_empty((5, 3), torch.empty(0)).stride() == (4, 1)
+    assert aligned_empty((5, 16), like).is_contiguous()
 
 
 def _case(n, g_in, s, d_in, d_out, e, gated, seed):
@@ -121,10 +123,10 @@ def _fwd_bwd(fn, x, w, gates, grad):
     (2, 4, 2, True, 5),    # SwitchHead like: groups on both sides, both widths odd
 ])
 def test_padded_grouped_path_matches_reference(width, dtype, save, g_in, s, g_out, gated, other, expected_path,
-                                               monkeypatch):
+                                               policy):
     if not _have_grouped_mm(dtype):
         pytest.skip(f"grouped_mm unavailable for cpu/{dtype}")
-    monkeypatch.setattr(torch_backend, "SAVE_GATHERED", save)
+    policy(save_gathered=save)
     expected_path(dtype)
     for d_in, d_out in ((width, other), (other, width)):
         x, ids, w, gates = _case(24, g_in, s, d_in, d_out, 4, gated, seed=width + d_in)
@@ -145,11 +147,10 @@ def test_padded_grouped_path_matches_reference(width, dtype, save, g_in, s, g_ou
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d, d_e", [(412, 128), (82, 7), (3, 16), (7, 3)])
 @pytest.mark.parametrize("bucket", [4, 64])  # CPU bf16's row bucket (borrowed rows, tail padding / all tail)
-def test_fused_sigma_moe_at_odd_widths_matches_reference(d, d_e, dtype, save, bucket, expected_path, monkeypatch):
+def test_fused_sigma_moe_at_odd_widths_matches_reference(d, d_e, dtype, save, bucket, expected_path, policy):
     if not _have_grouped_mm(dtype):
         pytest.skip(f"grouped_mm unavailable for cpu/{dtype}")
-    monkeypatch.setattr(torch_backend, "SAVE_GATHERED", save)
-    monkeypatch.setattr(torch_backend, "ROW_BUCKET", bucket)
+    policy(save_gathered=save, row_bucket=bucket)
     expected_path(dtype)
     g = torch.Generator().manual_seed(d * d_e)
     n, k, e = 20, 3, 5
@@ -182,10 +183,14 @@ def test_fused_sigma_moe_at_odd_widths_matches_reference(d, d_e, dtype, save, bu
 
 
 def test_float64_has_no_grouped_mm_and_takes_the_loop():
-    """The path choice is explicit: grouped_mm's dtypes are fp32/bf16/fp16; fp64 runs the loop."""
-    assert torch_backend.gemm_impl("cpu", torch.float64) == "loop"
+    """The path choice is explicit: grouped_mm's dtypes are fp32/bf16/fp16; fp64 runs a loop (of ``mm`` over
+    the gathered rows on a CPU, where they are kept for backward)."""
+    assert not grouped_mm_works("cpu", torch.float64)
+    assert current_policy().choose(torch.device("cpu"), torch.float64, 10_000).kernel == st.MM
+    with use_policy(save_gathered="never"):
+        assert current_policy().choose(torch.device("cpu"), torch.float64, 10_000).kernel == st.LOOP
     if _have_grouped_mm(torch.float32):
-        assert torch_backend.gemm_impl("cpu", torch.float32) == "grouped_mm"
+        assert current_policy().choose(torch.device("cpu"), torch.float32, 10_000).kernel == st.GROUPED_MM
 
 
 @pytest.mark.parametrize("save_rows", [False, True])
@@ -202,11 +207,12 @@ def test_opcheck_at_odd_widths(d_in, d_out, gated, save_rows):
     ids = torch.randint(0, e, (n, s), generator=g)
     gates = torch.rand(n, s, generator=g).to(torch.bfloat16).requires_grad_() if gated else None
     plan = make_plan(ids, e)
+    strategy = current_policy().choose(x.device, x.dtype, n * s)._replace(save_rows=save_rows).encode()
     torch.library.opcheck(torch.ops.moeut.expert_matmul.default,
-                          (x, w, gates, plan.perm, plan.inv_perm, plan.offsets, 1 if gated else s, "torch",
-                           save_rows, gated))
+                          (x, w, gates, plan.perm, plan.inv_perm, plan.offsets, 1 if gated else s, strategy,
+                           gated))
     if gated:
         values = torch.randn(e, d_out, d_in, generator=g).to(torch.bfloat16).requires_grad_()
         torch.library.opcheck(torch.ops.moeut.sigma_moe.default,
                               (x.detach().squeeze(1).requires_grad_(), w, values, gates, plan.perm, plan.inv_perm,
-                               plan.offsets, save_rows))
+                               plan.offsets, strategy))

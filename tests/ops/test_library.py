@@ -8,30 +8,37 @@ import shutil
 import pytest
 import torch
 
-from moeut.ops import make_plan, torch_backend
+from moeut.ops import Strategy, current_policy, make_plan, use_policy
+from moeut.ops import strategy as st
 
 ON_GPU = torch.cuda.is_available()
 
 
-def _op_args(n, g_in, s, g_out, d_in, d_out, e, gated, *, device="cpu", dtype=torch.float32, backend="torch",
-             save_rows=False, seed=0):
+def _op_args(n, g_in, s, g_out, d_in, d_out, e, gated, *, device="cpu", dtype=torch.float32,
+             strategy: Strategy | None = None, seed=0):
+    """Arguments of ``moeut::expert_matmul`` for a random case, under ``strategy`` (default: the policy's)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, g_in, d_in, generator=g).to(device, dtype).requires_grad_()
     w = (torch.randn(e, d_in, d_out, generator=g) / d_in ** 0.5).to(device, dtype).requires_grad_()
     ids = torch.randint(0, e, (n, s), generator=g).to(device)
     gates = torch.rand(n, s, generator=g).to(device, dtype).requires_grad_() if gated else None
     plan = make_plan(ids, e)
-    return (x, w, gates, plan.perm, plan.inv_perm, plan.offsets, g_out, backend, save_rows, gated)
+    strategy = strategy or current_policy().choose(x.device, dtype, n * s)
+    return (x, w, gates, plan.perm, plan.inv_perm, plan.offsets, g_out, strategy.encode(), gated)
 
 
 CASES = [(13, 1, 4, 4, 16, 8, 5, False), (13, 4, 4, 1, 8, 16, 5, True), (11, 1, 4, 2, 16, 16, 3, True),
          (7, 2, 4, 1, 16, 8, 6, True)]
+# every kernel of the op; BLOCKS with small blocks, so these tiny cases use them (and the kept rows then have a
+# routing-dependent count: a dynamic size in the fake kernel)
+STRATEGIES = [Strategy(st.LOOP), Strategy(st.GROUPED_MM), Strategy(st.GROUPED_MM, save_rows=True),
+              Strategy(st.MM, save_rows=True), Strategy(st.BLOCKS, True, bucket=4, max_block_waste=100.0)]
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("save_rows", [False, True])
-def test_opcheck_passes_for_the_torch_backend(case, save_rows):
-    torch.library.opcheck(torch.ops.moeut.expert_matmul.default, _op_args(*case, save_rows=save_rows))
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.encode())
+def test_opcheck_passes_for_the_torch_backend(case, strategy):
+    torch.library.opcheck(torch.ops.moeut.expert_matmul.default, _op_args(*case, strategy=strategy))
 
 
 @pytest.mark.gpu
@@ -39,7 +46,8 @@ def test_opcheck_passes_for_the_torch_backend(case, save_rows):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck_passes_on_cuda(case, backend):
-    torch.library.opcheck(torch.ops.moeut.expert_matmul.default, _op_args(*case, device="cuda", backend=backend))
+    strategy = Strategy(st.TRITON) if backend == "triton" else None
+    torch.library.opcheck(torch.ops.moeut.expert_matmul.default, _op_args(*case, device="cuda", strategy=strategy))
 
 
 def _tiny_model(device="cpu"):
@@ -85,18 +93,17 @@ def _compile_and_compare(device: str, bf16: bool = False, backend: str | None = 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_torch_compile_runs_the_model_without_graph_breaks_and_matches_eager(monkeypatch):
-    monkeypatch.setattr(torch_backend, "FEW_SLOTS", 0)
-    _compile_and_compare("cpu")
+def test_torch_compile_runs_the_model_without_graph_breaks_and_matches_eager():
+    _compile_and_compare("cpu")  # few_slots=0 (conftest): the sorted path, through the custom ops
 
 
 @pytest.mark.slow
-def test_torch_compile_under_cpu_bf16_autocast(monkeypatch):
+def test_torch_compile_under_cpu_bf16_autocast():
     """CPU bf16: the rows kept for backward have a routing-dependent count (the block layout), which the
     fake kernels give as a dynamic size; compiled forward and backward still match eager."""
-    monkeypatch.setattr(torch_backend, "FEW_SLOTS", 0)
-    monkeypatch.setattr(torch_backend, "ROW_BUCKET", 4)  # small blocks, so this tiny batch uses them
-    _compile_and_compare("cpu", bf16=True, backend="aot_eager")
+    with use_policy(row_bucket=4):  # small blocks, so this tiny batch uses them
+        assert current_policy().choose(torch.device("cpu"), torch.bfloat16, 96).kernel == st.BLOCKS
+        _compile_and_compare("cpu", bf16=True, backend="aot_eager")
 
 
 @pytest.mark.gpu

@@ -40,9 +40,17 @@ Backends are chosen by name (``"reference"``: the slow masked loop, the oracle o
 kernels on CUDA, :mod:`moeut.ops.triton_backend`) or, with
 ``backend=None``, by :func:`default_backend` of ``x``'s device — the one place that picks.
 :func:`available_backends` lists the names.
+
+How the torch backend runs a call (a loop over experts, ``grouped_mm``, the block layout, or the few-slot
+``bmm``) is decided in one place, :meth:`GemmPolicy.choose` (:mod:`moeut.ops.policy`), from the device,
+dtype and number of slots; the environment's overrides are read once (:mod:`moeut.ops.overrides`), and
+``with use_policy(gemm="loop"): ...`` changes the policy for a block of code.
 """
 
 from moeut.ops.expert_matmul import available_backends, default_backend, expert_matmul, sigma_moe_experts
 from moeut.ops.plan import ExpertPlan, make_plan
+from moeut.ops.policy import GemmPolicy, current_policy, use_policy
+from moeut.ops.strategy import Strategy
 
-__all__ = ["expert_matmul", "sigma_moe_experts", "available_backends", "default_backend", "make_plan", "ExpertPlan"]
+__all__ = ["expert_matmul", "sigma_moe_experts", "available_backends", "default_backend", "make_plan", "ExpertPlan",
+           "GemmPolicy", "current_policy", "use_policy", "Strategy"]

@@ -74,8 +74,8 @@ def make_plan(expert_ids: torch.Tensor, n_experts: int) -> ExpertPlan:
             lo, hi = (int(v) for v in torch.aminmax(flat))
             if lo < 0 or hi >= n_experts:
                 raise ValueError(f"expert_ids must lie in [0, {n_experts}), found values in [{lo}, {hi}]")
-        # the narrowest key dtype that holds every id: a stable sort of 32768 uint8 keys took 85 µs on a CPU,
-        # of int64 keys 420 µs (the order, and so the plan, is the same)
+        # the narrowest key dtype that holds every id: narrow keys sort several times faster on a CPU
+        # (benchmarks/README.md), and the order, and so the plan, is the same
         key = torch.uint8 if n_experts <= 256 else torch.int16 if n_experts <= 32767 else torch.int64
         sorted_keys, perm = torch.sort(flat.to(key), stable=True)
         sorted_ids = sorted_keys.long()
