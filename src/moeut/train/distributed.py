@@ -101,8 +101,8 @@ def ignore_fsdp_view_output_warning(fsdp_class_names: set[str]) -> None:
     way to them (``v`` feeds the attention, the router logits the gates, the logits the cross-entropy). So
     the hook on a main output fires before any backward node of the module runs, whatever happens to the
     views; nothing in moeut modifies those views in place either. tests/train/test_fsdp_gathers.py checks that
-    premise on every model kind, and the two-rank runs of tests/train/test_train.py compare the gradients'
-    effect with one process and check the warning is gone.
+    premise on every model kind, and the two-rank runs of tests/train/test_train.py check the warning is gone
+    and compare the losses, gradient norms and weights with one process.
 
     The filter matches torch's message for exactly these class names and nothing else: the same warning
     for any other FSDP2-wrapped module (a user's own) still shows.
@@ -119,7 +119,7 @@ class _ReshardAfterThisBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         ctx.layer = layer
-        return x.view_as(x)
+        return x.view_as(x)  # a view of the layer's *input*: FSDP2 checks only outputs for views (see above)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
