@@ -74,6 +74,7 @@ def _signal_at(monkeypatch, at: dict[int, list[int]]) -> None:
     monkeypatch.setattr(Trainer, "log", log_then_signal)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, step", [(signal.SIGINT, 10), (signal.SIGTERM, 13)])
 def test_signal_checkpoints_the_step_and_resume_is_bit_identical(tiny_data, reference, tmp_path, monkeypatch,
                                                                  capsys, sig, step):
@@ -95,6 +96,7 @@ def test_signal_checkpoints_the_step_and_resume_is_bit_identical(tiny_data, refe
     _assert_same_run(reference, run)
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     assert main(_args(tiny_data, run, steps=4, save_every=4)) == 0
@@ -120,6 +122,7 @@ def _wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float 
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_to_a_training_process_at_a_random_step(tiny_data, reference, tmp_path, sig):
     """A real process, a real signal at a random step (the run logs every step, checkpoints only at the end)."""
@@ -195,6 +198,7 @@ def _rank_pid(torchrun_pid: int, rank: int, timeout: float = 60) -> int:
 # ------------------------------------------------------------------ resuming from the directory
 
 
+@pytest.mark.slow
 def test_a_moved_or_copied_run_resumes_from_its_directory(tiny_data, reference, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(_args(tiny_data, run, steps=12, save_every=6)) == 0
@@ -239,6 +243,7 @@ def _tensorboard_steps(run: Path, tag: str) -> list[int]:
     return [e.step for e in acc.Scalars(tag)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("save_every", [0, 5])
 def test_killed_between_checkpoints_then_resumed_logs_each_step_once(tiny_data, reference, tmp_path, save_every):
     """SIGKILL (no chance to save) after the last checkpoint — or before any (save_every 0): the resumed run

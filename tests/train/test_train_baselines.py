@@ -34,6 +34,7 @@ def _args(preset: str, data, out, **kw) -> list[str]:
     return args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", list(FAMILIES))
 def test_tiny_family_trains_resumes_bit_identically_and_evaluates(preset, tiny_data, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"

@@ -30,6 +30,7 @@ def _train_lines(run: Path) -> list[dict]:
 
 # ------------------------------------------------------------------ metrics
 
+@pytest.mark.slow
 def test_every_logged_step_carries_the_systems_metrics(tiny_data, tmp_path):
     run = tmp_path / "run"
     assert main(train_args(tiny_data, run, steps=3, eval_every=0, save_every=3)) == 0
@@ -76,6 +77,7 @@ def test_bf16_on_a_cpu_without_native_bf16_is_flagged(tiny_data, tmp_path, capsy
     assert "runs bf16 natively" not in out
 
 
+@pytest.mark.slow
 def test_training_on_a_cpu_tunes_malloc(tiny_data, tmp_path, monkeypatch):
     """`moeut train` on a CPU keeps glibc from mmap-ing every large tensor, as `moeut demo` does (without it a
     bf16 demo-sized run spent a third of its time in the kernel)."""
@@ -85,6 +87,7 @@ def test_training_on_a_cpu_tunes_malloc(tiny_data, tmp_path, monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("native", [False, True])
 def test_auto_precision_is_fp32_on_a_cpu_and_points_to_bf16_where_it_is_native(tiny_data, tmp_path, capsys,
                                                                                 monkeypatch, native):
@@ -97,6 +100,7 @@ def test_auto_precision_is_fp32_on_a_cpu_and_points_to_bf16_where_it_is_native(t
 
 # ------------------------------------------------------------------ activation checkpointing
 
+@pytest.mark.slow
 def test_activation_checkpointing_trains_exactly_as_without(tiny_data, tmp_path):
     plain, ac = tmp_path / "plain", tmp_path / "ac"
     common = dict(steps=4, eval_every=0, save_every=4, routing_every=2)
@@ -119,6 +123,7 @@ def test_activation_checkpointing_trains_exactly_as_without(tiny_data, tmp_path)
 
 # ------------------------------------------------------------------ schedules and resume
 
+@pytest.mark.slow
 def test_resume_with_other_steps_of_a_cosine_run_is_refused_with_the_way_out(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(train_args(tiny_data, run, steps=4, eval_every=0, save_every=2, warmup=0)) == 0
@@ -132,6 +137,7 @@ def test_resume_with_other_steps_of_a_cosine_run_is_refused_with_the_way_out(tin
     assert latest_checkpoint(run)[1]["step"] == 6
 
 
+@pytest.mark.slow
 def test_wsd_run_extends_while_its_decay_has_not_started(tiny_data, tmp_path, capsys):
     wsd = ["--schedule", "wsd", "--decay-steps", "2"]
     run, ref = tmp_path / "run", tmp_path / "ref"

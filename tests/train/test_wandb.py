@@ -84,6 +84,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_offline_wandb_run_logs_the_metrics_and_config_and_resumes_the_same_run(tiny_data, tmp_path, offline):
     run = tmp_path / "run"
     common = dict(steps=4, save_every=2, eval_every=2, routing_every=2, wandb_project="moeut-test",
