@@ -1,4 +1,4 @@
-"""The package's layering (README, "How the code is laid out"): no import circle, no module importing a
+"""The package's layering (docs/contributing.md, "How the code is laid out"): no import circle, no module importing a
 higher layer, stages never importing each other (a sweep may call ``train``), and imports between moeut's own
 modules at the top of the file unless a comment next to the import says why."""
 

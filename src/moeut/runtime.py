@@ -59,7 +59,7 @@ def cpu_model() -> str:
 
 
 def tune_malloc() -> bool:
-    """Keep glibc from mmap-ing and unmapping every large tensor (see the README's CPU section).
+    """Keep glibc from mmap-ing and unmapping every large tensor (docs/performance.md, the CPU section).
 
     Equivalent to ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``/``MALLOC_TOP_PAD_`` in the
     environment. Returns False (and does nothing) where glibc's ``mallopt`` is unavailable.

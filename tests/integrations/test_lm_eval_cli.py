@@ -1,5 +1,5 @@
 """The real `lm_eval` CLI on a `moeut export-hf` directory, offline, with moeut's shipped task configs and
-local data: the command the README documents."""
+local data: the command docs/evaluation.md documents."""
 
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ def choice_metrics(examples: Sequence[Choice], scores: Sequence[ChoiceScores], h
 
 
 def summarize_choices(task: str, examples: Sequence[Choice], scores: Sequence[ChoiceScores]) -> dict:
-    """The result entry of a multiple-choice task (see the README's evaluation section for the keys)."""
+    """The result entry of a multiple-choice task (docs/evaluation.md lists the keys)."""
     how = PAPER_SCORE.get(task, "mean")
     if task == "blimp":
         by_paradigm: dict[str, list[bool]] = defaultdict(list)

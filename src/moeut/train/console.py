@@ -42,8 +42,9 @@ def header_lines(cfg: TrainConfig, model_cfg, stats: dict[str, Any], info: DistI
         lines.append("warning    this CPU has no native bf16 (no AVX512-BF16/AMX): bf16 is emulated and slower than "
                      "fp32 here; --precision auto uses fp32 on CPUs")
     elif autocast is None and cfg.precision == "auto" and info.device.type == "cpu" and cpu_has_native_bf16():
-        lines.append("note       this CPU runs bf16 natively: --precision bf16 trains faster here (the README's "
-                     "CPU speed section); auto keeps fp32 on CPUs, so a run gives the same numbers on every CPU")
+        lines.append("note       this CPU runs bf16 natively: --precision bf16 trains faster here "
+                     "(docs/performance.md, \"fp32 or bf16 on a CPU\"); auto keeps fp32 on CPUs, so a run gives "
+                     "the same numbers on every CPU")
     return lines
 
 
