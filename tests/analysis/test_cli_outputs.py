@@ -214,3 +214,19 @@ def test_norm_placement_sweep_needs_the_model_field(monkeypatch):
     monkeypatch.setattr(sweep, "_has_model_field", lambda name: False)
     with pytest.raises(AnalysisError, match="norm_placement"):
         sweep.builtin_sweep("norm-placement")
+
+
+def test_curves_plot_the_runs_losses_against_tokens(tiny_runs, tmp_path, capsys):
+    out = tmp_path / "curves"
+    assert main(["analyze", "curves", "--checkpoint", str(tiny_runs["moeut"]), str(tiny_runs["dense"]),
+                 "--out", str(out), "--smooth", "2"]) == 0
+    data = json.loads((out / "curves.json").read_text())
+    by_name = {r["name"]: r for r in data["runs"]}
+    for name in ("moeut", "dense"):
+        metrics = [json.loads(line) for line in (Path(tiny_runs[name]) / "metrics.jsonl").read_text().splitlines()]
+        assert [tuple(p) for p in by_name[name]["train"]] == [(m["tokens_seen"], m["train_loss"]) for m in metrics
+                                                              if "train_loss" in m]
+        assert [p[1] for p in by_name[name]["val"]] == [m["val_ppl"] for m in metrics if "val_ppl" in m]
+    assert "last val ppl" in capsys.readouterr().out
+    assert_png(out / "curves.png", (11, 4))
+    assert main(["analyze", "curves", "--checkpoint", str(tmp_path), "--out", str(out)]) == 2  # not a run

@@ -8,6 +8,7 @@
     moeut analyze sweep            --sweep expert-size-k|k|group-size|norm-placement|cpu-study|FILE --data DATA --out DIR
     moeut analyze wallclock        --presets moeut-tiny dense-tiny ... --out DIR
     moeut analyze compute          --checkpoint RUN [RUN ...] [--presets ...] --out DIR
+    moeut analyze curves           --checkpoint RUN [RUN ...] --out DIR [--smooth N]
 
 DATA: a directory written by ``moeut prepare`` (its ``val`` split is read), a split directory, or text
 files (tokenised with the run's tokenizer); default: the validation split the run was trained on. Each
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 from moeut.analysis.compute import run as run_compute
+from moeut.analysis.curves import run as run_curves
 from moeut.analysis.depth import run as run_depth
 from moeut.analysis.expert_usage import run as run_expert_usage
 from moeut.analysis.layer_similarity import run as run_layer_similarity
@@ -35,7 +37,7 @@ from moeut.runtime import resolve_device, tune_malloc
 from moeut.train.wallclock import run as run_wallclock
 
 HELP = ("the paper's analyses: residual norms, expert usage, layer similarity, token diversity, depth at inference, "
-        "sweeps, wall clock and memory, compute")
+        "sweeps, wall clock and memory, compute, training curves")
 _MODEL_ANALYSES = ("residual-norm", "expert-usage", "layer-similarity", "token-diversity", "depth")
 
 
@@ -127,6 +129,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=None, help="context for the preset rows (default: the preset's)")
     _common(p)
 
+    p = sub.add_parser("curves", help="training loss and validation perplexity of runs against the tokens seen")
+    p.add_argument("--checkpoint", nargs="+", required=True, metavar="RUN", help="run directories")
+    p.add_argument("--smooth", type=int, default=10, help="trailing mean over N logged steps (default 10)")
+    _common(p)
+
 
 def run(args: argparse.Namespace) -> int:
     tune_malloc()
@@ -148,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
                             iters=args.iters, backend=args.backend, show_progress=show)
     elif a == "compute":
         res = run_compute(args.checkpoint, out, presets=args.presets, tokens=args.tokens, context=args.context)
+    elif a == "curves":
+        res = run_curves(args.checkpoint, out, smooth=args.smooth)
     else:  # argparse prevents this
         raise AnalysisError(f"unknown analysis {a!r}")
     print()
