@@ -56,6 +56,7 @@ def test_config_checks_the_spec_and_the_architecture():
         TrainConfig(preset="dense-tiny", depth_sampling="uniform:1-3")
 
 
+@pytest.mark.slow
 def test_training_runs_each_step_at_its_drawn_depth_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
     seen = []
     from moeut.model.lm import MoEUTLM

@@ -45,6 +45,7 @@ def test_balance_stats_are_loads_relative_to_the_mean():
     assert stats["balance/ffn/max_load"] == 5 / 3 and stats["balance/ffn/min_load"] == 1 / 3
 
 
+@pytest.mark.slow
 def test_loss_free_run_moves_the_bias_logs_the_load_and_resumes_bit_identically(tiny_data, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert main(_args(tiny_data, ref, "--model", "balancing_rate=0.01", steps=8, save_every=4, eval_every=4)) == 0

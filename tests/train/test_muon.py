@@ -110,6 +110,7 @@ def _losses(run: Path) -> list[float]:
             if "train_loss" in line]
 
 
+@pytest.mark.slow
 def test_training_with_muon_learns_and_resumes_bit_identically(tiny_data, tmp_path):
     args = lambda run: train_args(tiny_data, run, steps=24, save_every=12, optimizer="muon", warmup=2)  # noqa: E731
     ref, run = tmp_path / "ref", tmp_path / "run"

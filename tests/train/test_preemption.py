@@ -217,6 +217,7 @@ def test_a_moved_or_copied_run_resumes_from_its_directory(tiny_data, reference, 
     assert latest_checkpoint(copy)[1]["step"] == 16
 
 
+@pytest.mark.slow
 def test_a_refused_resume_lists_each_field_with_both_values(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(_args(tiny_data, run, steps=2)) == 0

@@ -46,6 +46,7 @@ def test_every_logged_step_carries_the_systems_metrics(tiny_data, tmp_path):
     assert summary["peak_memory_kind"].startswith("cpu peak RSS")
 
 
+@pytest.mark.slow
 def test_mfu_is_tflops_over_the_given_peak(tiny_data, tmp_path):
     run = tmp_path / "run"
     assert main([*train_args(tiny_data, run, steps=2, eval_every=0, save_every=2), "--peak-tflops", "0.5"]) == 0
@@ -66,6 +67,7 @@ def test_flops_convention_and_peak_table():
     assert peak_for_name("Some Future Accelerator") is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_without_native_bf16_is_flagged(tiny_data, tmp_path, capsys, monkeypatch, native):
     monkeypatch.setattr("moeut.train.console.cpu_has_native_bf16", lambda: native)
@@ -167,6 +169,7 @@ def source_run(tiny_data, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_init_from_takes_the_weights_and_a_fresh_optimizer(tiny_data, source_run, tmp_path):
     run = tmp_path / "run"
     args = train_args(tiny_data, run, steps=1, eval_every=0, save_every=1, seed=7, lr=1e-3, warmup=0)
@@ -199,6 +202,7 @@ def test_init_from_names_the_mismatching_model_fields(tiny_data, source_run, tmp
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_init_from_refuses_data_of_another_tokenizer_unless_allowed(tiny_data, source_run, tmp_path, capsys):
     other = tmp_path / "other"
     corpus = tmp_path / "c.jsonl"
