@@ -149,19 +149,29 @@ def expert_matmul_planned(x: Tensor, weight: Tensor, gates: Optional[Tensor], pl
 def sigma_moe_op(x: Tensor, keys: Tensor, values: Tensor, gates: Tensor, perm: Tensor, inv_perm: Tensor,
                  offsets: Tensor, strategy: str) -> tuple[Tensor, Tensor, Tensor]:
     plan = ExpertPlan(tuple(gates.shape), keys.shape[0], perm, inv_perm, offsets, perm)
-    y, rows, hidden = sigma_moe_forward(x, keys, values, gates, plan, decode(strategy))
+    chosen = decode(strategy)
+    y, rows, hidden = sigma_moe_forward(x, keys, values, gates, plan, chosen)
     if rows is None:
         rows = x.new_empty(0, x.shape[1])
+    if (tuple(rows.shape), tuple(hidden.shape)) != _sigma_kept_shapes(x, keys, chosen, hidden.shape[0]):
+        raise AssertionError(f"moeut::sigma_moe kept {tuple(rows.shape)} and {tuple(hidden.shape)}, but its fake "
+                             f"kernel says {_sigma_kept_shapes(x, keys, chosen, hidden.shape[0])} for {chosen}")
     return y, rows, hidden
+
+
+def _sigma_kept_shapes(x: Tensor, keys: Tensor, strategy: Strategy, m: int) -> tuple[tuple[int, int], ...]:
+    """``(rows, hidden)`` shapes when ``m`` sorted rows are kept: the gathered input rows with ``save_rows``,
+    the post-ReLU hidden rows always."""
+    return (m if strategy.save_rows else 0, x.shape[1]), (m, keys.shape[2])
 
 
 @sigma_moe_op.register_fake
 def _(x, keys, values, gates, perm, inv_perm, offsets, strategy):
     chosen = decode(strategy)
-    kept = x.shape[0] != 0 and perm.shape[0] != 0  # the hidden rows are always kept
-    m = _kept_rows(chosen, perm.shape[0], True) if kept else 0
-    return (x.new_empty(x.shape[0], values.shape[2]), x.new_empty(m if chosen.save_rows else 0, x.shape[1]),
-            x.new_empty(m, keys.shape[2]))
+    kept = x.shape[0] != 0 and perm.shape[0] != 0  # nothing runs without rows or slots
+    shape_rows, shape_hidden = _sigma_kept_shapes(x, keys, chosen, _kept_rows(chosen, perm.shape[0], True) if kept
+                                                  else 0)
+    return x.new_empty(x.shape[0], values.shape[2]), x.new_empty(shape_rows), x.new_empty(shape_hidden)
 
 
 @torch.library.custom_op("moeut::sigma_moe_backward", mutates_args=())

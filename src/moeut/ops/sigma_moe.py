@@ -28,7 +28,7 @@ class FusedNeeds(NamedTuple):
 
 
 def sigma_moe_forward(x2d: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor,
-                      plan: ExpertPlan, strategy: Strategy):
+                      plan: ExpertPlan, strategy: Strategy) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``(y [N, d_out], a | None, h)``: ``a`` the gathered input rows (kept with ``strategy.save_rows``),
     ``h`` the sorted post-ReLU hidden rows (always kept)."""
     n, d = x2d.shape
@@ -45,7 +45,7 @@ def sigma_moe_forward(x2d: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 def sigma_moe_backward(grad_y: torch.Tensor, x2d: torch.Tensor, a: torch.Tensor | None, h: torch.Tensor,
                        keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, plan: ExpertPlan,
-                       strategy: Strategy, needs: FusedNeeds):
+                       strategy: Strategy, needs: FusedNeeds) -> tuple[torch.Tensor | None, ...]:
     """``(∂x, ∂W₁, ∂W₂, ∂gates)`` (None where ``needs`` does not ask).
 
     With ``t = ∂y_m W₂ᵀ``: ``∂c_m = h_m · t_m``, ``∂h_m = c_m t_m ⊙ [h_m > 0]``, ``∂W₂ = Σ c_m h_mᵀ ∂y_m``.

@@ -40,7 +40,8 @@ def loop_forward(x2d: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, pl
 
 
 def loop_backward(x2d: torch.Tensor, rows_in: torch.Tensor, g2d: torch.Tensor, rows_out: torch.Tensor,
-                  weight: torch.Tensor, plan: ExpertPlan, c: torch.Tensor | None, scale_input: bool, needs: Needs):
+                  weight: torch.Tensor, plan: ExpertPlan, c: torch.Tensor | None, scale_input: bool,
+                  needs: Needs) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Sorted ``∂x`` rows ``c_m g_m W_eᵀ`` ``[M, d_in]``, ``∂W`` ``[E, d_in, d_out]`` and sorted ``∂c`` ``[M]``;
     None where ``needs`` does not ask for it.
 
@@ -60,7 +61,7 @@ def loop_backward(x2d: torch.Tensor, rows_in: torch.Tensor, g2d: torch.Tensor, r
         gated_buf = x2d.new_empty(big, d_in if scale_input else d_out)
     t_buf = x2d.new_empty(big, d_in) if needs.c and not needs.x else None
 
-    def split(t):
+    def split(t: torch.Tensor | None):
         return t.split(counts) if t is not None else itertools.repeat(None)
 
     for r_in, r_out, c_e, w_e, gw_e, t_e, gc_e, n in zip(

@@ -28,6 +28,9 @@ from moeut.ops.sorted_gemm import SortedGemm
 from moeut.ops.streamed_loop import loop_backward, loop_forward
 from moeut.ops.unsort import unsort_reduce
 
+Tensor = torch.Tensor
+Grads = tuple[Tensor | None, Tensor | None, Tensor | None]  # ∂x, ∂W, ∂gates; None where not asked for
+
 
 def forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor | None, plan: ExpertPlan,
             ctx: MatmulContext) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -60,7 +63,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor | None, p
 
 def backward(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None, side: torch.Tensor | None,
              weight: torch.Tensor, gates: torch.Tensor | None, plan: ExpertPlan, ctx: MatmulContext,
-             needs: Needs) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+             needs: Needs) -> Grads:
     """``(∂x, ∂W, ∂gates)`` (None where ``needs`` does not ask) from what :func:`forward` kept for ``ctx``."""
     if ctx.empty:
         return (x.new_zeros(x.shape) if needs.x else None, torch.zeros_like(weight) if needs.w else None,
@@ -88,7 +91,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None,
     return _grads(k, a, a_in, g, c, weight, gates, ctx, needs)
 
 
-def _loop_backward(g2d, x2d, weight, gates, plan, ctx: MatmulContext, needs: Needs):
+def _loop_backward(g2d: Tensor, x2d: Tensor, weight: Tensor, gates: Tensor | None, plan: ExpertPlan,
+                   ctx: MatmulContext, needs: Needs) -> Grads:
     c = None if gates is None else gates.reshape(-1).index_select(0, plan.perm).unsqueeze(1)
     t, grad_w, gc = loop_backward(x2d, plan.rows(ctx.s // ctx.g_in), g2d, plan.rows(ctx.s // ctx.g_out), weight,
                                   plan, c, ctx.gate == INPUT_GATE, needs)
@@ -97,7 +101,8 @@ def _loop_backward(g2d, x2d, weight, gates, plan, ctx: MatmulContext, needs: Nee
     return grad_x, grad_w, grad_c
 
 
-def _grads_output_gate(k: SortedGemm, a, y_raw, g, c, weight, gates, ctx: MatmulContext, needs: Needs):
+def _grads_output_gate(k: SortedGemm, a: Tensor | None, y_raw: Tensor, g: Tensor, c: Tensor, weight: Tensor,
+                       gates: Tensor, ctx: MatmulContext, needs: Needs) -> Grads:
     """Gate on the output side, ungated output rows kept: ``g̃_m = c_m g_m`` serves both ``∂W_e = Σ a_mᵀ g̃_m``
     and ``∂x_m = g̃_m W_eᵀ``, and ``∂c_m = (a_m W_e)·g_m`` is a row dot product at the narrow width ``d_out``."""
     grad_x = grad_w = grad_c = None
@@ -111,7 +116,8 @@ def _grads_output_gate(k: SortedGemm, a, y_raw, g, c, weight, gates, ctx: Matmul
     return grad_x, grad_w, grad_c
 
 
-def _grads(k: SortedGemm, a, a_in, g, c, weight, gates, ctx: MatmulContext, needs: Needs):
+def _grads(k: SortedGemm, a: Tensor | None, a_in: Tensor | None, g: Tensor, c: Tensor | None, weight: Tensor,
+           gates: Tensor | None, ctx: MatmulContext, needs: Needs) -> Grads:
     """``∂W_e = Σ c_m a_mᵀ g_m`` (``c`` applied to the narrower side), ``t_m = g_m W_eᵀ``, ``∂c_m = a_m·t_m``,
     ``∂x_m = c_m t_m`` (the gate applied by the unsort)."""
     grad_x = grad_w = grad_c = None
