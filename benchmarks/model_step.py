@@ -56,7 +56,7 @@ def run_one(preset: str, device: str, batch: int, seq: int, warmup: int, reps: i
     model = build_model(cfg, backend=backend).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4, weight_decay=0.01)
     # a new batch every step, as in training: the experts' row counts change from step to step (on a
-    # CPU in bf16, a GEMM shape not seen before costs a kernel build, see ops/torch_backend._row_bucket)
+    # CPU in bf16, a GEMM shape not seen before costs a kernel build, see ops/policy.py, the block layout)
     batches = iter(torch.randint(0, cfg.vocab_size, (warmup + reps, batch, seq + 1), device=dev))
 
     def step() -> None:  # ends in .item(): the device has finished

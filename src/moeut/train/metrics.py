@@ -7,6 +7,7 @@ import json
 import math
 import secrets
 import string
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -137,6 +138,16 @@ def _step_of(line: str) -> int:
         return 1 << 62
 
 
+def _wait_to_sort_after(tb_dir: Path) -> None:
+    """Readers apply a resumed writer's purge marker only to event files read before its own, and read them
+    in name order: ``events.out.tfevents.<unix second>.<host>.<pid>.<n>``. A run resumed within the second
+    its predecessor started (a fast crash) could get a name that sorts first — wait out that second."""
+    newest = max((int(p.name.split(".")[3]) for p in tb_dir.glob("events.out.tfevents.*")
+                  if p.name.split(".")[3].isdigit()), default=None)
+    while newest is not None and int(time.time()) <= newest:
+        time.sleep(0.05)
+
+
 class MetricsLogger:
     """Appends one JSON line per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard and to the
     extra ``sinks`` (e.g. :class:`WandbSink`).
@@ -159,6 +170,8 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 purge = None if resume_step is None else resume_step + 1
+                if purge is not None:
+                    _wait_to_sort_after(Path(run_dir) / TENSORBOARD)
                 self._tb = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD), purge_step=purge)
             except ImportError:
                 print("note: TensorBoard logging is off (pip install tensorboard, or the [dev] extra)")
