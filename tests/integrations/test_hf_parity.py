@@ -44,6 +44,9 @@ FAMILIES: dict[str, dict] = {
     "dense": dict(arch="dense", d_model=32, n_layers=3, group_size=3, n_heads=2, d_head=8, d_ff=48,
                   context_length=64),
     "moeut-act": {**_MOEUT, "act": True, "act_halt_bias_init": -1.0, "act_threshold": 0.6},
+    # halted tokens skip their work: the export applies the same semantics with masks
+    "moeut-act-skip": {**_MOEUT, "n_layers": 6, "act": True, "act_halt_bias_init": -1.0, "act_threshold": 0.6,
+                       "act_halting": "skip"},
     # loss-free balancing: family_model gives the selection biases non-zero values, so they change the routing
     "moeut-loss-free": {**_MOEUT, "balancing": "loss_free"},
     "sut": {**_SUT, "act": False},
@@ -51,7 +54,8 @@ FAMILIES: dict[str, dict] = {
 }
 # (family, repeats): every family at its trained depth (None), shared-layer ones also deeper or shallower
 CASES = [(name, None) for name in FAMILIES] + [("moeut-abab", 3), ("moeut-aabb", 1), ("moeut-post-ln", 3),
-                                               ("moeut-act", 3), ("sut-act", 6), ("moeut-loss-free", 3)]
+                                               ("moeut-act", 3), ("moeut-act-skip", 4), ("sut-act", 6),
+                                               ("moeut-loss-free", 3)]
 
 
 def family_model(name: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:

@@ -21,7 +21,7 @@ def test_train_config_takes_the_presets_recipe(preset):
     assert (cfg.warmup_steps, cfg.grad_clip, cfg.lr) == (recipe.warmup_steps, recipe.grad_clip, recipe.lr)
     if "-44m" in preset:  # the paper: no warmup, κ = 0.1 at 44M
         assert (cfg.warmup_steps, cfg.grad_clip) == (0, 0.1)
-    elif preset.endswith(("-tiny", "-tiny-act", "-tiny-noact", "-small")):  # CPU presets warm up briefly
+    elif preset.endswith(("-tiny", "-tiny-act", "-tiny-adaptive", "-tiny-noact", "-small")):  # CPU: brief warmup
         assert cfg.warmup_steps <= 100
     else:  # the paper from 126M up: 4000 warmup steps, κ = 0.25
         assert (cfg.warmup_steps, cfg.grad_clip) == (4000, 0.25)
@@ -29,6 +29,7 @@ def test_train_config_takes_the_presets_recipe(preset):
 
 def test_act_presets_train_like_their_twins():
     assert TrainConfig(preset="moeut-tiny-act").warmup_steps == TrainConfig(preset="moeut-tiny").warmup_steps
+    assert TrainConfig(preset="moeut-tiny-adaptive").warmup_steps == TrainConfig(preset="moeut-tiny").warmup_steps
     assert TrainConfig(preset="moeut-44m-act").warmup_steps == TrainConfig(preset="moeut-44m").warmup_steps
 
 

@@ -130,6 +130,10 @@ def require_routing(out: Any, what: str) -> list:
     if routing is None or any(r is None or not hasattr(r, "ffn") for r in routing):
         raise AnalysisError(f"{what} needs a model with expert routing in every layer (MoEUT or σ-MoE); this "
                             "checkpoint's layers do not route (a dense model?)")
+    if any(getattr(r, "rows", None) is not None for r in routing):
+        raise AnalysisError(f"{what} compares every token's expert selections across layer applications, but this "
+                            "model's halted tokens skip their work (act_halting='skip'): later applications route "
+                            "only the tokens still active. Analyse a model without ACT or with act_halting='frozen'")
     return routing
 
 

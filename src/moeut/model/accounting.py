@@ -113,6 +113,33 @@ def moeut_halting_cost(cfg: ModelConfig) -> dict[str, int]:
     return {"params": n * (2 * d + d * d + d + 2 * d + 2), "macs": n * (d * d + 2 * d)}
 
 
+def halted_kv_macs(cfg: ModelConfig) -> int:
+    """MoEUT, ``act_halting="skip"``: the MACs of one halted token's key and value at one distinct layer (the
+    key projection, the value router and the selected V experts with their gate mixing), paid once per distinct
+    layer when the token halts."""
+    d, H, dh, ka = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.att_k
+    return d * H * dh + ka * d * H * dh + d * H * cfg.att_n_experts + ka * H * dh
+
+
+def executed_macs_per_token(cfg: ModelConfig, executed: torch.Tensor, context: int | None = None
+                            ) -> dict[str, float]:
+    """Forward MACs per token that a MoEUT-ACT pass actually ran, from each token's executed number of group
+    applications ``executed`` (``LMOutput.executed_depth``): its group applications, the halting gates it read
+    (before applications 1 … min(e, n − 1)) and, when it halted early under ``act_halting="skip"``, its keys and
+    values once per distinct layer. Means over the tokens: ``layer_macs_per_token`` and, with the output head,
+    ``macs_per_token``."""
+    T = context or cfg.context_length
+    per_layer = layer_macs(cfg, T)
+    e = executed.double().flatten()
+    n, G = cfg.n_repeats, cfg.group_size
+    layers = e * G * (per_layer["attention"] + per_layer["mlp"])
+    if cfg.is_moe and cfg.act:
+        layers = layers + e.clamp(max=n - 1) * (cfg.d_model ** 2 + 2 * cfg.d_model)
+        layers = layers + (e < n).double() * G * halted_kv_macs(cfg)
+    mean = layers.mean().item()
+    return {"layer_macs_per_token": mean, "macs_per_token": mean + cfg.d_model * cfg.vocab_size}
+
+
 # ------------------------------------------------------------------------------ the authors' accounting
 def _paper_check(cfg: ModelConfig, context: int) -> None:
     if cfg.is_sut:

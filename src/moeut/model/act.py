@@ -20,7 +20,11 @@ has a halt-logit bias (``act_halt_bias_init``; negative = "deep start").
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -108,3 +112,22 @@ def depth_per_token(state: ACTState | None, q: torch.Tensor | None, like: torch.
     if state is None or q is None:
         return torch.ones(like.shape[:-1], device=like.device, dtype=torch.float32)
     return 1 + expected_depth(state, q)
+
+
+def forced_log_gate(depth: torch.Tensor, r: int) -> torch.Tensor:
+    """The gate output ``log (g[continue], g[halt])`` ``[B, T, 2]`` that halts each token for good before group
+    application ``r`` iff its forced ``depth`` ``[B, T]`` (group applications, 1 … n) is at most ``r``."""
+    halt = (depth <= r).unsqueeze(-1)
+    return torch.zeros(*depth.shape, 2, device=depth.device).masked_fill(torch.cat((halt, ~halt), -1), -math.inf)
+
+
+@contextmanager
+def forcing_depth(model: nn.Module, depth: torch.Tensor) -> Iterator[None]:
+    """Within the block, the ACT model ``model`` ignores its halting gate: each token runs exactly ``depth``
+    ``[B, T]`` group applications (of the batch shape the model is then called with). For measurements (the cost
+    of a given depth, :mod:`benchmarks.adaptive_depth`) and tests; the gate gets no gradient meanwhile."""
+    model.forced_depth = depth
+    try:
+        yield
+    finally:
+        model.forced_depth = None

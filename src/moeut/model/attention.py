@@ -104,6 +104,33 @@ class SwitchHead(nn.Module):
         y = expert_matmul(a, ids_o, self.o, route_o.gates.reshape(B * T, -1), backend=self.backend)
         return y.view(B, T, -1), (k, v), route_v, route_o
 
+    # ------------------------------------------------------------------ rows (halted tokens skip their work)
+    # The same computation on N rows gathered from anywhere in the batch (``[N, d]``), in three parts, so that a
+    # token that only serves as key and value (it has halted) runs ``keys_values`` and nothing else.
+    def keys_values(self, x: torch.Tensor, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, Routing]:
+        """Rotated keys and the values of rows ``x``/``xn`` ``[N, d]`` at their positions (``cos``/``sin``
+        ``[N, n_rotate]``): ``k``, ``v`` ``[N, H, d_h]`` and the value routing."""
+        N, H, dh = x.shape[0], self.n_heads, self.d_head
+        k = (self.k(xn) * dh ** -0.25).view(N, H, dh).transpose(0, 1)  # [H, N, d_h]: rope over N positions
+        route_v, ids_v = self._route(xn, self.sel_v, self.sel_v_bias)
+        v = expert_matmul(x.reshape(N, 1, x.shape[-1]), ids_v, self.v, route_v.gates.reshape(N, H * self.top_k),
+                          out_groups=H, backend=self.backend)
+        return apply_rope(k, cos, sin).transpose(0, 1), v.view(N, H, dh), route_v
+
+    def queries(self, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotated, pre-scaled queries of rows ``xn`` ``[N, d]``: ``[N, H, d_h]``."""
+        N, H, dh = xn.shape[0], self.n_heads, self.d_head
+        q = (self.q(xn) * dh ** -0.25).view(N, H, dh).transpose(0, 1)
+        return apply_rope(q, cos, sin).transpose(0, 1)
+
+    def project_out(self, a: torch.Tensor, xn: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """The output experts on attention results ``a`` ``[N, H, d_h]`` routed by ``xn``: ``[N, d]``."""
+        route_o, ids_o = self._route(xn, self.sel_o, self.sel_o_bias)
+        y = expert_matmul(a, ids_o, self.o, route_o.gates.reshape(a.shape[0], self.n_heads * self.top_k),
+                          backend=self.backend)
+        return y.view(a.shape[0], self.d_model), route_o
+
 
 class DenseAttention(nn.Module):
     """Multi-head attention of the dense baseline: no biases, RoPE on the first half of each head."""

@@ -44,6 +44,9 @@ class LMOutput:
     # ACT models only (always, no gradient needed): each token's expected number of applications [B, T] fp32,
     # counting the first: MoEUT 1 … R group applications, SUT 1 … n_layers layer applications. Else None.
     depth: torch.Tensor | None = None
+    # MoEUT-ACT only: each token's number of group applications that actually ran [B, T] fp32 — where it froze
+    # under act_halting="skip", every application under "frozen" (a frozen token is still computed). Else None.
+    executed_depth: torch.Tensor | None = None
     # Only when the forward pass got ``targets``: the mean next-token cross-entropy, fp32 (no regulariser).
     ce: torch.Tensor | None = None
 

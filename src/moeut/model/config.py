@@ -17,6 +17,7 @@ Arch = Literal["moeut", "dense", "sut"]
 ARCHS = ("moeut", "dense", "sut")
 NORM_PLACEMENTS = ("peri", "pre", "post")
 GROUP_ORDERS = ("abab", "aabb")
+ACT_HALTING_MODES = ("frozen", "skip")
 MI_LOSS_FORMS = ("code", "paper")
 BALANCING_MODES = ("entropy", "loss_free", "both")
 
@@ -79,6 +80,10 @@ class ModelConfig:
     act: bool | None = None  # None = the architecture's default: on for SUT ("SUT without ACT": false), off else
     act_reg: float = 0.01  # weight of the ACT loss (the expected number of (group) applications per token)
     act_threshold: float = 0.999  # a token freezes once its probability of never halting is < 1 - threshold
+    # MoEUT-ACT: what a frozen token costs. "frozen": it keeps its state but still runs through every later layer
+    # (the first MoEUT-ACT; saved configs without this field); "skip": it does no more work — no query, no
+    # experts, its keys and values computed once per distinct layer (moeut.model.skip; a different model)
+    act_halting: str = "frozen"
     # MoEUT only: initial bias of the halting gate's halt logit over its continue logit; 0 = g_halt = 1/2 as SUT,
     # negative = "deep start" (tokens initially do not halt: e.g. -3 gives g_halt = σ(-3) ≈ 0.05)
     act_halt_bias_init: float = 0.0
@@ -266,6 +271,10 @@ def _validate_shared(cfg: ModelConfig) -> None:
         _need(cfg, 0.0 < cfg.act_threshold < 1.0, "act_threshold", "must be in (0, 1), e.g. 0.999")
         _need(cfg, cfg.group_order == "abab", "group_order",
               'ACT halts between applications of the whole group (A B | A B | …): use group_order="abab"')
+    _need(cfg, cfg.act_halting in ACT_HALTING_MODES, "act_halting",
+          'must be "frozen" (frozen tokens still computed) or "skip" (halted tokens skip their work)')
+    _need(cfg, cfg.act_halting == "frozen" or (cfg.act and cfg.arch == "moeut"), "act_halting",
+          'halted tokens skip their work only in MoEUT with ACT (arch="moeut", act=true); leave it "frozen"')
     _need(cfg, isinstance(cfg.act_halt_bias_init, (int, float)) and math.isfinite(cfg.act_halt_bias_init),
           "act_halt_bias_init", "must be a finite number (negative = deep start)")
     if cfg.arch != "moeut":

@@ -26,6 +26,7 @@ from moeut.model.act import (
     HaltingGate,
     depth_per_token,
     expected_depth,
+    forced_log_gate,
     frozen_mask,
     halt_step,
     mix_state,
@@ -38,6 +39,7 @@ from moeut.model.masks import attention_mask_for, positions_for
 from moeut.model.regularizer import entropy_of_mean_softmax
 from moeut.model.rope import rope_tables
 from moeut.model.routing import expert_counts, loss_free_update
+from moeut.model.skip import skip_halting_stack
 
 
 class MoEUTLM(LanguageModel):
@@ -45,6 +47,10 @@ class MoEUTLM(LanguageModel):
 
     ``backend`` picks the expert-matmul implementation (see :mod:`moeut.ops`); None = automatic.
     """
+
+    # ACT models: None, or each token's number of group applications [B, T], overriding the halting gate
+    # (:func:`moeut.model.act.forcing_depth`; measurements and tests)
+    forced_depth: torch.Tensor | None = None
 
     def __init__(self, cfg: ModelConfig, backend: str | None = None):
         super().__init__()
@@ -119,25 +125,31 @@ class MoEUTLM(LanguageModel):
             h = F.layer_norm(h * math.sqrt(cfg.d_model), (cfg.d_model,))
         run = _Pass(cfg, repeats, cache, stats=self.training or output_routing,  # regulariser, routing counts
                     hidden=[h] if output_hidden_states else None, device=h.device)
+        executed = None
         if self.halting is None:
             for r in range(n_apps // cfg.group_size):
                 h = self._apply_group(r, h, rope, mask, run)
             depth = None
+        elif cfg.act_halting == "skip":
+            h, depth, executed = skip_halting_stack(self, n_apps // cfg.group_size, h, rope, mask, run)
+            if run.hidden is not None:
+                run.hidden[-1] = h
         else:
             h, depth = self._halting_stack(n_apps // cfg.group_size, h, rope, mask, run)
+            executed = torch.full_like(depth, n_apps // cfg.group_size)  # frozen tokens run every layer too
 
         logits, ce = self.head(self.out_norm(h), targets)
         returned = run.applied if output_routing else None
         if not run.stats:
             return LMOutput(logits=logits, reg_loss=None, cache=run.new_cache, hidden_states=run.hidden,
-                            depth=depth, ce=ce)
+                            depth=depth, executed_depth=executed, ce=ce)
         if not cfg.is_moe:
             return LMOutput(logits=logits, reg_loss=torch.zeros((), device=h.device), cache=run.new_cache,
                             hidden_states=run.hidden, routing=returned, ce=ce)
-        reg = self._reg_loss(run.routings) + cfg.act_reg * run.act_loss
+        reg = self._reg_loss(run.routings, B, T) + cfg.act_reg * run.act_loss
         return LMOutput(logits=logits, reg_loss=reg, cache=run.new_cache,
                         expert_counts=self._expert_counts(run.applied), hidden_states=run.hidden, routing=returned,
-                        depth=depth, ce=ce)
+                        depth=depth, executed_depth=executed, ce=ce)
 
     def _apply_group(self, r: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                      mask: torch.Tensor | None, run: _Pass) -> torch.Tensor:
@@ -162,7 +174,8 @@ class MoEUTLM(LanguageModel):
         prev = self._apply_group(0, h, rope, mask, run)
         state, act, q = prev, ACTState.start(prev), None
         for r in range(1, n_groups):
-            act, q = halt_step(act, self.halting(prev), prev, thr)
+            log_g = self.halting(prev) if self.forced_depth is None else forced_log_gate(self.forced_depth, r)
+            act, q = halt_step(act, log_g, prev, thr)
             group_in = torch.where(frozen_mask(q, thr).unsqueeze(-1), state, prev)
             prev = self._apply_group(r, group_in, rope, mask, run)
             state = mix_state(act, q, prev, state, thr)
@@ -172,16 +185,21 @@ class MoEUTLM(LanguageModel):
             run.hidden[-1] = state  # the final entry is what the output head reads
         return state, depth_per_token(act, q, state)
 
-    def _reg_loss(self, routings: list[list[LayerRouting]]) -> torch.Tensor:
+    def _reg_loss(self, routings: list[list[LayerRouting]], B: int, T: int) -> torch.Tensor:
         """γ·Σ_g −H(p_ffn,g) + δ·Σ_g (−H(p_V,g) − H(p_O,g)); p pooled over the repeats of g and over time
-        (per sequence), the micro-batch or the global batch, as ``cfg.entropy_reg_mode`` says."""
+        (per sequence), the micro-batch or the global batch, as ``cfg.entropy_reg_mode`` says. Applications that
+        routed only the active tokens (``act_halting="skip"``) pool those alone."""
         cfg = self.cfg
         if not cfg.entropy_balancing:  # balancing="loss_free": the selection bias balances, no regulariser
             return torch.zeros((), device=routings[0][0].ffn.logits.device)
         mode = cfg.entropy_reg_mode
-        ffn = sum(entropy_of_mean_softmax([r.ffn.logits for r in rs], mode) for rs in routings)
-        att = sum(entropy_of_mean_softmax([r.att_v.logits for r in rs], mode) +
-                  entropy_of_mean_softmax([r.att_o.logits for r in rs], mode) for rs in routings)
+
+        def term(rs: list[LayerRouting], kind: str) -> torch.Tensor:
+            logits, masks = zip(*(_whole_batch(getattr(r, kind).logits, r.rows, B, T) for r in rs))
+            return entropy_of_mean_softmax(logits, mode, masks=masks)
+
+        ffn = sum(term(rs, "ffn") for rs in routings)
+        att = sum(term(rs, "att_v") + term(rs, "att_o") for rs in routings)
         return cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
 
     def _expert_counts(self, flat: list[LayerRouting]) -> dict[str, torch.Tensor]:
@@ -231,6 +249,17 @@ class MoEUTLM(LanguageModel):
             for g, bias in enumerate(biases):
                 loss_free_update(bias, per_layer[kind][g], cfg.balancing_rate, n_heads=heads)
         return per_layer
+
+
+def _whole_batch(logits: torch.Tensor, rows: torch.Tensor | None, B: int, T: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Router logits as ``[B, T, …]`` and which tokens they cover (None: all): rows ``[N, …]`` of the active
+    tokens at flat indices ``rows`` are put back in place, zeros elsewhere."""
+    if rows is None:
+        return logits, None
+    full = logits.new_zeros(B * T, *logits.shape[1:]).index_copy(0, rows, logits)
+    covered = torch.zeros(B * T, dtype=torch.bool, device=logits.device).index_fill(0, rows, True)
+    return full.view(B, T, *logits.shape[1:]), covered.view(B, T)
 
 
 class _Pass:

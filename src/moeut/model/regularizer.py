@@ -31,15 +31,30 @@ from torch.distributed.nn import functional as dist_functional
 ENTROPY_REG_MODES = ("sequence", "batch", "global")
 
 
-def entropy_of_mean_softmax(logits: Sequence[torch.Tensor], mode: str = "sequence") -> torch.Tensor:
+def entropy_of_mean_softmax(logits: Sequence[torch.Tensor], mode: str = "sequence",
+                            masks: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
     """``-H(mean softmax(logits))`` for logits ``[B, T, *heads, E]`` from R repeats, pooled as ``mode`` says
-    (see the module docstring); averaged over the batch (``"sequence"``) and the heads. fp32."""
+    (see the module docstring); averaged over the batch (``"sequence"``) and the heads. fp32.
+
+    ``masks``: per entry of ``logits`` None (every token) or ``[B, T]`` bool, the tokens it covers (adaptive
+    depth: a halted token is not routed); the mean is over the covered tokens only."""
     x = torch.cat([t.float() for t in logits], dim=1)  # [B, R*T, *heads, E]
     log_sm = F.log_softmax(x, dim=-1)
+    valid = None
+    if masks is not None and any(m is not None for m in masks):
+        valid = torch.cat([torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if m is None else m
+                           for t, m in zip(logits, masks)], dim=1)  # [B, R*T]
     if mode == "sequence":
-        log_p = log_sm.logsumexp(dim=1) - math.log(x.shape[1])  # [B, *heads, E]
+        if valid is None:
+            log_p = log_sm.logsumexp(dim=1) - math.log(x.shape[1])  # [B, *heads, E]
+        else:
+            per_token = valid.view(*valid.shape, *[1] * (x.dim() - 2))
+            count = valid.sum(1).float().view(-1, *[1] * (x.dim() - 2))
+            log_p = log_sm.masked_fill(~per_token, -math.inf).logsumexp(dim=1) - count.log()
     elif mode in ("batch", "global"):
         log_sm = log_sm.flatten(0, 1)  # [N, *heads, E]
+        if valid is not None:
+            log_sm = log_sm[valid.flatten()]
         if mode == "global" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             log_p = _global_log_mean(log_sm)
         else:

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import torch
 
+from moeut.model.accounting import executed_macs_per_token
+from moeut.model.config import ModelConfig
 from moeut.model.residual_norm import residual_norm_stats
 from moeut.errors import MissingDependency
 from moeut.fileio import atomic_write_text
@@ -72,6 +74,23 @@ def depth_metrics(depth: torch.Tensor, max_depth: int) -> dict[str, float]:
     bins = torch.bincount(d.round().long().clamp(1, max_depth) - 1, minlength=max_depth).double() / d.numel()
     for k in range(max_depth):
         out[f"act/depth_frac/{k + 1}"] = bins[k].item()
+    return out
+
+
+def executed_depth_metrics(executed: torch.Tensor, max_depth: int, cfg: ModelConfig, context: int
+                           ) -> dict[str, float]:
+    """MoEUT-ACT: what the forward passes actually ran — each token's executed number of group applications
+    ``[N]`` as ``act/executed_mean_depth`` and a histogram ``act/executed_frac/{k}`` (k = 1 … max_depth), and the
+    executed forward MACs per token, ``act/executed_macs_per_token`` (with the output head) and
+    ``act/executed_layer_macs_per_token`` (:func:`moeut.model.accounting.executed_macs_per_token`)."""
+    e = executed.double().flatten()
+    out = {"act/executed_mean_depth": e.mean().item()}
+    bins = torch.bincount(e.long().clamp(1, max_depth) - 1, minlength=max_depth).double() / e.numel()
+    for k in range(max_depth):
+        out[f"act/executed_frac/{k + 1}"] = bins[k].item()
+    macs = executed_macs_per_token(cfg, e, context)
+    out["act/executed_macs_per_token"] = macs["macs_per_token"]
+    out["act/executed_layer_macs_per_token"] = macs["layer_macs_per_token"]
     return out
 
 

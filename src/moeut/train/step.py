@@ -23,6 +23,8 @@ class StepResult:
     expert_counts: dict[str, torch.Tensor] | None  # routing counts summed over micro-batches (and ranks)
     # ACT models: every token's expected depth (LMOutput.depth) over the step's micro-batches (and ranks), [N]
     depth: torch.Tensor | None = None
+    # MoEUT-ACT: every token's executed number of group applications (LMOutput.executed_depth), [N]
+    executed_depth: torch.Tensor | None = None
 
 
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager | None:
@@ -46,7 +48,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
         batch = batch.to(device, non_blocking=True)
     micro = batch.chunk(grad_accum)
     zero = torch.zeros((), device=batch.device)
-    ce_sum, reg_sum, counts, depths = zero.clone(), zero.clone(), None, []
+    ce_sum, reg_sum, counts, depths, executed = zero.clone(), zero.clone(), None, [], []
     for i, mb in enumerate(micro):
         sync = i == len(micro) - 1
         no_sync = distributed and not sync and hasattr(model, "no_sync")
@@ -63,6 +65,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
             counts = out.expert_counts if counts is None else {k: counts[k] + v for k, v in out.expert_counts.items()}
         if out.depth is not None:
             depths.append(out.depth.detach().flatten().float())
+        if out.executed_depth is not None:
+            executed.append(out.executed_depth.detach().flatten().float())
     # max_norm=inf only measures: the scale factor is clamped to exactly 1
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
@@ -73,10 +77,18 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
         if counts is not None:
             for v in counts.values():
                 dist.all_reduce(v)
-    depth = torch.cat(depths) if depths else None
-    if distributed and depth is not None:  # every rank holds the same number of tokens
-        gathered = [torch.empty_like(depth) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, depth)
-        depth = torch.cat(gathered)
+    depth = _all_tokens(depths, distributed)
     return StepResult(ce=ce_sum.item(), reg=reg_sum.item(), grad_norm=float(grad_norm), expert_counts=counts,
-                      depth=depth)
+                      depth=depth, executed_depth=_all_tokens(executed, distributed))
+
+
+def _all_tokens(per_micro_batch: list[torch.Tensor], distributed: bool) -> torch.Tensor | None:
+    """A per-token quantity of the step's micro-batches, of every rank under DDP/FSDP (each holds as many)."""
+    if not per_micro_batch:
+        return None
+    local = torch.cat(per_micro_batch)
+    if not distributed:
+        return local
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return torch.cat(gathered)

@@ -39,8 +39,8 @@ from moeut.train.console import console_line, header_lines
 from moeut.train.distributed import DistInfo, barrier, init_distributed, shutdown, wrap_model
 from moeut.train.errors import TrainingError, TrainingStopped
 from moeut.train.init_from import InitFromError, load_init_weights
-from moeut.train.metrics import (MetricsLogger, WandbSink, balance_stats, depth_metrics, residual_norm_metrics,
-                                 routing_stats)
+from moeut.train.metrics import (MetricsLogger, WandbSink, balance_stats, depth_metrics, executed_depth_metrics,
+                                 residual_norm_metrics, routing_stats)
 from moeut.train.optimizers import build_optimizer
 from moeut.train.preemption import StopSignals, agree
 from moeut.train.resume import Progress, Resumed, checkpoint_state, prepare_run_dir, restore
@@ -283,6 +283,8 @@ class Trainer:
             last.update(routing_stats(res.expert_counts))
         if res.depth is not None:  # ACT: mean and distribution of the per-token depth, every step
             last.update(depth_metrics(res.depth, self._max_depth()))
+        if res.executed_depth is not None:  # MoEUT-ACT: the depth and MACs the forward passes ran
+            last.update(executed_depth_metrics(res.executed_depth, self._max_depth(), self.model_cfg, cfg.seq_len))
         want_norms = cfg.residual_norm_every > 0 and done % cfg.residual_norm_every == 0
         if want_norms:
             last.update(_residual_norms(self.wrapped, self.data.val, cfg, self.autocast, self.info))
@@ -340,7 +342,9 @@ class Trainer:
                    "params_total": self.stats["params_total"],
                    "active_params_per_token": self.stats["active_params_per_token"],
                    "hardware": self.stats.get("hardware"),
-                   "act_mean_depth": last.get("act/mean_depth")}  # ACT models: the last step's mean depth
+                   "act_mean_depth": last.get("act/mean_depth"),  # ACT models: the last step's mean depth
+                   "act_executed_depth": last.get("act/executed_mean_depth"),  # MoEUT-ACT: … as run
+                   "act_executed_macs_per_token": last.get("act/executed_macs_per_token")}
         atomic_write_json(self.run_dir / SUMMARY, summary)
 
     def release(self) -> None:

@@ -73,13 +73,15 @@ class MoEUTConfig(PreTrainedConfig):
         rope_fraction=0.5, rope_base=10000.0, max_position_embeddings=1024,
         norm_placement="peri", group_order="abab", repeats=None,
         act=None, act_reg=0.01, act_threshold=0.999, act_halt_bias_init=None,  # ACT (MoEUT and SUT)
+        act_halting="frozen",  # MoEUT ACT: "frozen" tokens still computed, or "skip" (halted tokens do no work)
         mi_reg=0.001, mi_loss="code", sample_topk=0, rel_pos_max=64,  # SUT
         layer_norm_eps=1e-5, use_cache=True, output_router_logits=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
         **kwargs,
     ):
         _check_choices(arch=arch, mi_loss=mi_loss, entropy_reg_mode=entropy_reg_mode,
-                       norm_placement=norm_placement, group_order=group_order, balancing=balancing)
+                       norm_placement=norm_placement, group_order=group_order, balancing=balancing,
+                       act_halting=act_halting)
         if balancing != "entropy" and arch != "moeut":
             raise ValueError(f"MoEUTConfig.balancing={balancing!r}: only MoEUT's sigmoid routers have loss-free "
                              f"balancing (arch={arch!r})")
@@ -116,6 +118,7 @@ class MoEUTConfig(PreTrainedConfig):
         self.act_reg = act_reg
         self.act_threshold = act_threshold
         self.act_halt_bias_init = 0.0 if act_halt_bias_init is None else act_halt_bias_init
+        self.act_halting = act_halting
         self.mi_reg = mi_reg
         self.mi_loss = mi_loss
         self.sample_topk = sample_topk
@@ -162,6 +165,7 @@ _CHOICES = {
     "balancing": ("entropy", "loss_free", "both"),
     "norm_placement": ("peri", "pre", "post"),
     "group_order": ("abab", "aabb"),
+    "act_halting": ("frozen", "skip"),
 }
 
 

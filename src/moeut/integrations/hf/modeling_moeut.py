@@ -214,16 +214,28 @@ def _selection_bias(module, name, config, n):
     module.register_buffer(name, torch.zeros(n) if on else None)
 
 
-def entropy_of_mean_softmax(logits, mode="sequence"):
+def entropy_of_mean_softmax(logits, mode="sequence", masks=None):
     """``-H(mean softmax(logits))`` over logits ``[B, T, *heads, E]`` of R applications, the mean taken per
     sequence (``"sequence"``, then averaged over the batch), over the micro-batch (``"batch"``) or over every
-    data-parallel rank's micro-batch (``"global"``: a differentiable all-reduce of the summed softmax)."""
+    data-parallel rank's micro-batch (``"global"``: a differentiable all-reduce of the summed softmax). ``masks``:
+    per application None or ``[B, T]`` bool, the tokens it routed (``act_halting="skip"``); the mean is theirs."""
     x = torch.cat([t.float() for t in logits], dim=1)
     log_sm = F.log_softmax(x, dim=-1)
+    valid = None
+    if masks is not None and any(m is not None for m in masks):
+        valid = torch.cat([torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if m is None else m
+                           for t, m in zip(logits, masks)], dim=1)
     if mode == "sequence":
-        log_p = log_sm.logsumexp(dim=1) - math.log(x.shape[1])
+        if valid is None:
+            log_p = log_sm.logsumexp(dim=1) - math.log(x.shape[1])
+        else:
+            ones = [1] * (x.dim() - 2)
+            log_p = (log_sm.masked_fill(~valid.view(*valid.shape, *ones), -math.inf).logsumexp(dim=1)
+                     - valid.sum(1).float().view(-1, *ones).log())
     else:
         log_sm = log_sm.flatten(0, 1)
+        if valid is not None:
+            log_sm = log_sm[valid.flatten()]
         if mode == "global" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             ref = log_sm.detach().amax(dim=0)
             dist.all_reduce(ref, op=dist.ReduceOp.MAX)
@@ -925,6 +937,7 @@ class MoEUTModel(MoEUTPreTrainedModel):
 
         rec = {"hidden": [h] if output_hidden_states else None, "with_aux": with_aux,
                "routing": [[] for _ in range(cfg.group_size)],  # per distinct layer g: (logits_v, logits_o, logits_ff)
+               "masks": [[] for _ in range(cfg.group_size)],  # per distinct layer g: the tokens routed (None = all)
                "applied": []}  # the σ-MoE router logits in absolute application order
         depth, act_loss = None, None
         if self.halting is None:
@@ -944,10 +957,10 @@ class MoEUTModel(MoEUTPreTrainedModel):
             if getattr(cfg, "balancing", "entropy") == "loss_free":  # the selection bias balances: no regulariser
                 aux_loss = torch.zeros((), device=h.device)
             else:
-                mode = cfg.entropy_reg_mode
-                ffn = sum(entropy_of_mean_softmax([lg[2] for lg in rs], mode) for rs in routing)
-                att = sum(entropy_of_mean_softmax([lg[0] for lg in rs], mode) +
-                          entropy_of_mean_softmax([lg[1] for lg in rs], mode) for rs in routing)
+                mode, masks = cfg.entropy_reg_mode, rec["masks"]
+                ffn = sum(entropy_of_mean_softmax([lg[2] for lg in rs], mode, ms) for rs, ms in zip(routing, masks))
+                att = sum(entropy_of_mean_softmax([lg[0] for lg in rs], mode, ms) +
+                          entropy_of_mean_softmax([lg[1] for lg in rs], mode, ms) for rs, ms in zip(routing, masks))
                 aux_loss = cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
             if act_loss is not None:
                 aux_loss = aux_loss + cfg.act_reg * act_loss
@@ -960,14 +973,21 @@ class MoEUTModel(MoEUTPreTrainedModel):
         return MoEUTModelOutput(last_hidden_state=h, cache=cache, hidden_states=all_hidden, aux_loss=aux_loss,
                                 router_logits=router_logits, depth=depth)
 
-    def _group(self, r, h, rope, mask, cache, repeats, rec):
-        """Group application ``r``: layer applications ``r·G … r·G + G − 1``; routing and hidden states into ``rec``."""
+    def _group(self, r, h, rope, mask, cache, repeats, rec, halted=None):
+        """Group application ``r``: layer applications ``r·G … r·G + G − 1``; routing and hidden states into ``rec``.
+        ``halted`` (``act_halting="skip"``): ``[B, T]`` tokens that do no more work — every layer keeps their
+        residual stream (so their keys and values are those of their frozen state) and their routing is not
+        counted. The moeut package runs the other tokens only; the result is the same."""
         cfg = self.config
         for idx in range(r * cfg.group_size, (r + 1) * cfg.group_size):  # absolute layer application
             g = cfg.layer_index(idx, repeats)
+            h_in = h
             h, logits = self.layers[g](h, rope, mask, cache, idx)
+            if halted is not None:
+                h = torch.where(halted.unsqueeze(-1), h_in, h)
             if logits is not None and rec["with_aux"]:
                 rec["routing"][g].append(logits)
+                rec["masks"][g].append(None if halted is None else ~halted)
                 rec["applied"].append(logits[2])
             if rec["hidden"] is not None:
                 rec["hidden"].append(h)
@@ -982,10 +1002,16 @@ class MoEUTModel(MoEUTPreTrainedModel):
         log_never = torch.zeros(prev.shape[:-1], device=prev.device, dtype=torch.float32)
         acc, depth = torch.zeros_like(prev), log_never.clone()
         act_loss = torch.zeros((), device=prev.device) if rec["with_aux"] else None
+        skip = getattr(self.config, "act_halting", "frozen") == "skip"
+        halted = None
         for r in range(1, repeats):
-            log_never, acc, depth, q = _halt_step(self.halting(prev), log_never, acc, depth, prev, r - 1, thr)
+            gate = self.halting(prev)
+            if skip and halted is not None:  # a halted token's gate changes nothing: (0, -inf)
+                gate = torch.where(halted.unsqueeze(-1), torch.tensor([0.0, -math.inf], device=gate.device), gate)
+            log_never, acc, depth, q = _halt_step(gate, log_never, acc, depth, prev, r - 1, thr)
             frozen = (q < 1 - thr).unsqueeze(-1)
-            prev = self._group(r, torch.where(frozen, state, prev), rope, mask, cache, repeats, rec)
+            halted = frozen.squeeze(-1) if skip else None
+            prev = self._group(r, torch.where(frozen, state, prev), rope, mask, cache, repeats, rec, halted)
             state = torch.where(frozen, state, acc + q.unsqueeze(-1).to(prev.dtype) * prev)
             if act_loss is not None:
                 act_loss = act_loss + (depth + q * r).mean()
