@@ -47,6 +47,8 @@ FAMILIES: dict[str, dict] = {
     # halted tokens skip their work: the export applies the same semantics with masks
     "moeut-act-skip": {**_MOEUT, "n_layers": 6, "act": True, "act_halt_bias_init": -1.0, "act_threshold": 0.6,
                        "act_halting": "skip"},
+    "moeut-act-budget": {**_MOEUT, "n_layers": 6, "act": True, "act_halt_bias_init": -1.0, "act_threshold": 0.6,
+                         "act_halting": "skip", "act_target_depth": 2.0, "act_depth_entropy": 0.05},
     # loss-free balancing: family_model gives the selection biases non-zero values, so they change the routing
     "moeut-loss-free": {**_MOEUT, "balancing": "loss_free"},
     "sut": {**_SUT, "act": False},
@@ -74,6 +76,8 @@ def family_model(name: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
         for layer in model.layers:
             if hasattr(getattr(layer, "attention", None), "rel_pos"):
                 torch.nn.init.normal_(layer.attention.rel_pos)
+        if getattr(model, "act_lambda", None) is not None:  # the depth budget's multiplier, as training moved it
+            model.act_lambda.fill_(0.3)
         for biases in getattr(model, "selection_biases", dict)().values():
             for bias in biases:
                 torch.nn.init.normal_(bias, 0, 0.3)

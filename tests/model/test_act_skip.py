@@ -219,3 +219,48 @@ def test_frozen_mode_is_unchanged_and_skip_is_a_different_model():
     saved = json.loads(frozen.cfg.to_json())
     del saved["act_halting"]  # a config written before the field existed
     assert ModelConfig.from_saved(saved).act_halting == "frozen"
+
+
+# ---------------------------------------------------------------------------------------------- depth budget
+def test_depth_distribution_sums_to_one_and_its_entropy_spreads():
+    from moeut.model.act import depth_entropy
+
+    model = skip_model().train()
+    out = model(_tokens())
+    # p_1 … p_{n−1}, q: a distribution per token (up to the mass the threshold cut off when a token froze)
+    dist = torch.stack([torch.ones(3, 13)] * 3, -1) / 3
+    assert depth_entropy(dist).item() == pytest.approx(math.log(3))
+    one_depth = torch.zeros(3, 13, 3)
+    one_depth[..., 1] = 1
+    assert depth_entropy(one_depth).item() == pytest.approx(0.0, abs=1e-9)
+    assert out.reg_loss.requires_grad
+
+
+def test_depth_budget_loss_and_multiplier_update():
+    """ACT loss λ·mean E[depth] − β·H(mean depth distribution); λ += rate·(executed mean − target)."""
+    from moeut.model.act import depth_distribution, depth_entropy  # noqa: F401  (the formula's parts)
+
+    model = skip_model(act_target_depth=2.0, act_target_rate=0.5, act_depth_entropy=0.1).train()
+    assert model.act_lambda.item() == 0.0
+    assert model.update_depth_multiplier(2.5) == pytest.approx(0.25)
+    assert model.update_depth_multiplier(1.0) == pytest.approx(-0.25)
+    tokens = _tokens()
+    with_budget = model(tokens)
+    plain = skip_model(act_target_depth=2.0, act_target_rate=0.5, act_depth_entropy=0.0).train()
+    plain.load_state_dict(model.state_dict())
+    base = build_model(model.cfg.replace(act_target_depth=0.0, act_reg=0.0)).to(torch.float64).train()
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if k != "act_lambda"})
+    balancing = base(tokens).reg_loss  # the routers' regulariser alone
+    lam_term = plain(tokens).reg_loss - balancing
+    torch.testing.assert_close(lam_term, -0.25 * with_budget.depth.mean().to(lam_term.dtype))
+    entropy_term = with_budget.reg_loss - plain(tokens).reg_loss
+    assert entropy_term.item() < 0  # −β·H: a spread of depths lowers the loss
+
+
+def test_depth_budget_needs_skip_and_a_reachable_target():
+    from moeut.model import ConfigError
+
+    with pytest.raises(ConfigError, match="act_halting"):
+        tiny_config(act=True, act_target_depth=2.0)
+    with pytest.raises(ConfigError, match="between 1 and"):
+        tiny_config(act=True, act_halting="skip", act_target_depth=5.0)

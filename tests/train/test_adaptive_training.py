@@ -18,8 +18,8 @@ from moeut.run.checkpoint import list_checkpoints
 from tests.train.conftest import train_args
 
 TIMING = {"tok_per_s", "tflops", "mfu", "peak_memory_bytes"}
-# 4 group applications; halting gate at g_halt = 1/2 and a low threshold, so tokens freeze within a few steps
-ADAPTIVE = ["--model", "n_layers=8", "--model", "act_halt_bias_init=0.0", "--model", "act_threshold=0.6"]
+# 4 group applications; g_halt = σ(−1) and a low threshold: tokens freeze after 3 applications at first
+ADAPTIVE = ["--model", "n_layers=8", "--model", "act_halt_bias_init=-1.0", "--model", "act_threshold=0.6"]
 
 
 def _args(data: Path, out: Path, **kw) -> list[str]:
@@ -36,7 +36,8 @@ def test_the_adaptive_preset_is_act_whose_halted_tokens_skip():
     cfg = ModelConfig.from_name("moeut-tiny-adaptive")
     tiny_act = ModelConfig.from_name("moeut-tiny-act")
     assert cfg.act and cfg.act_halting == "skip" and tiny_act.act_halting == "frozen"
-    assert cfg.replace(act_halting="frozen") == tiny_act
+    assert cfg.act_target_depth == 2.0 and cfg.act_depth_entropy > 0  # a budget of 2 of at most 4 applications
+    assert cfg.replace(act_halting="frozen", act_target_depth=0.0, act_depth_entropy=0.0) == tiny_act
 
 
 @pytest.mark.slow
@@ -46,6 +47,10 @@ def test_adaptive_run_logs_executed_depth_resumes_evaluates_generates_and_export
     lines = [m for m in _metrics(ref) if "train_loss" in m]
     assert len(lines) == 8
     executed = [m["act/executed_mean_depth"] for m in lines]
+    lam = [m["act/lambda"] for m in lines]  # the budget's multiplier moves with the executed depth's error
+    for e, before, after in zip(executed, [0.0, *lam], lam):
+        assert after - before == pytest.approx(0.01 * (e - 2.0), abs=1e-6)  # λ += rate · (executed − target)
+    assert any(v != 0.0 for v in lam)
     assert all(1.0 <= e < 4.0 for e in executed), executed  # tokens froze: fewer than 4 applications ran
     full = model_stats(ModelConfig.from_saved(json.loads((ref / "model_config.json").read_text())), 32)
     for m in lines:

@@ -68,6 +68,7 @@ class ACTState:
     acc: torch.Tensor  # [B, T, d] Σ p_s · h_{s−1}
     expected_depth: torch.Tensor  # [B, T] Σ (s − 1) · p_s
     step: int = 0
+    halt_probs: tuple[torch.Tensor, ...] = ()  # p_1 … p_step, each [B, T]: halting before application s
 
     @classmethod
     def start(cls, h0: torch.Tensor) -> "ACTState":
@@ -86,7 +87,7 @@ def halt_step(state: ACTState, log_g: torch.Tensor, h_prev: torch.Tensor, thresh
     log_never = log_halt[..., 0]
     q = log_never.exp()
     q = q.masked_fill(q < 1 - threshold, 0.0)
-    return ACTState(log_never, acc, depth, state.step + 1), q
+    return ACTState(log_never, acc, depth, state.step + 1, (*state.halt_probs, p)), q
 
 
 def mix_state(state: ACTState, q: torch.Tensor, h: torch.Tensor, previous: torch.Tensor,
@@ -112,6 +113,20 @@ def depth_per_token(state: ACTState | None, q: torch.Tensor | None, like: torch.
     if state is None or q is None:
         return torch.ones(like.shape[:-1], device=like.device, dtype=torch.float32)
     return 1 + expected_depth(state, q)
+
+
+def depth_distribution(state: ACTState, q: torch.Tensor) -> torch.Tensor:
+    """Each token's distribution over the number of group applications it runs, ``[B, T, n]``: ``p_k`` for
+    halting before application k (k = 1 … n − 1, i.e. k applications run) and ``q`` for running all n."""
+    return torch.stack((*state.halt_probs, q), dim=-1)
+
+
+def depth_entropy(dist: torch.Tensor) -> torch.Tensor:
+    """``H(mean_tokens dist)`` (natural log) of per-token depth distributions ``[…, n]``: high when tokens spread
+    over the depths (each token may still be sure of its own), 0 when every token runs the same depth."""
+    mean = dist.reshape(-1, dist.shape[-1]).mean(0)
+    mean = mean / mean.sum().clamp_min(1e-12)
+    return -(mean * mean.clamp_min(1e-12).log()).sum()
 
 
 def forced_log_gate(depth: torch.Tensor, r: int) -> torch.Tensor:

@@ -84,6 +84,14 @@ class ModelConfig:
     # (the first MoEUT-ACT; saved configs without this field); "skip": it does no more work — no query, no
     # experts, its keys and values computed once per distinct layer (moeut.model.skip; a different model)
     act_halting: str = "frozen"
+    # MoEUT-ACT with act_halting="skip": a depth budget instead of the act_reg penalty. 0 = off. Else the mean number
+    # of group applications a token should *run* (e.g. 2.0 of at most 4): the ACT loss becomes λ·mean E[depth], λ a
+    # multiplier the trainer moves after every step by act_target_rate·(executed mean depth − target) (dual ascent,
+    # saved in checkpoints), minus act_depth_entropy·H(mean over tokens of each token's depth distribution), which
+    # keeps the tokens spread over the depths (no collapse onto one)
+    act_target_depth: float = 0.0
+    act_target_rate: float = 0.01
+    act_depth_entropy: float = 0.0
     # MoEUT only: initial bias of the halting gate's halt logit over its continue logit; 0 = g_halt = 1/2 as SUT,
     # negative = "deep start" (tokens initially do not halt: e.g. -3 gives g_halt = σ(-3) ≈ 0.05)
     act_halt_bias_init: float = 0.0
@@ -275,6 +283,15 @@ def _validate_shared(cfg: ModelConfig) -> None:
           'must be "frozen" (frozen tokens still computed) or "skip" (halted tokens skip their work)')
     _need(cfg, cfg.act_halting == "frozen" or (cfg.act and cfg.arch == "moeut"), "act_halting",
           'halted tokens skip their work only in MoEUT with ACT (arch="moeut", act=true); leave it "frozen"')
+    _need(cfg, isinstance(cfg.act_target_depth, (int, float)) and cfg.act_target_depth >= 0, "act_target_depth",
+          "must be a number >= 0 (0: no budget, the act_reg penalty)")
+    if cfg.act_target_depth:
+        _need(cfg, cfg.act_halting == "skip", "act_target_depth",
+              'a depth budget counts the applications tokens run, which only act_halting="skip" saves: set it')
+        _need(cfg, 1.0 <= cfg.act_target_depth <= cfg.n_layers // cfg.group_size, "act_target_depth",
+              f"must be between 1 and the maximum number of group applications, {cfg.n_layers // cfg.group_size}")
+    _need(cfg, cfg.act_target_rate >= 0 and cfg.act_depth_entropy >= 0, "act_target_rate",
+          "act_target_rate and act_depth_entropy must be >= 0")
     _need(cfg, isinstance(cfg.act_halt_bias_init, (int, float)) and math.isfinite(cfg.act_halt_bias_init),
           "act_halt_bias_init", "must be a finite number (negative = deep start)")
     if cfg.arch != "moeut":

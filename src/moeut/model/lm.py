@@ -24,6 +24,7 @@ from torch import nn
 from moeut.model.act import (
     ACTState,
     HaltingGate,
+    depth_entropy,
     depth_per_token,
     expected_depth,
     forced_log_gate,
@@ -67,6 +68,8 @@ class MoEUTLM(LanguageModel):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
         # ACT over group applications (MoEUT only): one halting decision per application of the G layers
         self.halting = HaltingGate(cfg.d_model, halt_bias=cfg.act_halt_bias_init, normalize=True) if cfg.act else None
+        # depth budget: λ of the ACT loss, moved by the trainer (update_depth_multiplier); saved with the weights
+        self.act_lambda = nn.Buffer(torch.zeros(())) if cfg.act_target_depth else None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -82,6 +85,8 @@ class MoEUTLM(LanguageModel):
             self.out_norm.reset_parameters()
         if self.halting is not None:
             self.halting.reset_parameters()
+        if self.act_lambda is not None:
+            self.act_lambda.zero_()
         self.lm_head.reset_parameters()
 
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
@@ -146,7 +151,7 @@ class MoEUTLM(LanguageModel):
         if not cfg.is_moe:
             return LMOutput(logits=logits, reg_loss=torch.zeros((), device=h.device), cache=run.new_cache,
                             hidden_states=run.hidden, routing=returned, ce=ce)
-        reg = self._reg_loss(run.routings, B, T) + cfg.act_reg * run.act_loss
+        reg = self._reg_loss(run.routings, B, T) + self._act_loss(run, depth)
         return LMOutput(logits=logits, reg_loss=reg, cache=run.new_cache,
                         expert_counts=self._expert_counts(run.applied), hidden_states=run.hidden, routing=returned,
                         depth=depth, executed_depth=executed, ce=ce)
@@ -201,6 +206,25 @@ class MoEUTLM(LanguageModel):
         ffn = sum(term(rs, "ffn") for rs in routings)
         att = sum(term(rs, "att_v") + term(rs, "att_o") for rs in routings)
         return cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
+
+    def _act_loss(self, run: _Pass, depth: torch.Tensor | None) -> torch.Tensor:
+        """ACT: ``act_reg · Σ_r mean E[depth]_r`` (SUT's), or with a depth budget ``λ · mean E[depth] −
+        act_depth_entropy · H(mean depth distribution)`` (λ = :attr:`act_lambda`, moved by the trainer)."""
+        cfg = self.cfg
+        if not cfg.act_target_depth:
+            return cfg.act_reg * run.act_loss
+        if run.depth_dist is None:  # a single group application: nothing to halt
+            return torch.zeros((), device=self.act_lambda.device)
+        return self.act_lambda * depth.mean() - cfg.act_depth_entropy * depth_entropy(run.depth_dist)
+
+    @torch.no_grad()
+    def update_depth_multiplier(self, executed_mean: float) -> float:
+        """Depth budget (``act_target_depth``), after an optimizer step: ``λ += act_target_rate · (executed mean
+        depth − target)`` — dual ascent on the constraint "tokens run ``act_target_depth`` group applications on
+        average" (``executed_mean``: over the step's tokens of every rank). λ may become negative (more depth).
+        Returns the new λ."""
+        self.act_lambda.add_(self.cfg.act_target_rate * (executed_mean - self.cfg.act_target_depth))
+        return self.act_lambda.item()
 
     def _expert_counts(self, flat: list[LayerRouting]) -> dict[str, torch.Tensor]:
         """Selection counts per absolute layer application (``flat`` is in application order)."""
@@ -274,6 +298,7 @@ class _Pass:
         self.routings: list[list[LayerRouting]] = [[] for _ in range(cfg.group_size)]
         self.applied: list[LayerRouting | None] = []
         self.act_loss = torch.zeros((), device=device)  # Σ over halting group applications of mean_tokens E[depth]
+        self.depth_dist: torch.Tensor | None = None  # act_halting="skip": each token's depth distribution [B, T, n]
 
     def record(self, idx: int, g: int, kv, routing: LayerRouting | None, h: torch.Tensor) -> None:
         if self.new_cache is not None:

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from moeut.model.act import ACTState, expected_depth, forced_log_gate, frozen_mask, halt_step, mix_state
+from moeut.model.act import (ACTState, depth_distribution, expected_depth, forced_log_gate, frozen_mask, halt_step,
+                             mix_state)
 from moeut.model.cache import LayerKV
 from moeut.model.skip_rows import ActiveRows
 
@@ -56,6 +57,8 @@ def skip_halting_stack(model: MoEUTLM, n_groups: int, h: torch.Tensor, rope: tup
         if run.stats:
             run.act_loss = run.act_loss + expected_depth(act, q).mean()
     depth = torch.ones_like(executed) if q is None else 1 + expected_depth(act, q)
+    if q is not None:
+        run.depth_dist = depth_distribution(act, q)
     return state, depth, executed
 
 

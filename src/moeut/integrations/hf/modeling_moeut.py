@@ -890,6 +890,8 @@ class MoEUTModel(MoEUTPreTrainedModel):
         self.post_ln = config.arch == "sut" or (config.arch == "moeut" and config.norm_placement == "post")
         self.norm = nn.Identity() if self.post_ln else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.halting = MoEUTHalting(config) if config.arch == "moeut" and config.act else None
+        # depth budget (act_target_depth): the multiplier λ of the ACT loss that moeut's trainer moved
+        self.register_buffer("act_lambda", torch.zeros(()) if getattr(config, "act_target_depth", 0) else None)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -963,7 +965,7 @@ class MoEUTModel(MoEUTPreTrainedModel):
                           entropy_of_mean_softmax([lg[1] for lg in rs], mode, ms) for rs, ms in zip(routing, masks))
                 aux_loss = cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
             if act_loss is not None:
-                aux_loss = aux_loss + cfg.act_reg * act_loss
+                aux_loss = aux_loss + act_loss
             router_logits = None
             if output_router_logits:  # absolute application order
                 router_logits = tuple(applied)
@@ -1003,11 +1005,12 @@ class MoEUTModel(MoEUTPreTrainedModel):
         acc, depth = torch.zeros_like(prev), log_never.clone()
         act_loss = torch.zeros((), device=prev.device) if rec["with_aux"] else None
         skip = getattr(self.config, "act_halting", "frozen") == "skip"
-        halted = None
+        halted, halt_probs = None, []
         for r in range(1, repeats):
             gate = self.halting(prev)
             if skip and halted is not None:  # a halted token's gate changes nothing: (0, -inf)
                 gate = torch.where(halted.unsqueeze(-1), torch.tensor([0.0, -math.inf], device=gate.device), gate)
+            halt_probs.append((log_never + gate[..., 1]).exp())
             log_never, acc, depth, q = _halt_step(gate, log_never, acc, depth, prev, r - 1, thr)
             frozen = (q < 1 - thr).unsqueeze(-1)
             halted = frozen.squeeze(-1) if skip else None
@@ -1018,7 +1021,23 @@ class MoEUTModel(MoEUTPreTrainedModel):
         if rec["hidden"] is not None:
             rec["hidden"][-1] = state
         expected = torch.ones_like(log_never) if q is None else 1 + depth + q * (repeats - 1)
+        if act_loss is not None:
+            act_loss = self._act_loss(act_loss, expected, halt_probs, q)
         return state, expected, act_loss
+
+    def _act_loss(self, penalty, expected, halt_probs, q):
+        """The ACT part of ``aux_loss``: ``act_reg ·`` the summed penalty, or with a depth budget
+        (``act_target_depth``) ``λ · mean E[depth] − act_depth_entropy · H(mean over tokens of the depth
+        distribution (p_1 … p_{n−1}, q))``, λ the buffer ``act_lambda``."""
+        cfg = self.config
+        if not getattr(cfg, "act_target_depth", 0):
+            return cfg.act_reg * penalty
+        if q is None:
+            return torch.zeros((), device=expected.device)
+        mean = torch.stack((*halt_probs, q), dim=-1).reshape(-1, len(halt_probs) + 1).mean(0)
+        mean = mean / mean.sum().clamp_min(1e-12)
+        entropy = -(mean * mean.clamp_min(1e-12).log()).sum()
+        return self.act_lambda * expected.mean() - cfg.act_depth_entropy * entropy
 
 
 @dataclass
