@@ -80,3 +80,27 @@ def test_report_only_trains_nothing_and_lists_unfinished_runs(tmp_path):
     assert [r.status for r in rows] == ["not run", "not run"]
     assert all(r.val_ppl is None and r.tokens == 0 and r.params > 4_000_000 for r in rows)
     assert not (tmp_path / "out").exists()
+
+
+def test_builtin_adaptive_depth_study_validates_and_reports_the_depth_that_ran(tmp_path):
+    from moeut.analysis.sweep import SweepRow, best_of_groups, best_table, run_sweep
+
+    entries, _ = load_sweep("adaptive-depth")
+    groups = {}
+    for e in entries:
+        groups.setdefault(e.group, []).append(e)
+    assert list(groups) == ["moeut-tiny", "moeut-tiny-sampled", "adaptive-t2", "adaptive-t1.5", "dense-tiny"]
+    for g in ("moeut-tiny", "moeut-tiny-sampled", "adaptive-t2", "adaptive-t1.5"):
+        assert sorted(e.train["lr"] for e in groups[g]) == [4e-3, 8e-3], g
+    targets = {g: ModelConfig.from_name(groups[g][0].preset, **groups[g][0].model).act_target_depth
+               for g in ("adaptive-t2", "adaptive-t1.5")}
+    assert targets == {"adaptive-t2": 2.0, "adaptive-t1.5": 1.5}
+    assert {e.train.get("depth_sampling") for e in groups["moeut-tiny-sampled"]} == {"uniform:1-3"}
+    rows = run_sweep(entries, tmp_path / "data", tmp_path / "out", steps=500, report_only=True, log=lambda m: None)
+    assert len(rows) == 9 and all(r.status == "not run" for r in rows)  # every run's settings are valid
+
+    ran = SweepRow(name="a", preset="moeut-tiny-adaptive", model={}, run_dir="", status="trained", params=1,
+                   active_params=1, macs_per_token=3_500_000, tokens=10, val_ppl=130.0, wall_time_s=1.0, lr=4e-3,
+                   group="g", executed_depth=2.02, executed_macs_per_token=2_380_000)
+    text = best_table(best_of_groups([ran]))
+    assert "2.02" in text and "2.38M" in text  # the depth and MACs that ran, not the maximum's 3.50M

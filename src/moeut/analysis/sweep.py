@@ -19,6 +19,10 @@ N_E = 32 experts of d_expert = 128, K = 4):
   compared at its own best learning rate: the ``best`` table, which flags a best rate at the edge of the
   range). The grid starts at the demo's rate because at this short budget larger rates did better. ``global`` balancing is not a separate row: in one process
   it is exactly ``batch`` (it differs only across data-parallel ranks).
+* ``adaptive-depth``: adaptive depth at the demo's scale — moeut-tiny (2 group applications), moeut-tiny trained
+  with a sampled depth (uniform 1–3: the same mean compute), moeut-tiny-adaptive (halted tokens skip their work,
+  at most 4 applications) with a budget of 2 and of 1.5, each at lr 4e-3 and 8e-3, and dense-tiny at its best
+  cpu-study rate (4e-3) for reference. The tables give the depth tokens ran and the MACs per token that ran.
 
 A sweep file (JSON, or YAML with PyYAML installed) is either a list of runs or
 ``{"runs": [...], "train": {...}}``; each run is ``{"name": ..., "preset": ..., "model": {ModelConfig
@@ -91,12 +95,21 @@ def builtin_sweep(name: str, preset: str = "moeut-tiny") -> list[SweepEntry]:
                   ("sut-tiny", "sut-tiny", {}), ("dense-tiny", "dense-tiny", {})]
         return [SweepEntry(f"{label}-lr{lr}", p, over, {"lr": float(lr)}, group=label)
                 for label, p, over in models for lr in STUDY_LRS]
+    if name == "adaptive-depth":
+        models = [("moeut-tiny", "moeut-tiny", {}, {}),
+                  ("moeut-tiny-sampled", "moeut-tiny", {}, {"depth_sampling": "uniform:1-3"}),
+                  ("adaptive-t2", "moeut-tiny-adaptive", {}, {}),
+                  ("adaptive-t1.5", "moeut-tiny-adaptive", {"act_target_depth": 1.5}, {})]
+        runs = [SweepEntry(f"{label}-lr{lr}", p, over, {**train, "lr": float(lr)}, group=label)
+                for label, p, over, train in models for lr in ADAPTIVE_LRS]
+        return runs + [SweepEntry("dense-tiny-lr4e-3", "dense-tiny", {}, {"lr": 4e-3}, group="dense-tiny")]
     raise AnalysisError(f"unknown sweep {name!r}: built-in sweeps are {', '.join(BUILTIN_SWEEPS)}, or give a "
                         "JSON/YAML file")
 
 
-BUILTIN_SWEEPS = ("expert-size-k", "k", "group-size", "norm-placement", "cpu-study")
+BUILTIN_SWEEPS = ("expert-size-k", "k", "group-size", "norm-placement", "cpu-study", "adaptive-depth")
 STUDY_LRS = ("2e-3", "4e-3", "8e-3")  # the cpu-study's learning rates (run names keep this spelling)
+ADAPTIVE_LRS = ("4e-3", "8e-3")  # the adaptive-depth study's: the best two of cpu-study for moeut-tiny
 
 
 def load_sweep(spec: str, preset: str = "moeut-tiny") -> tuple[list[SweepEntry], dict[str, Any]]:
@@ -145,6 +158,9 @@ class SweepRow:
     lr: float | None = None
     group: str | None = None
     tok_per_s: float | None = None  # training throughput of the run (summary.json)
+    # MoEUT-ACT: the group applications tokens ran and the forward MACs per token that ran, the last step's
+    executed_depth: float | None = None
+    executed_macs_per_token: float | None = None
 
 
 def _finished(run_dir: Path, steps: int) -> dict[str, Any] | None:
@@ -229,7 +245,8 @@ def run_sweep(entries: Sequence[SweepEntry], data: str | Path, out: str | Path, 
                              macs_per_token=stats["macs_per_token"], tokens=summary.get("tokens_seen") or 0,
                              val_ppl=summary.get("val_ppl"), wall_time_s=summary.get("wall_time_s"),
                              mean_depth=summary.get("act_mean_depth"), lr=cfg.lr, group=e.group,
-                             tok_per_s=summary.get("tok_per_s")))
+                             tok_per_s=summary.get("tok_per_s"), executed_depth=summary.get("act_executed_depth"),
+                             executed_macs_per_token=summary.get("act_executed_macs_per_token")))
     return rows
 
 
@@ -239,11 +256,16 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def table(rows: Sequence[SweepRow]) -> str:
     body = [[r.name, ", ".join(f"{k}={v}" for k, v in r.model.items()) or "-", _fmt(r.lr, "g"),
-             f"{r.params / 1e6:.2f}M", f"{r.active_params / 1e6:.2f}M", f"{r.macs_per_token / 1e6:.2f}M",
-             f"{r.tokens:,}", r.val_ppl, _fmt(r.mean_depth, ".2f"), _fmt(r.tok_per_s, ",.0f"), r.wall_time_s, r.status]
-            for r in rows]
+             f"{r.params / 1e6:.2f}M", f"{r.active_params / 1e6:.2f}M", f"{_ran_macs(r) / 1e6:.2f}M",
+             f"{r.tokens:,}", r.val_ppl, _fmt(r.mean_depth, ".2f"), _fmt(r.executed_depth, ".2f"),
+             _fmt(r.tok_per_s, ",.0f"), r.wall_time_s, r.status] for r in rows]
     return format_table(["run", "overrides", "lr", "params", "active/tok", "MACs/tok", "tokens", "val ppl",
-                         "ACT depth", "tok/s", "train s", "status"], body, ".2f")
+                         "ACT depth", "ran depth", "tok/s", "train s", "status"], body, ".2f")
+
+
+def _ran_macs(r: SweepRow) -> float:
+    """Forward MACs per token: as run (MoEUT-ACT whose halted tokens skip: the last step's) or at full depth."""
+    return r.macs_per_token if r.executed_macs_per_token is None else r.executed_macs_per_token
 
 
 def best_of_groups(rows: Sequence[SweepRow]) -> list[dict[str, Any]]:
@@ -261,6 +283,7 @@ def best_of_groups(rows: Sequence[SweepRow]) -> list[dict[str, Any]]:
         best = min(done, key=lambda r: r.val_ppl)
         out.append({"group": g, "best_run": best.name, "best_lr": best.lr, "val_ppl": best.val_ppl,
                     "mean_depth": best.mean_depth, "tok_per_s": best.tok_per_s, "params": best.params,
+                    "executed_depth": best.executed_depth, "macs_per_token": _ran_macs(best),
                     "ppl_by_lr": {format(r.lr, "g"): r.val_ppl for r in done},
                     # the best learning rate is the largest or smallest tried: a wider range might do better
                     "best_at_edge": len(done) > 2 and best.lr in (min(r.lr for r in done), max(r.lr for r in done))})
@@ -271,9 +294,10 @@ def best_table(best: Sequence[dict[str, Any]]) -> str:
     lrs = sorted({lr for b in best for lr in b["ppl_by_lr"]}, key=float)
     body = [[b["group"], f"{b['params'] / 1e6:.2f}M", format(b["best_lr"], "g") + (" (edge)" if b["best_at_edge"] else ""),
              b["val_ppl"], *[b["ppl_by_lr"].get(lr) for lr in lrs], _fmt(b["mean_depth"], ".2f"),
+             _fmt(b.get("executed_depth"), ".2f"), f"{b.get('macs_per_token', 0) / 1e6:.2f}M",
              _fmt(b["tok_per_s"], ",.0f")] for b in best]
     return format_table(["model", "params", "best lr", "val ppl", *[f"ppl @ {lr}" for lr in lrs], "ACT depth",
-                         "tok/s"], body, ".2f")
+                         "ran depth", "MACs/tok", "tok/s"], body, ".2f")
 
 
 def _curve(run_dir: Path) -> tuple[list[int], list[float]]:
