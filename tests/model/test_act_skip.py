@@ -264,3 +264,20 @@ def test_depth_budget_needs_skip_and_a_reachable_target():
         tiny_config(act=True, act_target_depth=2.0)
     with pytest.raises(ConfigError, match="between 1 and"):
         tiny_config(act=True, act_halting="skip", act_target_depth=5.0)
+
+
+def test_activation_checkpointing_recomputes_the_rows_path_exactly():
+    from moeut.train.activation_checkpointing import apply_activation_checkpointing
+
+    model = skip_model().train()
+    tokens = _tokens()
+    out = model(tokens)
+    (out.logits.sum() * 1e-2 + out.reg_loss).backward()
+    ref = _grads(model)
+    model.zero_grad()
+    apply_activation_checkpointing(model, 1)
+    out2 = model(tokens)
+    (out2.logits.sum() * 1e-2 + out2.reg_loss).backward()
+    assert set(out2.executed_depth.unique().tolist()) == {1.0, 2.0, 3.0}
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, ref[name], rtol=0, atol=0, msg=name)
