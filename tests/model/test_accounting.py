@@ -81,3 +81,24 @@ def test_model_stats_reports_both_counts_labelled():
 def test_bad_context_is_refused():
     with pytest.raises(ValueError, match="context"):
         paper_flops(ModelConfig(**SMALL_MOEUT), 0)
+
+
+def test_executed_macs_of_an_adaptive_model():
+    """At full depth the executed count is `moeut info`'s; every token at 2 of 4 group applications runs the
+    layers' half plus its gates and its keys and values at each distinct layer — under 0.55 of the full layers."""
+    import torch
+
+    from moeut.model.accounting import executed_macs_per_token, halted_kv_macs, layer_macs
+
+    cfg = ModelConfig.from_name("moeut-tiny-adaptive")
+    full = model_stats(cfg, 256)
+    at4 = executed_macs_per_token(cfg, torch.full((5,), 4.0), 256)
+    assert at4 == {"layer_macs_per_token": full["macs_per_token_layers"], "macs_per_token": full["macs_per_token"]}
+    at2 = executed_macs_per_token(cfg, torch.full((5,), 2.0), 256)
+    per_group = 2 * sum(layer_macs(cfg, 256).values())
+    gate = cfg.d_model ** 2 + 2 * cfg.d_model
+    assert at2["layer_macs_per_token"] == 2 * per_group + 2 * gate + 2 * halted_kv_macs(cfg)
+    assert at2["layer_macs_per_token"] / at4["layer_macs_per_token"] < 0.55
+    mixed = executed_macs_per_token(cfg, torch.tensor([1.0, 4.0]), 256)  # the mean over tokens
+    one = executed_macs_per_token(cfg, torch.tensor([1.0]), 256)
+    assert mixed["macs_per_token"] == (one["macs_per_token"] + at4["macs_per_token"]) / 2

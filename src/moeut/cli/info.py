@@ -36,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     print("\npaper MACs/tok: the authors' accounting (paper/moe_universal/common.py of moeut_training_code: forward,"
           "\n  layers only, one router per layer; no formula for SUT). moeut MACs/tok: moeut's own count of every"
           "\n  matmul of a token's forward pass (per-head routers, gate mixing, output head).")
+    if any(s["config"].get("act") for s in stats.values()):
+        print("ACT presets are counted at their maximum depth; with act_halting=\"skip\" halted tokens skip their"
+              "\n  work, so a run's MACs/tok are those of the depth its tokens ran (training logs"
+              "\n  act/executed_macs_per_token; moeut.model.accounting.executed_macs_per_token).")
     if args.preset:
         print("\nconfig: " + json.dumps(stats[args.preset]["config"]))
     return 0
