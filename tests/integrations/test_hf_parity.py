@@ -76,8 +76,8 @@ def family_model(name: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
         for layer in model.layers:
             if hasattr(getattr(layer, "attention", None), "rel_pos"):
                 torch.nn.init.normal_(layer.attention.rel_pos)
-        if getattr(model, "act_lambda", None) is not None:  # the depth budget's multiplier, as training moved it
-            model.act_lambda.fill_(0.3)
+        if getattr(getattr(model, "halting", None), "halt_shift", None) is not None:  # the budget's shift, moved
+            model.halting.halt_shift.fill_(0.7)
         for biases in getattr(model, "selection_biases", dict)().values():
             for bias in biases:
                 torch.nn.init.normal_(bias, 0, 0.3)

@@ -236,25 +236,37 @@ def test_depth_distribution_sums_to_one_and_its_entropy_spreads():
     assert out.reg_loss.requires_grad
 
 
-def test_depth_budget_loss_and_multiplier_update():
-    """ACT loss λ·mean E[depth] − β·H(mean depth distribution); λ += rate·(executed mean − target)."""
-    from moeut.model.act import depth_distribution, depth_entropy  # noqa: F401  (the formula's parts)
+def test_depth_budget_shifts_the_halt_logit_and_its_loss_is_the_depth_entropy():
+    """halt_shift += rate·sign(executed mean − target), added to the gate's halt logit; the ACT loss is
+    −β·H(mean depth distribution) (no penalty on the depth itself)."""
+    from moeut.model.act import depth_entropy
 
     model = skip_model(act_target_depth=2.0, act_target_rate=0.5, act_depth_entropy=0.1).train()
-    assert model.act_lambda.item() == 0.0
-    assert model.update_depth_multiplier(2.5) == pytest.approx(0.25)
-    assert model.update_depth_multiplier(1.0) == pytest.approx(-0.25)
+    gate = model.halting
+    h = torch.randn(2, 5, model.cfg.d_model, dtype=torch.float64)
+    before = gate(h)
+    assert gate.halt_shift.item() == 0.0
+    assert model.update_halt_shift(2.5) == 0.5 and model.update_halt_shift(2.4) == 1.0  # too deep: halt sooner
+    assert model.update_halt_shift(1.0) == 0.5 and model.update_halt_shift(2.0) == 0.5  # too shallow; on target
+    after = gate(h)
+    logit_gap = lambda lg: lg[..., 1] - lg[..., 0]  # noqa: E731
+    torch.testing.assert_close(logit_gap(after) - logit_gap(before), torch.full((2, 5), 0.5, dtype=after.dtype))
     tokens = _tokens()
-    with_budget = model(tokens)
-    plain = skip_model(act_target_depth=2.0, act_target_rate=0.5, act_depth_entropy=0.0).train()
-    plain.load_state_dict(model.state_dict())
-    base = build_model(model.cfg.replace(act_target_depth=0.0, act_reg=0.0)).to(torch.float64).train()
-    base.load_state_dict({k: v for k, v in model.state_dict().items() if k != "act_lambda"})
-    balancing = base(tokens).reg_loss  # the routers' regulariser alone
-    lam_term = plain(tokens).reg_loss - balancing
-    torch.testing.assert_close(lam_term, -0.25 * with_budget.depth.mean().to(lam_term.dtype))
-    entropy_term = with_budget.reg_loss - plain(tokens).reg_loss
-    assert entropy_term.item() < 0  # −β·H: a spread of depths lowers the loss
+    out = model(tokens)
+    no_entropy = skip_model(act_target_depth=2.0, act_depth_entropy=0.0).train()
+    no_entropy.load_state_dict(model.state_dict())
+    base = no_entropy(tokens).reg_loss  # the routers' regulariser alone
+    run_dist = []
+    from moeut.model import skip as skip_module
+
+    original = skip_module.depth_distribution
+    skip_module.depth_distribution = lambda act, q: run_dist.append(original(act, q)) or run_dist[-1]
+    try:
+        again = model(tokens)
+    finally:
+        skip_module.depth_distribution = original
+    torch.testing.assert_close(again.reg_loss - base, -0.1 * depth_entropy(run_dist[-1]).to(base.dtype))
+    assert (out.reg_loss - base).item() < 0
 
 
 def test_depth_budget_needs_skip_and_a_reachable_target():

@@ -35,14 +35,17 @@ class HaltingGate(nn.Module):
     """``Linear(d, d) → GELU → Linear(d, 2, bias=False)`` with the last layer zero-initialised; log-softmax.
 
     ``halt_bias`` (MoEUT): the last layer gets a bias, initialised to (0, halt_bias), so at init
-    ``g[halt] = σ(halt_bias)``; ``normalize``: the gate reads ``LN(h)`` (a LayerNorm with parameters)."""
+    ``g[halt] = σ(halt_bias)``; ``normalize``: the gate reads ``LN(h)`` (a LayerNorm with parameters).
+    ``budget`` (MoEUT, ``act_target_depth``): a buffer ``halt_shift`` added to the halt logit, moved by the
+    trainer (not the optimizer) so that tokens run the target depth on average — see :meth:`shift_towards`."""
 
-    def __init__(self, d_model: int, halt_bias: float | None = None, normalize: bool = False):
+    def __init__(self, d_model: int, halt_bias: float | None = None, normalize: bool = False, budget: bool = False):
         super().__init__()
         self.halt_bias = halt_bias
         self.norm = nn.LayerNorm(d_model) if normalize else None
         self.hidden = nn.Linear(d_model, d_model)
         self.out = nn.Linear(d_model, 2, bias=halt_bias is not None)
+        self.halt_shift = nn.Buffer(torch.zeros(())) if budget else None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -52,12 +55,26 @@ class HaltingGate(nn.Module):
         nn.init.zeros_(self.out.weight)
         if self.out.bias is not None:
             self.out.bias.copy_(torch.tensor([0.0, float(self.halt_bias)]))
+        if self.halt_shift is not None:
+            self.halt_shift.zero_()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``log (g[continue], g[halt])`` ``[..., 2]`` in fp32."""
         if self.norm is not None:
             h = self.norm(h)
-        return F.log_softmax(self.out(F.gelu(self.hidden(h))).float(), dim=-1)
+        logits = self.out(F.gelu(self.hidden(h))).float()
+        if self.halt_shift is not None:
+            logits = logits + torch.stack((torch.zeros_like(self.halt_shift), self.halt_shift)).float()
+        return F.log_softmax(logits, dim=-1)
+
+    @torch.no_grad()
+    def shift_towards(self, executed_mean: float, target: float, rate: float) -> float:
+        """The depth budget, after an optimizer step: ``halt_shift += rate · sign(executed mean depth − target)``
+        (too deep: tokens halt more readily). Like loss-free balancing's bias, a fixed step on the sign of the
+        error acts at once and stays bounded — a multiplier on a depth penalty, moved the same way, acts through
+        the optimizer with a lag and swung the whole batch between depth 1 and the maximum. Returns the shift."""
+        self.halt_shift.add_(rate * float((executed_mean > target) - (executed_mean < target)))
+        return self.halt_shift.item()
 
 
 @dataclass

@@ -85,10 +85,10 @@ class ModelConfig:
     # experts, its keys and values computed once per distinct layer (moeut.model.skip; a different model)
     act_halting: str = "frozen"
     # MoEUT-ACT with act_halting="skip": a depth budget instead of the act_reg penalty. 0 = off. Else the mean number
-    # of group applications a token should *run* (e.g. 2.0 of at most 4): the ACT loss becomes λ·mean E[depth], λ a
-    # multiplier the trainer moves after every step by act_target_rate·(executed mean depth − target) (dual ascent,
-    # saved in checkpoints), minus act_depth_entropy·H(mean over tokens of each token's depth distribution), which
-    # keeps the tokens spread over the depths (no collapse onto one)
+    # of group applications a token should *run* (e.g. 2.0 of at most 4): a shift of the halting gate's halt logit
+    # (a buffer, saved in checkpoints) moves after every step by act_target_rate·sign(executed mean depth − target),
+    # and the ACT loss is −act_depth_entropy·H(mean over tokens of each token's depth distribution), which keeps
+    # the tokens spread over the depths (no collapse onto one)
     act_target_depth: float = 0.0
     act_target_rate: float = 0.01
     act_depth_entropy: float = 0.0

@@ -67,9 +67,8 @@ class MoEUTLM(LanguageModel):
         self.out_norm = nn.Identity() if self.post_ln else nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
         # ACT over group applications (MoEUT only): one halting decision per application of the G layers
-        self.halting = HaltingGate(cfg.d_model, halt_bias=cfg.act_halt_bias_init, normalize=True) if cfg.act else None
-        # depth budget: λ of the ACT loss, moved by the trainer (update_depth_multiplier); saved with the weights
-        self.act_lambda = nn.Buffer(torch.zeros(())) if cfg.act_target_depth else None
+        self.halting = (HaltingGate(cfg.d_model, halt_bias=cfg.act_halt_bias_init, normalize=True,
+                                    budget=bool(cfg.act_target_depth)) if cfg.act else None)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -85,8 +84,6 @@ class MoEUTLM(LanguageModel):
             self.out_norm.reset_parameters()
         if self.halting is not None:
             self.halting.reset_parameters()
-        if self.act_lambda is not None:
-            self.act_lambda.zero_()
         self.lm_head.reset_parameters()
 
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
@@ -208,23 +205,21 @@ class MoEUTLM(LanguageModel):
         return cfg.entropy_reg * ffn + cfg.att_entropy_reg * att
 
     def _act_loss(self, run: _Pass, depth: torch.Tensor | None) -> torch.Tensor:
-        """ACT: ``act_reg · Σ_r mean E[depth]_r`` (SUT's), or with a depth budget ``λ · mean E[depth] −
-        act_depth_entropy · H(mean depth distribution)`` (λ = :attr:`act_lambda`, moved by the trainer)."""
+        """ACT: ``act_reg · Σ_r mean E[depth]_r`` (SUT's). With a depth budget the halting gate's shift holds the
+        depth (:meth:`update_halt_shift`) and the loss is ``−act_depth_entropy · H(mean depth distribution)``."""
         cfg = self.cfg
         if not cfg.act_target_depth:
             return cfg.act_reg * run.act_loss
         if run.depth_dist is None:  # a single group application: nothing to halt
-            return torch.zeros((), device=self.act_lambda.device)
-        return self.act_lambda * depth.mean() - cfg.act_depth_entropy * depth_entropy(run.depth_dist)
+            return torch.zeros((), device=run.act_loss.device)
+        return -cfg.act_depth_entropy * depth_entropy(run.depth_dist)
 
-    @torch.no_grad()
-    def update_depth_multiplier(self, executed_mean: float) -> float:
-        """Depth budget (``act_target_depth``), after an optimizer step: ``λ += act_target_rate · (executed mean
-        depth − target)`` — dual ascent on the constraint "tokens run ``act_target_depth`` group applications on
-        average" (``executed_mean``: over the step's tokens of every rank). λ may become negative (more depth).
-        Returns the new λ."""
-        self.act_lambda.add_(self.cfg.act_target_rate * (executed_mean - self.cfg.act_target_depth))
-        return self.act_lambda.item()
+    def update_halt_shift(self, executed_mean: float) -> float:
+        """Depth budget (``act_target_depth``), after an optimizer step: ``halt_shift += act_target_rate ·
+        sign(executed mean depth − target)`` (``executed_mean``: over the step's tokens of every rank, so every rank
+        makes the same update). Returns the new shift."""
+        cfg = self.cfg
+        return self.halting.shift_towards(executed_mean, cfg.act_target_depth, cfg.act_target_rate)
 
     def _expert_counts(self, flat: list[LayerRouting]) -> dict[str, torch.Tensor]:
         """Selection counts per absolute layer application (``flat`` is in application order)."""

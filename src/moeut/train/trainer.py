@@ -269,8 +269,8 @@ class Trainer:
                      "peak_memory_bytes": self.memory.peak_bytes()}
         if self.model_cfg.loss_free and res.expert_counts is not None:  # after the optimizer step; global counts
             self.last.update(balance_stats(self.model.update_selection_bias(res.expert_counts)))
-        if self.model_cfg.act_target_depth and res.executed_depth is not None:  # the depth budget's multiplier
-            self.last["act/lambda"] = self.model.update_depth_multiplier(res.executed_depth.mean().item())
+        if self.model_cfg.act_target_depth and res.executed_depth is not None:  # the depth budget's halting shift
+            self.last["act/halt_shift"] = self.model.update_halt_shift(res.executed_depth.mean().item())
         if repeats is not None:
             self.last["depth/repeats"] = repeats
         if cfg.optimizer == "muon":

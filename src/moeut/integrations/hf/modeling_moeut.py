@@ -730,16 +730,21 @@ class SUTHalting(nn.Module):
 
 
 class MoEUTHalting(nn.Module):
-    """MoEUT ACT gate: ``log_softmax(Linear(d, 2)(GELU(Linear(d, d)(LN(h)))))`` = log (continue, halt)."""
+    """MoEUT ACT gate: ``log_softmax(Linear(d, 2)(GELU(Linear(d, d)(LN(h)))))`` = log (continue, halt); with a depth
+    budget (``act_target_depth``) the halt logit is shifted by the buffer ``halt_shift`` moeut's trainer moved."""
 
     def __init__(self, config):
         super().__init__()
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.hidden = nn.Linear(config.hidden_size, config.hidden_size)
         self.out = _linear(config.hidden_size, 2, init="halt")
+        self.register_buffer("halt_shift", torch.zeros(()) if getattr(config, "act_target_depth", 0) else None)
 
     def forward(self, h):
-        return F.log_softmax(self.out(F.gelu(self.hidden(self.norm(h)))).float(), dim=-1)
+        logits = self.out(F.gelu(self.hidden(self.norm(h)))).float()
+        if self.halt_shift is not None:
+            logits = logits + torch.stack((torch.zeros_like(self.halt_shift), self.halt_shift)).float()
+        return F.log_softmax(logits, dim=-1)
 
 
 def _halt_step(gate_log, log_never, acc, depth, prev, step, threshold):
@@ -890,8 +895,6 @@ class MoEUTModel(MoEUTPreTrainedModel):
         self.post_ln = config.arch == "sut" or (config.arch == "moeut" and config.norm_placement == "post")
         self.norm = nn.Identity() if self.post_ln else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.halting = MoEUTHalting(config) if config.arch == "moeut" and config.act else None
-        # depth budget (act_target_depth): the multiplier λ of the ACT loss that moeut's trainer moved
-        self.register_buffer("act_lambda", torch.zeros(()) if getattr(config, "act_target_depth", 0) else None)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -1027,8 +1030,8 @@ class MoEUTModel(MoEUTPreTrainedModel):
 
     def _act_loss(self, penalty, expected, halt_probs, q):
         """The ACT part of ``aux_loss``: ``act_reg ·`` the summed penalty, or with a depth budget
-        (``act_target_depth``) ``λ · mean E[depth] − act_depth_entropy · H(mean over tokens of the depth
-        distribution (p_1 … p_{n−1}, q))``, λ the buffer ``act_lambda``."""
+        (``act_target_depth``, held by the gate's ``halt_shift``) ``−act_depth_entropy · H(mean over tokens of the
+        depth distribution (p_1 … p_{n−1}, q))``."""
         cfg = self.config
         if not getattr(cfg, "act_target_depth", 0):
             return cfg.act_reg * penalty
@@ -1036,8 +1039,7 @@ class MoEUTModel(MoEUTPreTrainedModel):
             return torch.zeros((), device=expected.device)
         mean = torch.stack((*halt_probs, q), dim=-1).reshape(-1, len(halt_probs) + 1).mean(0)
         mean = mean / mean.sum().clamp_min(1e-12)
-        entropy = -(mean * mean.clamp_min(1e-12).log()).sum()
-        return self.act_lambda * expected.mean() - cfg.act_depth_entropy * entropy
+        return cfg.act_depth_entropy * (mean * mean.clamp_min(1e-12).log()).sum()
 
 
 @dataclass
