@@ -78,6 +78,7 @@ def family_model(name: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
                 torch.nn.init.normal_(layer.attention.rel_pos)
         if getattr(getattr(model, "halting", None), "halt_shift", None) is not None:  # the budget's shift, moved
             model.halting.halt_shift.fill_(0.7)
+            model.act_lambda.fill_(0.3)
         for biases in getattr(model, "selection_biases", dict)().values():
             for bias in biases:
                 torch.nn.init.normal_(bias, 0, 0.3)

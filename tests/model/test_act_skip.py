@@ -293,3 +293,16 @@ def test_activation_checkpointing_recomputes_the_rows_path_exactly():
     assert set(out2.executed_depth.unique().tolist()) == {1.0, 2.0, 3.0}
     for name, g in _grads(model).items():
         torch.testing.assert_close(g, ref[name], rtol=0, atol=0, msg=name)
+
+
+def test_depth_budget_penalty_multiplier_is_dual_ascent_kept_non_negative():
+    model = skip_model(act_target_depth=2.0, act_penalty_rate=0.5).train()
+    model.update_halt_shift(2.5)
+    assert model.act_lambda.item() == pytest.approx(0.25)
+    model.update_halt_shift(1.0)
+    assert model.act_lambda.item() == 0.0  # never a reward for depth
+    tokens = _tokens()
+    zero = model(tokens).reg_loss
+    model.act_lambda.fill_(0.3)
+    out = model(tokens)
+    torch.testing.assert_close(out.reg_loss - zero, 0.3 * out.depth.mean().to(zero.dtype))

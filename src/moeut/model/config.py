@@ -92,6 +92,9 @@ class ModelConfig:
     act_target_depth: float = 0.0
     act_target_rate: float = 0.01
     act_depth_entropy: float = 0.0
+    # … and a multiplier λ ≥ 0 of a depth penalty λ·mean E[depth], moved by act_penalty_rate·(executed − target):
+    # the slow counter-pressure without which the gate learns to outrun the shift (0 = no penalty)
+    act_penalty_rate: float = 0.0
     # MoEUT only: initial bias of the halting gate's halt logit over its continue logit; 0 = g_halt = 1/2 as SUT,
     # negative = "deep start" (tokens initially do not halt: e.g. -3 gives g_halt = σ(-3) ≈ 0.05)
     act_halt_bias_init: float = 0.0
@@ -290,8 +293,8 @@ def _validate_shared(cfg: ModelConfig) -> None:
               'a depth budget counts the applications tokens run, which only act_halting="skip" saves: set it')
         _need(cfg, 1.0 <= cfg.act_target_depth <= cfg.n_layers // cfg.group_size, "act_target_depth",
               f"must be between 1 and the maximum number of group applications, {cfg.n_layers // cfg.group_size}")
-    _need(cfg, cfg.act_target_rate >= 0 and cfg.act_depth_entropy >= 0, "act_target_rate",
-          "act_target_rate and act_depth_entropy must be >= 0")
+    _need(cfg, min(cfg.act_target_rate, cfg.act_depth_entropy, cfg.act_penalty_rate) >= 0, "act_target_rate",
+          "act_target_rate, act_depth_entropy and act_penalty_rate must be >= 0")
     _need(cfg, isinstance(cfg.act_halt_bias_init, (int, float)) and math.isfinite(cfg.act_halt_bias_init),
           "act_halt_bias_init", "must be a finite number (negative = deep start)")
     if cfg.arch != "moeut":

@@ -69,6 +69,8 @@ class MoEUTLM(LanguageModel):
         # ACT over group applications (MoEUT only): one halting decision per application of the G layers
         self.halting = (HaltingGate(cfg.d_model, halt_bias=cfg.act_halt_bias_init, normalize=True,
                                     budget=bool(cfg.act_target_depth)) if cfg.act else None)
+        # depth budget: λ of the depth penalty, moved by the trainer (update_halt_shift); saved with the weights
+        self.act_lambda = nn.Buffer(torch.zeros(())) if cfg.act_target_depth else None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -84,6 +86,8 @@ class MoEUTLM(LanguageModel):
             self.out_norm.reset_parameters()
         if self.halting is not None:
             self.halting.reset_parameters()
+        if self.act_lambda is not None:
+            self.act_lambda.zero_()
         self.lm_head.reset_parameters()
 
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None,
@@ -206,19 +210,25 @@ class MoEUTLM(LanguageModel):
 
     def _act_loss(self, run: _Pass, depth: torch.Tensor | None) -> torch.Tensor:
         """ACT: ``act_reg · Σ_r mean E[depth]_r`` (SUT's). With a depth budget the halting gate's shift holds the
-        depth (:meth:`update_halt_shift`) and the loss is ``−act_depth_entropy · H(mean depth distribution)``."""
+        depth (:meth:`update_halt_shift`) and the loss is ``λ · mean E[depth] − act_depth_entropy · H(mean depth
+        distribution)``, λ = :attr:`act_lambda`."""
         cfg = self.cfg
         if not cfg.act_target_depth:
             return cfg.act_reg * run.act_loss
         if run.depth_dist is None:  # a single group application: nothing to halt
             return torch.zeros((), device=run.act_loss.device)
-        return -cfg.act_depth_entropy * depth_entropy(run.depth_dist)
+        return self.act_lambda * depth.mean() - cfg.act_depth_entropy * depth_entropy(run.depth_dist)
 
+    @torch.no_grad()
     def update_halt_shift(self, executed_mean: float) -> float:
         """Depth budget (``act_target_depth``), after an optimizer step: ``halt_shift += act_target_rate ·
-        sign(executed mean depth − target)`` (``executed_mean``: over the step's tokens of every rank, so every rank
-        makes the same update). Returns the new shift."""
+        sign(executed mean depth − target)`` and ``λ = max(0, λ + act_penalty_rate · (executed mean − target))``
+        (``executed_mean``: over the step's tokens of every rank, so every rank makes the same update). The shift
+        acts at once; λ is the slow counter-pressure to the language-model loss, which always prefers more depth.
+        Returns the new shift."""
         cfg = self.cfg
+        err = executed_mean - cfg.act_target_depth
+        self.act_lambda.add_(cfg.act_penalty_rate * err).clamp_(min=0.0)
         return self.halting.shift_towards(executed_mean, cfg.act_target_depth, cfg.act_target_rate)
 
     def _expert_counts(self, flat: list[LayerRouting]) -> dict[str, torch.Tensor]:

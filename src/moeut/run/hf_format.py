@@ -25,7 +25,7 @@ HF_NAMES = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads"
             "d_head": "head_dim", "context_length": "max_position_embeddings"}
 # moeut parameter-name prefix -> transformers prefix
 PREFIXES = (("embedding.", "model.embed_tokens."), ("layers.", "model.layers."), ("out_norm.", "model.norm."),
-            ("halting.", "model.halting."), ("lm_head.", "lm_head."))
+            ("halting.", "model.halting."), ("act_lambda", "model.act_lambda"), ("lm_head.", "lm_head."))
 
 
 class HFFormatError(MoeutError, ValueError):

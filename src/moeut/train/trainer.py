@@ -271,6 +271,7 @@ class Trainer:
             self.last.update(balance_stats(self.model.update_selection_bias(res.expert_counts)))
         if self.model_cfg.act_target_depth and res.executed_depth is not None:  # the depth budget's halting shift
             self.last["act/halt_shift"] = self.model.update_halt_shift(res.executed_depth.mean().item())
+            self.last["act/lambda"] = self.model.act_lambda.item()
         if repeats is not None:
             self.last["depth/repeats"] = repeats
         if cfg.optimizer == "muon":

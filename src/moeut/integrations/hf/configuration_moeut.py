@@ -75,6 +75,7 @@ class MoEUTConfig(PreTrainedConfig):
         act=None, act_reg=0.01, act_threshold=0.999, act_halt_bias_init=None,  # ACT (MoEUT and SUT)
         act_halting="frozen",  # MoEUT ACT: "frozen" tokens still computed, or "skip" (halted tokens do no work)
         act_target_depth=0.0, act_target_rate=0.01, act_depth_entropy=0.0,  # "skip": a depth budget (training)
+        act_penalty_rate=0.0,
         mi_reg=0.001, mi_loss="code", sample_topk=0, rel_pos_max=64,  # SUT
         layer_norm_eps=1e-5, use_cache=True, output_router_logits=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
@@ -123,6 +124,7 @@ class MoEUTConfig(PreTrainedConfig):
         self.act_target_depth = act_target_depth
         self.act_target_rate = act_target_rate
         self.act_depth_entropy = act_depth_entropy
+        self.act_penalty_rate = act_penalty_rate
         self.mi_reg = mi_reg
         self.mi_loss = mi_loss
         self.sample_topk = sample_topk

@@ -895,6 +895,8 @@ class MoEUTModel(MoEUTPreTrainedModel):
         self.post_ln = config.arch == "sut" or (config.arch == "moeut" and config.norm_placement == "post")
         self.norm = nn.Identity() if self.post_ln else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.halting = MoEUTHalting(config) if config.arch == "moeut" and config.act else None
+        # depth budget (act_target_depth): λ of the depth penalty, as moeut's trainer moved it
+        self.register_buffer("act_lambda", torch.zeros(()) if getattr(config, "act_target_depth", 0) else None)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -1030,8 +1032,8 @@ class MoEUTModel(MoEUTPreTrainedModel):
 
     def _act_loss(self, penalty, expected, halt_probs, q):
         """The ACT part of ``aux_loss``: ``act_reg ·`` the summed penalty, or with a depth budget
-        (``act_target_depth``, held by the gate's ``halt_shift``) ``−act_depth_entropy · H(mean over tokens of the
-        depth distribution (p_1 … p_{n−1}, q))``."""
+        (``act_target_depth``, held by the gate's ``halt_shift``) ``act_lambda · mean E[depth] − act_depth_entropy ·
+        H(mean over tokens of the depth distribution (p_1 … p_{n−1}, q))``."""
         cfg = self.config
         if not getattr(cfg, "act_target_depth", 0):
             return cfg.act_reg * penalty
@@ -1039,7 +1041,8 @@ class MoEUTModel(MoEUTPreTrainedModel):
             return torch.zeros((), device=expected.device)
         mean = torch.stack((*halt_probs, q), dim=-1).reshape(-1, len(halt_probs) + 1).mean(0)
         mean = mean / mean.sum().clamp_min(1e-12)
-        return cfg.act_depth_entropy * (mean * mean.clamp_min(1e-12).log()).sum()
+        return (self.act_lambda * expected.mean()
+                + cfg.act_depth_entropy * (mean * mean.clamp_min(1e-12).log()).sum())
 
 
 @dataclass
