@@ -38,7 +38,7 @@ def test_the_adaptive_preset_is_act_whose_halted_tokens_skip():
     assert cfg.act and cfg.act_halting == "skip" and tiny_act.act_halting == "frozen"
     assert cfg.act_target_depth == 2.0 and cfg.act_depth_entropy > 0  # a budget of 2 of at most 4 applications
     assert cfg.replace(act_halting="frozen", act_target_depth=0.0, act_depth_entropy=0.0, act_target_rate=0.01,
-                       act_halt_bias_init=-3.0, act_threshold=0.999) == tiny_act
+                       act_penalty_rate=0.0, act_halt_bias_init=-3.0, act_threshold=0.999) == tiny_act
 
 
 @pytest.mark.slow
@@ -53,6 +53,10 @@ def test_adaptive_run_logs_executed_depth_resumes_evaluates_generates_and_export
     for e, before, after in zip(executed, [0.0, *shift], shift):
         assert after - before == pytest.approx(rate * ((e > 2.0) - (e < 2.0)), abs=1e-6)
     assert any(v != 0.0 for v in shift)
+    penalty_rate, lam = ModelConfig.from_name("moeut-tiny-adaptive").act_penalty_rate, 0.0
+    for e, m in zip(executed, lines):  # λ = max(0, λ + rate · (executed − target))
+        lam = max(0.0, lam + penalty_rate * (e - 2.0))
+        assert m["act/lambda"] == pytest.approx(lam, abs=1e-6)
     assert all(1.0 <= e < 4.0 for e in executed), executed  # tokens froze: fewer than 4 applications ran
     full = model_stats(ModelConfig.from_saved(json.loads((ref / "model_config.json").read_text())), 32)
     for m in lines:
