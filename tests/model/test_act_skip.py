@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeut.model import KVCache, ModelConfig, build_model
+from moeut.model import ModelConfig, build_model
 from moeut.model.act import ACTState, expected_depth, forcing_depth, frozen_mask, halt_step, mix_state
 from moeut.model.rope import rope_tables
-from tests.model.helpers import tiny_config
+from tests.model.helpers import decode_in_steps, tiny_config
 
 # tiny_config: n_layers 6, G = 2 -> at most 3 group applications
 
@@ -158,16 +158,10 @@ def test_cached_decoding_and_left_padding_equal_the_full_pass(repeats):
     mask[1, :4] = 0
     with torch.no_grad():
         ref = model(tokens, attention_mask=mask, repeats=repeats)
-        out = model(tokens[:, :6], attention_mask=mask[:, :6], cache=KVCache(), repeats=repeats)
-        logits, depths, cache = [out.logits], [out.executed_depth], out.cache
-        for t in range(6, tokens.shape[1]):
-            out = model(tokens[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, repeats=repeats)
-            logits.append(out.logits)
-            depths.append(out.executed_depth)
-            cache = out.cache
+        logits, depths = decode_in_steps(model, tokens, mask, 6, repeats, field="executed_depth")
         alone = model(tokens[1:2, 4:], repeats=repeats)  # the left-padded prompt without its padding
-    torch.testing.assert_close(torch.cat(logits, 1), ref.logits, rtol=1e-6, atol=1e-7)
-    assert torch.equal(torch.cat(depths, 1), ref.executed_depth)
+    torch.testing.assert_close(logits, ref.logits, rtol=1e-6, atol=1e-7)
+    assert torch.equal(depths, ref.executed_depth)
     assert len(set(ref.executed_depth[:, 6:].flatten().tolist())) > 1, "decoding should see a mix of depths"
     torch.testing.assert_close(ref.logits[1:2, 4:], alone.logits, rtol=1e-6, atol=1e-7)
     assert torch.equal(ref.executed_depth[1:2, 4:], alone.executed_depth)

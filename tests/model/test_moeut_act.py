@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from moeut.model import ConfigError, KVCache, ModelConfig, build_model
+from moeut.model import ConfigError, ModelConfig, build_model
 from moeut.model.config import SCHEMA_VERSION
-from tests.model.helpers import tiny_config
+from tests.model.helpers import decode_in_steps, tiny_config
 
 # tiny_config: n_layers 6, G = 2: at most 3 group applications (2 halting decisions)
 
@@ -60,15 +60,9 @@ def test_cached_decoding_equals_the_full_pass_with_left_padding(repeats):
     mask[1, :4] = 0
     with torch.no_grad():
         ref = model(tokens, attention_mask=mask, repeats=repeats)
-        out = model(tokens[:, :6], attention_mask=mask[:, :6], cache=KVCache(), repeats=repeats)
-        steps, depths, cache = [out.logits], [out.depth], out.cache
-        for t in range(6, tokens.shape[1]):
-            out = model(tokens[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, repeats=repeats)
-            steps.append(out.logits)
-            depths.append(out.depth)
-            cache = out.cache
-    torch.testing.assert_close(torch.cat(steps, 1), ref.logits, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.cat(depths, 1), ref.depth, rtol=1e-5, atol=1e-6)
+        steps, depths = decode_in_steps(model, tokens, mask, 6, repeats)
+    torch.testing.assert_close(steps, ref.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(depths, ref.depth, rtol=1e-5, atol=1e-6)
     never_frozen = build_model(model.cfg.replace(act_threshold=1 - 1e-9)).eval()
     never_frozen.load_state_dict(model.state_dict())
     with torch.no_grad():

@@ -33,3 +33,25 @@ def train_args(data: Path, out: Path, **kw) -> list[str]:
     for k, v in kw.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args
+
+
+TIMING = {"tok_per_s", "tflops", "mfu", "peak_memory_bytes"}  # measured, not computed: differ run to run
+
+
+def assert_same_run(ref: Path, run: Path, steps: int) -> None:
+    """Two runs ended at ``steps`` with equal weights (every tensor of the newest checkpoint's model, buffers
+    included) and equal metrics.jsonl apart from the timing fields: a resumed run equals an uninterrupted one."""
+    import torch
+
+    from moeut.run import latest_checkpoint
+
+    a, b = latest_checkpoint(ref)[1], latest_checkpoint(run)[1]
+    assert a["step"] == b["step"] == steps
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+    def computed(r: Path) -> list[dict]:
+        lines = (r / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+    assert computed(ref) == computed(run)

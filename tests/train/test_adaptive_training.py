@@ -8,16 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from moeut.cli import main
 from moeut.model import ModelConfig
 from moeut.model.accounting import model_stats
-from moeut.run import latest_checkpoint
 from moeut.run.checkpoint import list_checkpoints
-from tests.train.conftest import train_args
+from tests.train.conftest import assert_same_run, train_args
 
-TIMING = {"tok_per_s", "tflops", "mfu", "peak_memory_bytes"}
 # 4 group applications; g_halt = σ(−1) and a low threshold: tokens freeze after 3 applications at first
 ADAPTIVE = ["--model", "n_layers=8", "--model", "act_halt_bias_init=-1.0", "--model", "act_threshold=0.6"]
 
@@ -69,12 +66,7 @@ def test_adaptive_run_logs_executed_depth_resumes_evaluates_generates_and_export
     assert main(_args(tiny_data, run)) == 0
     list_checkpoints(run)[-1].unlink()
     assert main([*_args(tiny_data, run), "--resume"]) == 0
-    a, b = latest_checkpoint(ref)[1], latest_checkpoint(run)[1]
-    assert a["step"] == b["step"] == 8
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
-    assert strip(_metrics(ref)) == strip(_metrics(run))
+    assert_same_run(ref, run, 8)
 
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(ref), "--tasks", "ppl"]) == 0

@@ -148,7 +148,8 @@ def depth_entropy(dist: torch.Tensor) -> torch.Tensor:
 
 def forced_log_gate(depth: torch.Tensor, r: int) -> torch.Tensor:
     """The gate output ``log (g[continue], g[halt])`` ``[B, T, 2]`` that halts each token for good before group
-    application ``r`` iff its forced ``depth`` ``[B, T]`` (group applications, 1 … n) is at most ``r``."""
+    application ``r`` iff its forced ``depth`` ``[B, T]`` (group applications, 1 … n) is at most ``r``: ``(−∞, 0)``
+    for those, ``(0, −∞)`` — certain to continue, which leaves an already frozen token as it is — for the rest."""
     halt = (depth <= r).unsqueeze(-1)
     return torch.zeros(*depth.shape, 2, device=depth.device).masked_fill(torch.cat((halt, ~halt), -1), -math.inf)
 

@@ -97,9 +97,9 @@ class MoEUTLayer(nn.Module):
         Halted tokens keep their residual stream; they serve as keys and values, which depend on their frozen
         state alone: ``halted_kv`` (``[B·T, H, d_h]`` each) holds them for the tokens halted so far, and the
         tokens that halted just now (rows ``halted`` ``[N_new, d]``, at ``rows.new_idx``) get theirs computed here,
-        once for every later application of this layer (``halted_kv`` None: none halted before). Returns the active rows' output, the keys and values of
-        the whole sequence (``[B, H, T_past + T, d_h]``, for attention and the cache), the active rows' routing
-        and the updated ``halted_kv``."""
+        once for every later application of this layer (``halted_kv`` None: none halted before). Returns the active
+        rows' output, the keys and values of the whole sequence (``[B, H, T_past + T, d_h]``, for attention and the
+        cache), the active rows' routing and the updated ``halted_kv``."""
         att = self.attention
         att_x, att_xn = self._attention_inputs(x)
         k_act, v_act, route_v = att.keys_values(att_x, att_xn, rows.cos, rows.sin)

@@ -19,7 +19,6 @@ causal. A group application in which no token is frozen runs the ordinary layers
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -71,9 +70,8 @@ def _gate(model: MoEUTLM, prev: torch.Tensor, halted: torch.Tensor, r: int) -> t
         return model.halting(prev)
     idx = (~halted).reshape(-1).nonzero().squeeze(1)
     rows = model.halting(prev.reshape(-1, prev.shape[-1]).index_select(0, idx))
-    out = torch.zeros(halted.numel(), 2, device=prev.device)
-    out[:, 1] = -math.inf  # (0, −∞): p = 0, q unchanged
-    return out.index_copy(0, idx, rows).view(*halted.shape, 2)
+    certain_to_continue = forced_log_gate(halted.new_full(halted.shape, r + 1, dtype=torch.long), r)  # (0, −∞)
+    return certain_to_continue.reshape(-1, 2).index_copy(0, idx, rows).view(*halted.shape, 2)
 
 
 def _group_on_rows(model: MoEUTLM, r: int, prev: torch.Tensor, state: torch.Tensor, active: torch.Tensor,

@@ -51,10 +51,6 @@ class ActiveRows:
                    cos=_at(cos, idx, B, T), sin=_at(sin, idx, B, T),
                    cos_new=_at(cos, new_idx, B, T), sin_new=_at(sin, new_idx, B, T))
 
-    @property
-    def n_active(self) -> int:
-        return self.idx.numel()
-
     def whole_sequence(self, halted: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Keys or values of every position, ``[B, H, T, d_h]``: the active rows ``[N, H, d_h]`` over the halted
         tokens' ``[B·T, H, d_h]``."""
@@ -69,11 +65,6 @@ class ActiveRows:
         padded = padded.view(self.batch, self.n_slots, H, dh).transpose(1, 2)
         a = attend(padded, k, v, self.mask).transpose(1, 2).reshape(self.batch * self.n_slots, H, dh)
         return a.index_select(0, self.slots)
-
-    def scatter(self, rows: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """Rows ``[N, …]`` of the active tokens back in a ``[B, T, …]`` tensor (``fill`` elsewhere)."""
-        full = rows.new_full((self.batch * self.time, *rows.shape[1:]), fill).index_copy(0, self.idx, rows)
-        return full.view(self.batch, self.time, *rows.shape[1:])
 
 
 def _at(table: torch.Tensor, idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
