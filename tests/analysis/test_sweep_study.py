@@ -104,3 +104,45 @@ def test_builtin_adaptive_depth_study_validates_and_reports_the_depth_that_ran(t
                    group="g", executed_depth=2.02, executed_macs_per_token=2_380_000)
     text = best_table(best_of_groups([ran]))
     assert "2.02" in text and "2.38M" in text  # the depth and MACs that ran, not the maximum's 3.50M
+
+
+@pytest.mark.parametrize("sweep, scale, n_runs", [("scale-tiny", "tiny", 15), ("scale-small", "small", 13)])
+def test_two_scale_study_runs_three_adamw_rates_and_two_muon_rates_per_model(tmp_path, sweep, scale, n_runs):
+    from moeut.analysis.sweep import run_sweep
+    from moeut.model.accounting import model_stats
+
+    entries, _ = load_sweep(sweep)
+    groups = {}
+    for e in entries:
+        groups.setdefault(e.group, []).append(e)
+        assert e.train["precision"] == "bf16" and e.name.startswith(e.group + "-lr")
+    base = [f"moeut-{scale}", f"sigma-moe-{scale}", f"dense-{scale}"]
+    muon = [f"moeut-{scale}-muon", f"dense-{scale}-muon"]
+    assert list(groups) == base + muon + ([f"moeut-{scale}-lossfree"] if scale == "tiny" else [])
+    assert all(len(groups[g]) >= 3 for g in base) and all(len(groups[g]) >= 2 for g in muon)
+    assert {e.train.get("optimizer", "adamw") for g in muon for e in groups[g]} == {"muon"}
+    assert {e.train.get("optimizer", "adamw") for g in base for e in groups[g]} == {"adamw"}
+    if scale == "tiny":
+        assert {ModelConfig.from_name(e.preset, **e.model).balancing for e in groups["moeut-tiny-lossfree"]} == {
+            "loss_free"}
+    # the models of one scale have the same parameter count (within 3 %)
+    params = [model_stats(ModelConfig.from_name(g))["params_total"] for g in base]
+    assert max(params) / min(params) < 1.03
+    steps = 500 if scale == "tiny" else 1000
+    rows = run_sweep(entries, tmp_path / "data", tmp_path / "out", steps=steps, report_only=True, log=lambda m: None)
+    assert len(rows) == n_runs and all(r.status == "not run" for r in rows)  # every run's settings are valid
+    # warmup is 10 % of the budget the study is run with
+    assert {e.train["warmup_steps"] for e in entries} == {steps // 10}
+
+
+def test_only_selects_runs_by_pattern_and_names_the_runs_when_nothing_matches(tmp_path):
+    from moeut.analysis.sweep import select
+
+    entries, _ = load_sweep("scale-tiny")
+    assert [e.name for e in select(entries, ["dense-tiny-lr*"])] == [
+        "dense-tiny-lr2e-3", "dense-tiny-lr4e-3", "dense-tiny-lr8e-3"]
+    assert [e.name for e in select(entries, ["*-muon-lr8e-3", "moeut-tiny-lr4e-3"])] == [
+        "moeut-tiny-lr4e-3", "moeut-tiny-muon-lr8e-3", "dense-tiny-muon-lr8e-3"]
+    assert select(entries, []) == entries
+    with pytest.raises(AnalysisError, match="matches none.*moeut-tiny-lr4e-3"):
+        select(entries, ["nope-*"])

@@ -194,6 +194,17 @@ def test_tiny_baselines_match_moeut_tiny_parameters_within_two_percent(name):
     assert model_stats(ModelConfig.from_name(name))["params_total"] == pytest.approx(target, rel=0.02)
 
 
+def test_sigma_moe_small_is_moeut_small_without_sharing_at_about_its_parameter_count():
+    small, sigma = ModelConfig.from_name("moeut-small"), ModelConfig.from_name("sigma-moe-small")
+    assert (sigma.n_layers, sigma.d_model, sigma.n_heads, sigma.d_head, sigma.ff_k, sigma.ff_expert_size) == (
+        small.n_layers, small.d_model, small.n_heads, small.d_head, small.ff_k, small.ff_expert_size)
+    target = model_stats(small)["params_total"]
+    # 8 unshared layers: one expert per layer is 5.5 % of the count, so the nearest two bracket the target; the
+    # preset takes the one above (the baseline gets the benefit of the doubt)
+    fewer = model_stats(ModelConfig.from_name("sigma-moe-small", ff_n_experts=sigma.ff_n_experts - 1))["params_total"]
+    assert fewer < target < model_stats(sigma)["params_total"] == pytest.approx(target, rel=0.03)
+
+
 @pytest.mark.parametrize("g, n_e, n_a", [(1, 779, 20), (3, 260, 6), (6, 128, 3), (9, 84, 2), (18, 40, 1)])
 def test_grouping_presets_follow_the_issue_table(g, n_e, n_a):
     cfg = ModelConfig.from_name(f"moeut-244m-g{g}")

@@ -34,6 +34,7 @@ their best validation perplexity (:func:`best_of_groups`).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import time
 from collections.abc import Sequence
@@ -103,11 +104,52 @@ def builtin_sweep(name: str, preset: str = "moeut-tiny") -> list[SweepEntry]:
         runs = [SweepEntry(f"{label}-lr{lr}", p, over, {**train, "lr": float(lr)}, group=label)
                 for label, p, over, train in models for lr in ADAPTIVE_LRS]
         return runs + [SweepEntry("dense-tiny-lr4e-3", "dense-tiny", {}, {"lr": 4e-3}, group="dense-tiny")]
+    if name in SCALE_STUDY:
+        return scale_sweep(name)
     raise AnalysisError(f"unknown sweep {name!r}: built-in sweeps are {', '.join(BUILTIN_SWEEPS)}, or give a "
                         "JSON/YAML file")
 
 
-BUILTIN_SWEEPS = ("expert-size-k", "k", "group-size", "norm-placement", "cpu-study", "adaptive-depth")
+# The two-scale study: at each scale MoEUT, σ-MoE and dense at equal parameters, each with AdamW at three peak
+# learning rates, MoEUT and dense with Muon at two, and (tiny) MoEUT with loss-free balancing at two; bf16 autocast
+# (the paper's recipe), warmup 10 % of the budget it is run with (tiny 500 steps, small 1000: the same tokens per
+# parameter). The grids bracket each model's best where earlier runs said where it was (the cpu-study's: MoEUT
+# best at the top of 2e-3..8e-3, so its grid moves up; dense best at 4e-3, inside).
+SCALE_STUDY: dict[str, dict[str, Any]] = {
+    "scale-tiny": {
+        "warmup_steps": 50, "eval_every": 100,
+        "adamw": [("moeut-tiny", ("4e-3", "8e-3", "1.6e-2")), ("sigma-moe-tiny", ("2e-3", "4e-3", "8e-3")),
+                  ("dense-tiny", ("2e-3", "4e-3", "8e-3"))],
+        "muon": [("moeut-tiny", ("4e-3", "8e-3")), ("dense-tiny", ("4e-3", "8e-3"))],
+        "loss_free": [("moeut-tiny", ("4e-3", "8e-3"))],
+    },
+    "scale-small": {
+        "warmup_steps": 100, "eval_every": 200,
+        "adamw": [("moeut-small", ("2e-3", "4e-3", "8e-3")), ("sigma-moe-small", ("2e-3", "4e-3", "8e-3")),
+                  ("dense-small", ("1e-3", "2e-3", "4e-3"))],
+        "muon": [("moeut-small", ("2e-3", "4e-3")), ("dense-small", ("1e-3", "2e-3"))],
+        "loss_free": [],
+    },
+}
+
+
+def scale_sweep(name: str) -> list[SweepEntry]:
+    """One scale of the two-scale study (:data:`SCALE_STUDY`): runs named ``<model>[-muon|-lossfree]-lr<lr>``,
+    grouped by model and variant so that the best-lr table compares each at its best rate."""
+    spec = SCALE_STUDY[name]
+    base = {"precision": "bf16", "warmup_steps": spec["warmup_steps"], "eval_every": spec["eval_every"]}
+    runs = []
+    for variant, model, train in (("adamw", {}, {}), ("muon", {}, {"optimizer": "muon"}),
+                                  ("loss_free", {"balancing": "loss_free"}, {})):
+        suffix = {"adamw": "", "muon": "-muon", "loss_free": "-lossfree"}[variant]
+        for preset, lrs in spec[variant]:
+            label = preset + suffix
+            runs += [SweepEntry(f"{label}-lr{lr}", preset, dict(model), {**base, **train, "lr": float(lr)}, group=label)
+                     for lr in lrs]
+    return runs
+
+
+BUILTIN_SWEEPS = ("expert-size-k", "k", "group-size", "norm-placement", "cpu-study", "adaptive-depth", *SCALE_STUDY)
 STUDY_LRS = ("2e-3", "4e-3", "8e-3")  # the cpu-study's learning rates (run names keep this spelling)
 ADAPTIVE_LRS = ("4e-3", "8e-3")  # the adaptive-depth study's: the best two of cpu-study for moeut-tiny
 
@@ -343,21 +385,37 @@ def plot(rows: Sequence[SweepRow], path: str | Path, title: str = "sweep") -> Pa
     return save_figure(fig, path)
 
 
+def select(entries: Sequence[SweepEntry], only: Sequence[str]) -> list[SweepEntry]:
+    """The runs whose name matches one of the shell patterns ``only`` (all runs when it is empty)."""
+    if not only:
+        return list(entries)
+    chosen = [e for e in entries if any(fnmatch.fnmatchcase(e.name, pat) for pat in only)]
+    if not chosen:
+        raise AnalysisError(f"--only {' '.join(only)} matches none of the sweep's runs: "
+                            f"{', '.join(e.name for e in entries)}")
+    return chosen
+
+
 def run(spec: str, data: str | Path, out: str | Path, *, preset: str = "moeut-tiny", steps: int = 200,
         batch_size: int = 16, seq_len: int | None = 256, lr: float = 2e-3, show_progress: bool = True,
-        report_only: bool = False) -> dict[str, Any]:
+        report_only: bool = False, only: Sequence[str] = ()) -> dict[str, Any]:
+    """Train the sweep's runs (those matching ``only``, when given) and write the table, ``sweep.json`` and
+    ``sweep.png`` into ``out`` (with ``only``: ``sweep-only.json`` / ``sweep-only.png``, so that several processes
+    sharing one ``out`` each train a part without overwriting the whole sweep's report)."""
     entries, shared = load_sweep(spec, preset)
+    entries = select(entries, only)
     out = Path(out)
     t0 = time.perf_counter()
     rows = run_sweep(entries, data, out, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, train=shared,
                      show_progress=show_progress, report_only=report_only)
     title = Path(spec).stem if Path(spec).is_file() else spec
     best = best_of_groups(rows)
-    j = atomic_write_json(out / "sweep.json", {"analysis": "sweep", "sweep": spec, "data": str(data), "steps": steps,
+    stem = "sweep-only" if only else "sweep"
+    j = atomic_write_json(out / f"{stem}.json", {"analysis": "sweep", "sweep": spec, "data": str(data), "steps": steps,
                                         "batch_size": batch_size, "seq_len": seq_len,
                                         "token_budget": rows[0].tokens if rows else 0,
                                         "wall_time_s": time.perf_counter() - t0, "rows": [asdict(r) for r in rows],
                                         "best": best})
-    png = plot(rows, out / "sweep.png", title)
+    png = plot(rows, out / f"{stem}.png", title)
     text = table(rows) + (f"\n\nbest learning rate of each model:\n{best_table(best)}" if best else "")
     return {"rows": rows, "table": text, "best": best, "files": [j, png]}

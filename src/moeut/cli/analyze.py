@@ -5,7 +5,7 @@
     moeut analyze layer-similarity --checkpoint RUN --data DATA --out DIR [--kind ...]
     moeut analyze token-diversity  --checkpoint RUN --data DATA --out DIR [--top-n 6000]
     moeut analyze depth            --checkpoint RUN --data DATA --out DIR [--max-repeats 2×trained]
-    moeut analyze sweep            --sweep expert-size-k|k|group-size|norm-placement|cpu-study|FILE --data DATA --out DIR
+    moeut analyze sweep            --sweep NAME|FILE --data DATA --out DIR [--only PATTERN ...]
     moeut analyze wallclock        --presets moeut-tiny dense-tiny ... --out DIR
     moeut analyze compute          --checkpoint RUN [RUN ...] [--presets ...] --out DIR
     moeut analyze curves           --checkpoint RUN [RUN ...] --out DIR [--smooth N]
@@ -95,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("sweep", help="train and evaluate a list of configurations on one token budget "
                        "(resumable; one run directory each)")
     p.add_argument("--sweep", required=True, metavar="NAME|FILE",
-                   help="built-in: expert-size-k, k, group-size, norm-placement, cpu-study; or a JSON/YAML sweep file")
+                   help="built-in: expert-size-k, k, group-size, norm-placement, cpu-study, adaptive-depth, scale-tiny, "
+                   "scale-small; or a JSON/YAML sweep file")
     p.add_argument("--data", required=True, metavar="DIR", help="directory written by `moeut prepare`")
     p.add_argument("--preset", default="moeut-tiny", help="base preset of the built-in sweeps (default moeut-tiny)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default 200)")
@@ -104,6 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3, the demo's)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: tabulate the finished runs (unfinished ones are listed as not run)")
+    p.add_argument("--only", nargs="+", default=[], metavar="PATTERN",
+                   help="only the runs whose name matches one of these shell patterns, e.g. 'dense-*' "
+                        "(to split a sweep over processes or machines; the report is written to sweep-only.json)")
     p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)  # accepted for symmetry, unused
     _common(p)
 
@@ -146,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         positive("steps", args.steps)
         res = run_sweep(args.sweep, args.data, out, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
                         seq_len=args.seq_len, lr=args.lr, show_progress=not args.no_progress,
-                        report_only=args.report_only)
+                        report_only=args.report_only, only=args.only)
     elif a == "wallclock":
         positive("iters", args.iters)
         positive("warmup", args.warmup, allow_zero=True)
