@@ -165,6 +165,27 @@ def test_wallclock_measures_each_preset_in_its_own_process_with_accumulation(tmp
     assert_png(out / "wallclock.png", (10, 3.6))
 
 
+def test_wallclock_times_the_muon_step_in_bf16_when_asked(tmp_path, capsys):
+    from moeut.model import ModelConfig, build_model
+    from moeut.train.optimizers import MuonAdamW
+    from moeut.train.wallclock import _optimizer
+
+    tiny = ",".join(f"{k}={v}" for k, v in TINY_MOEUT.items())
+    out = tmp_path / "wc"
+    rc = main(["analyze", "wallclock", "--presets", f"moeut-tiny:{tiny}", "--batch-size", "2", "--seq-len", "16",
+               "--warmup", "1", "--iters", "1", "--device", "cpu", "--optimizer", "muon", "--precision", "bf16",
+               "--out", str(out)])
+    assert rc == 0
+    (r,) = json.loads((out / "wallclock.json").read_text())["rows"]
+    assert (r["optimizer"], r["precision"]) == ("muon", "bf16") and r["ms_per_iter"] > 0
+    assert "muon, precision bf16" in capsys.readouterr().out
+    net = build_model(ModelConfig.from_name("moeut-tiny", **TINY_MOEUT))
+    opt = _optimizer(net, "muon")  # the trainer's split: Muon for the hidden matrices, AdamW for the rest
+    assert isinstance(opt, MuonAdamW)
+    n_muon, n_adamw = (sum(p.numel() for g in o.param_groups for p in g["params"]) for o in opt.optimizers)
+    assert n_muon > 0 and n_adamw > 0 and n_muon + n_adamw == sum(p.numel() for p in net.parameters())
+
+
 def test_wallclock_unknown_preset_is_a_clear_error(tmp_path, capsys):
     rc = main(["analyze", "wallclock", "--presets", "no-such-preset", "--out", str(tmp_path)])
     assert rc == 2 and "available presets" in capsys.readouterr().err

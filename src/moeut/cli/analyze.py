@@ -123,6 +123,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=5, help="timed steps (default 5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--backend", default=None, help="expert-matmul backend (default: automatic)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="as moeut train --precision: auto (bf16 autocast on CUDA, fp32 on CPUs), bf16, fp32")
+    p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+                   help="as moeut train --optimizer (default adamw, the paper's)")
     _common(p)
 
     p = sub.add_parser("compute", help="MACs per token, training MACs, tokens, wall time per run; perplexity vs "
@@ -156,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         positive("warmup", args.warmup, allow_zero=True)
         res = run_wallclock(args.presets, out, batch_size=args.batch_size, seq_len=args.seq_len,
                             device=str(resolve_device(args.device)), grad_accum=args.grad_accum, warmup=args.warmup,
-                            iters=args.iters, backend=args.backend, show_progress=show)
+                            iters=args.iters, backend=args.backend, precision=args.precision,
+                            optimizer=args.optimizer, show_progress=show)
     elif a == "compute":
         res = run_compute(args.checkpoint, out, presets=args.presets, tokens=args.tokens, context=args.context)
     elif a == "curves":

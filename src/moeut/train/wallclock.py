@@ -1,5 +1,7 @@
 """Wall clock and memory of training (paper, App. A.7): time per training iteration after warm-up and
-peak memory, for a list of presets at the same effective batch.
+peak memory, for a list of presets at the same effective batch, with AdamW (the paper's) or Muon
+(``optimizer="muon"``: Muon for the hidden matrices, AdamW for the rest, as ``moeut train --optimizer muon``)
+and in fp32 or bf16 autocast (``precision``, as ``moeut train --precision``).
 
 Each preset is measured in a fresh Python process (so one preset's allocations cannot hide another's
 peak) on random tokens: ``warmup`` full optimizer steps (forward, CE + regulariser, backward, AdamW),
@@ -22,6 +24,7 @@ A preset is a name (see ``moeut info``), optionally with ModelConfig overrides:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import statistics
@@ -31,6 +34,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -40,7 +44,10 @@ from moeut.fileio import atomic_write_json
 from moeut.model import ModelConfig, build_model
 from moeut.model.config import parse_preset
 from moeut.report import format_table, pyplot, save_figure
+from moeut.settings import field_default
 from moeut.runtime import current_rss_bytes, peak_rss_bytes, progress, tune_malloc
+from moeut.train.config import OPTIMIZERS, TrainConfig
+from moeut.train.optimizers import build_optimizer
 from moeut.train.step import autocast_for, train_step
 
 _MARK = "WALLCLOCK_RESULT "
@@ -65,13 +72,15 @@ class WallclockRow:
     device: str
     iters: int
     warmup: int
+    precision: str = "auto"
+    optimizer: str = "adamw"
 
 
 def measure_here(preset: str, model: dict[str, Any], batch_size: int, seq_len: int, grad_accum: int, device: str,
                  warmup: int, iters: int, backend: str | None = None, precision: str = "auto",
-                 seed: int = 0) -> dict[str, Any]:
+                 optimizer: str = "adamw", seed: int = 0) -> dict[str, Any]:
     """Measure in this process (the worker side; use :func:`measure` for a clean process per preset).
-    A step is :func:`moeut.train.train_step` (CE + regulariser, backward, clipping at 0.25, AdamW)."""
+    A step is :func:`moeut.train.train_step` (CE + regulariser, backward, clipping at 0.25, the optimizer)."""
     dev = torch.device(device)
     cfg = ModelConfig.from_name(preset, **model)
     if batch_size % grad_accum:
@@ -99,7 +108,7 @@ def measure_here(preset: str, model: dict[str, Any], batch_size: int, seq_len: i
     torch.manual_seed(seed)
     net = build_model(cfg, backend=backend).to(dev)
     n_params = sum(p.numel() for p in net.parameters())
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    opt = _optimizer(net, optimizer)
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(cfg.vocab_size, (batch_size, seq_len + 1), generator=g).to(dev)
 
@@ -121,18 +130,30 @@ def measure_here(preset: str, model: dict[str, Any], batch_size: int, seq_len: i
                                params=n_params, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
                                ms_per_iter=mean * 1e3, ms_std=(statistics.stdev(times) * 1e3 if len(times) > 1 else 0.0),
                                tokens_per_s=batch_size * seq_len / mean, peak_memory_bytes=int(peak), memory_kind=kind,
-                               device=str(dev), iters=iters, warmup=warmup))
+                               device=str(dev), iters=iters, warmup=warmup, precision=precision,
+                               optimizer=optimizer))
+
+
+def _optimizer(net: torch.nn.Module, name: str) -> Any:
+    """The optimizer ``moeut train --optimizer name`` builds, at the trainer's default settings."""
+    if name not in OPTIMIZERS:
+        raise WallclockError(f"optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    defaults = {f.name: field_default(f) for f in dataclasses.fields(TrainConfig)}
+    cfg = SimpleNamespace(**{**defaults, "optimizer": name, "lr": 1e-4})
+    cfg.muon_lr = cfg.lr if cfg.muon_lr is None else cfg.muon_lr
+    cfg.muon_weight_decay = cfg.weight_decay if cfg.muon_weight_decay is None else cfg.muon_weight_decay
+    return build_optimizer(net, net, cfg)
 
 
 def measure(spec: str, *, batch_size: int, seq_len: int, device: str = "cpu", grad_accum: int = 1, warmup: int = 2,
-            iters: int = 5, backend: str | None = None, precision: str = "auto", timeout: float | None = None
-            ) -> WallclockRow:
+            iters: int = 5, backend: str | None = None, precision: str = "auto", optimizer: str = "adamw",
+            timeout: float | None = None) -> WallclockRow:
     """One preset in a fresh process; on CUDA out-of-memory, double ``grad_accum`` and retry."""
     preset, model = parse_preset(spec)
     ModelConfig.from_name(preset, **model)  # a clear error for an unknown preset before any process starts
     while True:
         job = dict(preset=preset, model=model, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
-                   device=device, warmup=warmup, iters=iters, backend=backend, precision=precision)
+                   device=device, warmup=warmup, iters=iters, backend=backend, precision=precision, optimizer=optimizer)
         proc = subprocess.run([sys.executable, "-m", "moeut.train.wallclock", json.dumps(job)],
                               capture_output=True, text=True, timeout=timeout)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_MARK)]
@@ -151,11 +172,11 @@ def measure(spec: str, *, batch_size: int, seq_len: int, device: str = "cpu", gr
 
 def wallclock(presets: Sequence[str], *, batch_size: int = 16, seq_len: int = 256, device: str = "cpu",
               grad_accum: int = 1, warmup: int = 2, iters: int = 5, backend: str | None = None,
-              show_progress: bool = False) -> list[WallclockRow]:
+              precision: str = "auto", optimizer: str = "adamw", show_progress: bool = False) -> list[WallclockRow]:
     rows = []
     for spec in progress(presets, total=len(presets), desc="wallclock", enabled=show_progress):
         rows.append(measure(spec, batch_size=batch_size, seq_len=seq_len, device=device, grad_accum=grad_accum,
-                            warmup=warmup, iters=iters, backend=backend))
+                            warmup=warmup, iters=iters, backend=backend, precision=precision, optimizer=optimizer))
     return rows
 
 
@@ -168,7 +189,8 @@ def table(rows: Sequence[WallclockRow]) -> str:
     body = [[_short(r.preset), f"{r.params / 1e6:.2f}M", f"{r.batch_size}×{r.seq_len}", r.grad_accum,
              f"{r.ms_per_iter:.1f} ± {r.ms_std:.1f}", f"{r.ms_per_iter / base:.2f}×", f"{r.tokens_per_s:,.0f}",
              f"{r.peak_memory_bytes / 2**20:,.0f} MiB"] for r in rows]
-    note = f"\nmemory: {rows[0].memory_kind}; {rows[0].warmup} warm-up + {rows[0].iters} timed steps on {rows[0].device}" if rows else ""
+    note = (f"\nmemory: {rows[0].memory_kind}; {rows[0].warmup} warm-up + {rows[0].iters} timed steps on {rows[0].device}, "
+            f"{rows[0].optimizer}, precision {rows[0].precision}") if rows else ""
     return format_table(["model", "params", "batch", "accum", "ms/iter", "rel. time", "tokens/s", "peak memory"],
                         body) + note
 
