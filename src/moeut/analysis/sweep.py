@@ -116,20 +116,22 @@ def builtin_sweep(name: str, preset: str = "moeut-tiny") -> list[SweepEntry]:
 # tokens (2.8 epochs of the built-in corpus): at twice that, moeut-small memorises the 741K training tokens
 # (validation perplexity 134 at step 600, 151 at step 1000; benchmarks/results/overfit-small-1000-steps).
 # The grids bracket each model's best where earlier runs said where it was (the cpu-study's: MoEUT best at the
-# top of 2e-3..8e-3, so its tiny grid moves up; dense best at 4e-3, inside).
+# top of 2e-3..8e-3, so its tiny grid moves up; dense best at 4e-3, inside). At tiny both Muon models were best
+# at the top of 4e-3, 8e-3, so 1.6e-2 was added; dense-small at 2e-3 (193) was far behind dense-tiny, so its grid
+# starts there, and the small Muon grids start where AdamW's best was.
 SCALE_STUDY: dict[str, dict[str, Any]] = {
     "scale-tiny": {
         "warmup_steps": 50, "eval_every": 100,
         "adamw": [("moeut-tiny", ("4e-3", "8e-3", "1.6e-2")), ("sigma-moe-tiny", ("2e-3", "4e-3", "8e-3")),
                   ("dense-tiny", ("2e-3", "4e-3", "8e-3"))],
-        "muon": [("moeut-tiny", ("4e-3", "8e-3")), ("dense-tiny", ("4e-3", "8e-3"))],
+        "muon": [("moeut-tiny", ("4e-3", "8e-3", "1.6e-2")), ("dense-tiny", ("4e-3", "8e-3", "1.6e-2"))],
         "loss_free": [("moeut-tiny", ("4e-3", "8e-3"))],
     },
     "scale-small": {
         "warmup_steps": 50, "eval_every": 100,
         "adamw": [("moeut-small", ("2e-3", "4e-3", "8e-3")), ("sigma-moe-small", ("2e-3", "4e-3", "8e-3")),
-                  ("dense-small", ("1e-3", "2e-3", "4e-3"))],
-        "muon": [("moeut-small", ("2e-3", "4e-3")), ("dense-small", ("1e-3", "2e-3"))],
+                  ("dense-small", ("2e-3", "4e-3", "8e-3"))],
+        "muon": [("moeut-small", ("4e-3", "8e-3")), ("dense-small", ("4e-3", "8e-3"))],
         "loss_free": [],
     },
 }
