@@ -118,7 +118,7 @@ def builtin_sweep(name: str, preset: str = "moeut-tiny") -> list[SweepEntry]:
 # The grids bracket each model's best where earlier runs said where it was (the cpu-study's: MoEUT best at the
 # top of 2e-3..8e-3, so its tiny grid moves up; dense best at 4e-3, inside). At tiny both Muon models were best
 # at the top of 4e-3, 8e-3, so 1.6e-2 was added. dense-small's AdamW grid sits lower (at step 300: 243.8 at 2e-3,
-# 290.7 at 4e-3); the small Muon grids start at AdamW's best MoEUT rate and include tiny Muon's best, 8e-3.
+# 290.7 at 4e-3), and 5e-4 was added when 1e-3 came out best (184.22); the small Muon grids start at AdamW's best MoEUT rate and include tiny Muon's best, 8e-3.
 SCALE_STUDY: dict[str, dict[str, Any]] = {
     "scale-tiny": {
         "warmup_steps": 50, "eval_every": 100,
@@ -130,7 +130,7 @@ SCALE_STUDY: dict[str, dict[str, Any]] = {
     "scale-small": {
         "warmup_steps": 50, "eval_every": 100,
         "adamw": [("moeut-small", ("2e-3", "4e-3", "8e-3")), ("sigma-moe-small", ("2e-3", "4e-3", "8e-3")),
-                  ("dense-small", ("1e-3", "2e-3", "4e-3"))],
+                  ("dense-small", ("5e-4", "1e-3", "2e-3", "4e-3"))],
         "muon": [("moeut-small", ("4e-3", "8e-3")), ("dense-small", ("4e-3", "8e-3"))],
         "loss_free": [],
     },
