@@ -180,7 +180,7 @@ def test_wallclock_times_the_muon_step_in_bf16_when_asked(tmp_path, capsys):
     assert (r["optimizer"], r["precision"]) == ("muon", "bf16") and r["ms_per_iter"] > 0
     assert "muon, precision bf16" in capsys.readouterr().out
     net = build_model(ModelConfig.from_name("moeut-tiny", **TINY_MOEUT))
-    opt = _optimizer(net, "muon")  # the trainer's split: Muon for the hidden matrices, AdamW for the rest
+    opt = _optimizer(net, "moeut-tiny", TINY_MOEUT, "muon")  # the trainer's split: Muon for the hidden matrices
     assert isinstance(opt, MuonAdamW)
     n_muon, n_adamw = (sum(p.numel() for g in o.param_groups for p in g["params"]) for o in opt.optimizers)
     assert n_muon > 0 and n_adamw > 0 and n_muon + n_adamw == sum(p.numel() for p in net.parameters())

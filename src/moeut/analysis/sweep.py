@@ -23,6 +23,9 @@ N_E = 32 experts of d_expert = 128, K = 4):
   with a sampled depth (uniform 1–3: the same mean compute), moeut-tiny-adaptive (halted tokens skip their work,
   at most 4 applications) with a budget of 2 and of 1.5, each at lr 4e-3 and 8e-3, and dense-tiny at its best
   cpu-study rate (4e-3) for reference. The tables give the depth tokens ran and the MACs per token that ran.
+* ``scale-tiny`` / ``scale-small``: the two-scale study (:data:`SCALE_STUDY`) — MoEUT, σ-MoE and dense at equal
+  parameters with AdamW at three or more learning rates, MoEUT and dense with Muon, moeut-tiny with loss-free
+  balancing; run both with ``--steps 500``.
 
 A sweep file (JSON, or YAML with PyYAML installed) is either a list of runs or
 ``{"runs": [...], "train": {...}}``; each run is ``{"name": ..., "preset": ..., "model": {ModelConfig
@@ -118,7 +121,8 @@ def builtin_sweep(name: str, preset: str = "moeut-tiny") -> list[SweepEntry]:
 # The grids bracket each model's best where earlier runs said where it was (the cpu-study's: MoEUT best at the
 # top of 2e-3..8e-3, so its tiny grid moves up; dense best at 4e-3, inside). At tiny both Muon models were best
 # at the top of 4e-3, 8e-3, so 1.6e-2 was added. dense-small's AdamW grid sits lower (at step 300: 243.8 at 2e-3,
-# 290.7 at 4e-3), and 5e-4 was added when 1e-3 came out best (184.22); the small Muon grids start at AdamW's best MoEUT rate and include tiny Muon's best, 8e-3.
+# 290.7 at 4e-3), and 5e-4 was added when 1e-3 came out best (184.22); the small Muon grids start at AdamW's best
+# MoEUT rate and include tiny Muon's best, 8e-3.
 SCALE_STUDY: dict[str, dict[str, Any]] = {
     "scale-tiny": {
         "warmup_steps": 50, "eval_every": 100,
@@ -142,15 +146,11 @@ def scale_sweep(name: str) -> list[SweepEntry]:
     grouped by model and variant so that the best-lr table compares each at its best rate."""
     spec = SCALE_STUDY[name]
     base = {"precision": "bf16", "warmup_steps": spec["warmup_steps"], "eval_every": spec["eval_every"]}
-    runs = []
-    for variant, model, train in (("adamw", {}, {}), ("muon", {}, {"optimizer": "muon"}),
-                                  ("loss_free", {"balancing": "loss_free"}, {})):
-        suffix = {"adamw": "", "muon": "-muon", "loss_free": "-lossfree"}[variant]
-        for preset, lrs in spec[variant]:
-            label = preset + suffix
-            runs += [SweepEntry(f"{label}-lr{lr}", preset, dict(model), {**base, **train, "lr": float(lr)}, group=label)
-                     for lr in lrs]
-    return runs
+    variants = (("adamw", "", {}, {}), ("muon", "-muon", {}, {"optimizer": "muon"}),
+                ("loss_free", "-lossfree", {"balancing": "loss_free"}, {}))
+    return [SweepEntry(f"{preset}{suffix}-lr{lr}", preset, dict(model), {**base, **train, "lr": float(lr)},
+                       group=preset + suffix)
+            for variant, suffix, model, train in variants for preset, lrs in spec[variant] for lr in lrs]
 
 
 BUILTIN_SWEEPS = ("expert-size-k", "k", "group-size", "norm-placement", "cpu-study", "adaptive-depth", *SCALE_STUDY)

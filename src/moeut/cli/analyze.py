@@ -34,6 +34,7 @@ from moeut.analysis.common import AnalysisError, model_batches
 from moeut.cli.common import add_repeats_flag, add_run_flags, load_run_from_args, positive
 from moeut.run import trained_val_split
 from moeut.runtime import resolve_device, tune_malloc
+from moeut.train.config import OPTIMIZERS, PRECISIONS
 from moeut.train.wallclock import run as run_wallclock
 
 HELP = ("the paper's analyses: residual norms, expert usage, layer similarity, token diversity, depth at inference, "
@@ -60,7 +61,13 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "The paper's analyses: a table on the terminal, JSON and PNG plots in --out."
     sub = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    _add_model_analyses(sub)
+    _add_sweep(sub)
+    _add_training_analyses(sub)
 
+
+def _add_model_analyses(sub: argparse._SubParsersAction) -> None:
+    """The analyses of one trained model on data: residual norms, expert usage and similarity, depth."""
     p = sub.add_parser("residual-norm", help="norm of the residual and of each layer's update, per application "
                        "(App. A.2); --compare puts e.g. the dense baseline next to MoEUT")
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory or checkpoint file")
@@ -92,11 +99,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _data_flags(p)
     _common(p)
 
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="train and evaluate a list of configurations on one token budget "
                        "(resumable; one run directory each)")
     p.add_argument("--sweep", required=True, metavar="NAME|FILE",
-                   help="built-in: expert-size-k, k, group-size, norm-placement, cpu-study, adaptive-depth, scale-tiny, "
-                   "scale-small; or a JSON/YAML sweep file")
+                   help="built-in: expert-size-k, k, group-size, norm-placement, cpu-study, adaptive-depth, "
+                   "scale-tiny, scale-small; or a JSON/YAML sweep file")
     p.add_argument("--data", required=True, metavar="DIR", help="directory written by `moeut prepare`")
     p.add_argument("--preset", default="moeut-tiny", help="base preset of the built-in sweeps (default moeut-tiny)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default 200)")
@@ -111,6 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)  # accepted for symmetry, unused
     _common(p)
 
+
+def _add_training_analyses(sub: argparse._SubParsersAction) -> None:
+    """The analyses of training itself: step time and memory, compute, curves."""
     p = sub.add_parser("wallclock", help="time per training iteration and peak memory of presets at the same "
                        "effective batch (App. A.7)")
     p.add_argument("--presets", nargs="+", default=["moeut-tiny", "dense-tiny"], metavar="PRESET",
@@ -123,9 +135,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=5, help="timed steps (default 5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--backend", default=None, help="expert-matmul backend (default: automatic)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="as moeut train --precision: auto (bf16 autocast on CUDA, fp32 on CPUs), bf16, fp32")
-    p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="as moeut train --optimizer (default adamw, the paper's)")
     _common(p)
 

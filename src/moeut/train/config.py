@@ -17,6 +17,7 @@ from moeut.train.muon import LR_SCALES
 from moeut.train.schedule import DECAY_SHAPES, DEFAULT_DECAY_FRACTION, SCHEDULES, LRSchedule
 
 OPTIMIZERS = ("adamw", "muon")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -80,7 +81,7 @@ class TrainConfig:
                                             "one validation batch; 0 = off")
     seed: int = setting(0, help="seed of the initialisation and the data order")
     device: str = setting("auto", resumable=True, help='"auto" (CUDA when available), "cpu", "cuda", "cuda:N"')
-    precision: str = setting("auto", choices=("auto", "bf16", "fp32"),
+    precision: str = setting("auto", choices=PRECISIONS,
                              help="auto: bf16 autocast on CUDA, fp32 on CPUs")
     backend: str | None = setting(None, default_text="automatic", help="expert-matmul backend")
     fsdp: bool = setting(False, help="under torchrun: FSDP2 (each shared layer, then the root) instead of DDP")
@@ -162,7 +163,7 @@ class TrainConfig:
         for name in ("eval_every", "eval_batches", "save_every", "save_every_minutes", "log_every", "routing_every",
                      "residual_norm_every", "keep_checkpoints"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
-        need(self.precision in ("auto", "bf16", "fp32"), "precision", 'must be "auto", "bf16" or "fp32"')
+        need(self.precision in PRECISIONS, "precision", 'must be "auto", "bf16" or "fp32"')
         need(isinstance(self.activation_checkpointing, int) and self.activation_checkpointing >= 0,
              "activation_checkpointing", "must be an integer >= 0 (0 = off, K = every K-th layer application)")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {list(SCHEDULES)}")

@@ -24,7 +24,6 @@ A preset is a name (see ``moeut info``), optionally with ModelConfig overrides:
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import statistics
@@ -34,7 +33,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -44,9 +42,8 @@ from moeut.fileio import atomic_write_json
 from moeut.model import ModelConfig, build_model
 from moeut.model.config import parse_preset
 from moeut.report import format_table, pyplot, save_figure
-from moeut.settings import field_default
 from moeut.runtime import current_rss_bytes, peak_rss_bytes, progress, tune_malloc
-from moeut.train.config import OPTIMIZERS, TrainConfig
+from moeut.train.config import TrainConfig
 from moeut.train.optimizers import build_optimizer
 from moeut.train.step import autocast_for, train_step
 
@@ -108,7 +105,7 @@ def measure_here(preset: str, model: dict[str, Any], batch_size: int, seq_len: i
     torch.manual_seed(seed)
     net = build_model(cfg, backend=backend).to(dev)
     n_params = sum(p.numel() for p in net.parameters())
-    opt = _optimizer(net, optimizer)
+    opt = _optimizer(net, preset, model, optimizer)
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(cfg.vocab_size, (batch_size, seq_len + 1), generator=g).to(dev)
 
@@ -134,15 +131,10 @@ def measure_here(preset: str, model: dict[str, Any], batch_size: int, seq_len: i
                                optimizer=optimizer))
 
 
-def _optimizer(net: torch.nn.Module, name: str) -> Any:
-    """The optimizer ``moeut train --optimizer name`` builds, at the trainer's default settings."""
-    if name not in OPTIMIZERS:
-        raise WallclockError(f"optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
-    defaults = {f.name: field_default(f) for f in dataclasses.fields(TrainConfig)}
-    cfg = SimpleNamespace(**{**defaults, "optimizer": name, "lr": 1e-4})
-    cfg.muon_lr = cfg.lr if cfg.muon_lr is None else cfg.muon_lr
-    cfg.muon_weight_decay = cfg.weight_decay if cfg.muon_weight_decay is None else cfg.muon_weight_decay
-    return build_optimizer(net, net, cfg)
+def _optimizer(net: torch.nn.Module, preset: str, model: dict[str, Any], name: str) -> Any:
+    """The optimizer ``moeut train --optimizer name`` builds, at the trainer's default settings (an unknown name is
+    TrainConfig's ConfigError)."""
+    return build_optimizer(net, net, TrainConfig(preset=preset, model_overrides=model, optimizer=name, lr=1e-4))
 
 
 def measure(spec: str, *, batch_size: int, seq_len: int, device: str = "cpu", grad_accum: int = 1, warmup: int = 2,
@@ -189,8 +181,8 @@ def table(rows: Sequence[WallclockRow]) -> str:
     body = [[_short(r.preset), f"{r.params / 1e6:.2f}M", f"{r.batch_size}×{r.seq_len}", r.grad_accum,
              f"{r.ms_per_iter:.1f} ± {r.ms_std:.1f}", f"{r.ms_per_iter / base:.2f}×", f"{r.tokens_per_s:,.0f}",
              f"{r.peak_memory_bytes / 2**20:,.0f} MiB"] for r in rows]
-    note = (f"\nmemory: {rows[0].memory_kind}; {rows[0].warmup} warm-up + {rows[0].iters} timed steps on {rows[0].device}, "
-            f"{rows[0].optimizer}, precision {rows[0].precision}") if rows else ""
+    note = (f"\nmemory: {rows[0].memory_kind}; {rows[0].warmup} warm-up + {rows[0].iters} timed steps on "
+            f"{rows[0].device}, {rows[0].optimizer}, precision {rows[0].precision}") if rows else ""
     return format_table(["model", "params", "batch", "accum", "ms/iter", "rel. time", "tokens/s", "peak memory"],
                         body) + note
 
