@@ -63,13 +63,15 @@ def test_best_of_groups_picks_each_models_lowest_perplexity_and_flags_an_edge():
 
     rows = [row("a1", "a", 1e-3, 150.0), row("a2", "a", 2e-3, 140.0), row("a4", "a", 4e-3, 145.0),
             row("b1", "b", 1e-3, 240.0), row("b2", "b", 2e-3, 190.0), row("b4", "b", 4e-3, 175.0, 1.5),
-            row("solo", None, 2e-3, 100.0), row("c1", "c", 1e-3, None)]
+            row("solo", None, 2e-3, 100.0), row("c1", "c", 1e-3, None),
+            row("d4", "d", 4e-3, 130.0), row("d8", "d", 8e-3, 129.0), row("e4", "e", 4e-3, 120.0)]
     best = best_of_groups(rows)
     assert [(b["group"], b["best_run"], b["best_lr"], b["best_at_edge"]) for b in best] == [
-        ("a", "a2", 2e-3, False), ("b", "b4", 4e-3, True)]
+        ("a", "a2", 2e-3, False), ("b", "b4", 4e-3, True), ("d", "d8", 8e-3, True), ("e", "e4", 4e-3, False)]
     assert best[1]["ppl_by_lr"] == {"0.001": 240.0, "0.002": 190.0, "0.004": 175.0} and best[1]["mean_depth"] == 1.5
     text = best_table(best)
-    assert "0.004 (edge)" in text and "175.00" in text
+    assert "0.004 (edge)" in text and "175.00" in text and "0.008 (edge)" in text and "0.004 (only rate)" in text
+    assert "0.002 (" not in text
 
 
 def test_report_only_trains_nothing_and_lists_unfinished_runs(tmp_path):

@@ -332,13 +332,20 @@ def best_of_groups(rows: Sequence[SweepRow]) -> list[dict[str, Any]]:
                     "executed_depth": best.executed_depth, "macs_per_token": _ran_macs(best),
                     "ppl_by_lr": {format(r.lr, "g"): r.val_ppl for r in done},
                     # the best learning rate is the largest or smallest tried: a wider range might do better
-                    "best_at_edge": len(done) > 2 and best.lr in (min(r.lr for r in done), max(r.lr for r in done))})
+                    # (with two rates that is always so, and says as much; with one there is no grid to speak of)
+                    "best_at_edge": len(done) > 1 and best.lr in (min(r.lr for r in done), max(r.lr for r in done))})
     return out
+
+
+def _grid_flag(best: dict[str, Any]) -> str:
+    if len(best["ppl_by_lr"]) == 1:
+        return " (only rate)"
+    return " (edge)" if best["best_at_edge"] else ""
 
 
 def best_table(best: Sequence[dict[str, Any]]) -> str:
     lrs = sorted({lr for b in best for lr in b["ppl_by_lr"]}, key=float)
-    body = [[b["group"], f"{b['params'] / 1e6:.2f}M", format(b["best_lr"], "g") + (" (edge)" if b["best_at_edge"] else ""),
+    body = [[b["group"], f"{b['params'] / 1e6:.2f}M", format(b["best_lr"], "g") + _grid_flag(b),
              b["val_ppl"], *[b["ppl_by_lr"].get(lr) for lr in lrs], _fmt(b["mean_depth"], ".2f"),
              _fmt(b.get("executed_depth"), ".2f"), f"{b.get('macs_per_token', 0) / 1e6:.2f}M",
              _fmt(b["tok_per_s"], ",.0f")] for b in best]
