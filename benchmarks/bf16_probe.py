@@ -51,20 +51,30 @@ def _time(fn, calls: int, rounds: int) -> float:
     return statistics.median(times)
 
 
+def _unseen_counts(rows: int, spread: int, n: int) -> list[int]:
+    """``n`` distinct row counts outside ``fixed``'s (``rows``) and ``varying``'s (``rows ± spread/2``), taken
+    alternately just below and just above that range, so their mean stays within one row of ``rows`` (comparable
+    FLOPs)."""
+    below = [rows - spread // 2 - 1 - j for j in range(n // 2)]
+    above = [rows + spread // 2 + j for j in range(n - n // 2)]
+    if below and below[-1] < 1:
+        raise ValueError(f"{n} unseen row counts below {rows - spread // 2} would reach 0: use fewer calls or rounds")
+    return [m for pair in zip(above, below + [None]) for m in pair if m is not None]
+
+
 def gemm_rows(dtype: torch.dtype, rows: int, k: int, n: int, wgrad: bool, calls: int, rounds: int,
               bucket: int, spread: int) -> dict:
     """One expert GEMM family: ``[m, k] @ [k, n]`` (or the weight gradient ``[k, m] @ [m, n]``)."""
     g = torch.Generator().manual_seed(0)
-    n_unseen = calls * (rounds + 1)
-    first_unseen = max(1, rows - n_unseen // 2)  # centred on ``rows``, so the FLOPs are comparable
-    big = max(rows + spread + bucket, first_unseen + n_unseen)
+    unseen_rows = _unseen_counts(rows, spread, calls * (rounds + 1))
+    big = max(rows + spread + bucket, max(unseen_rows) + 1)
     a = torch.randn(big, k, generator=g).to(dtype)
     b = torch.randn(k, n, generator=g).to(dtype)
     gy = torch.randn(big, n, generator=g).to(dtype)
     sizes = [rows - spread // 2 + (i * 7919) % spread for i in range(calls)]  # a new m on each call
     # row counts this process has not multiplied before (varying's repeat from round to round, so after
     # the warm-up round they hit oneDNN's kernel cache; an expert's count in training keeps changing)
-    unseen = iter(range(first_unseen, first_unseen + n_unseen))
+    unseen = iter(unseen_rows)
 
     def run(ms):
         def go(c):

@@ -261,9 +261,6 @@ def test_bf16_probe_multiplies_the_row_counts_it_describes_and_times_per_call(bf
         assert bucketed == [-(-m // bucket) * bucket for m in varying]
 
 
-@pytest.mark.xfail(strict=True, reason="bf16_probe bug: its 'unseen' row counts (centred on the fixed count) "
-                                       "include the fixed count and the varying ones, multiplied earlier in the "
-                                       "process, so part of 'unseen' hits the kernel cache and understates it")
 def test_bf16_probe_unseen_row_counts_were_never_multiplied_before(bf16_probe_shapes):
     got = bf16_probe_shapes
     for op in ("mm", "wgrad"):
