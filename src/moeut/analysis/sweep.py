@@ -124,8 +124,8 @@ def builtin_sweep(name: str, preset: str = "moeut-tiny") -> list[SweepEntry]:
 # 290.7 at 4e-3), and 5e-4 was added when 1e-3 came out best (184.22); the small Muon grids start at AdamW's best
 # MoEUT rate and include tiny Muon's best, 8e-3; moeut-small with Muon came out best at 4e-3 (119.42; 8e-3
 # 120.69), the bottom of that grid, so 2e-3 was added; dense-small with Muon at the top (8e-3 121.12, 4e-3
-# 121.16), so 1.6e-2 was added; moeut-small with AdamW at the bottom (2e-3 118.83, 4e-3 121.00), so 1e-3 was
-# added.
+# 121.16), so 1.6e-2 was added; moeut-small and sigma-moe-small with AdamW at the bottom (2e-3 118.83 and 121.29,
+# 4e-3 121.00 and 124.11), so 1e-3 was added to both.
 SCALE_STUDY: dict[str, dict[str, Any]] = {
     "scale-tiny": {
         "warmup_steps": 50, "eval_every": 100,
@@ -136,7 +136,7 @@ SCALE_STUDY: dict[str, dict[str, Any]] = {
     },
     "scale-small": {
         "warmup_steps": 50, "eval_every": 100,
-        "adamw": [("moeut-small", ("1e-3", "2e-3", "4e-3", "8e-3")), ("sigma-moe-small", ("2e-3", "4e-3", "8e-3")),
+        "adamw": [("moeut-small", ("1e-3", "2e-3", "4e-3", "8e-3")), ("sigma-moe-small", ("1e-3", "2e-3", "4e-3", "8e-3")),
                   ("dense-small", ("5e-4", "1e-3", "2e-3", "4e-3"))],
         "muon": [("moeut-small", ("2e-3", "4e-3", "8e-3")), ("dense-small", ("4e-3", "8e-3", "1.6e-2"))],
         "loss_free": [],
