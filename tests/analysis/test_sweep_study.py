@@ -148,3 +148,22 @@ def test_only_selects_runs_by_pattern_and_names_the_runs_when_nothing_matches(tm
     assert select(entries, []) == entries
     with pytest.raises(AnalysisError, match="matches none.*moeut-tiny-lr4e-3"):
         select(entries, ["nope-*"])
+
+
+def test_the_seed_repeat_sweep_file_repeats_both_small_muon_bests_with_another_seed(tmp_path):
+    """benchmarks/sweeps/scale-small-seeds.json: the two-scale study's best Muon runs at small, seed 1 — valid
+    configurations that differ from the study's runs of the same name in the seed only."""
+    from pathlib import Path
+
+    from moeut.analysis.sweep import run_sweep
+
+    spec = Path(__file__).resolve().parents[2] / "benchmarks" / "sweeps" / "scale-small-seeds.json"
+    entries, shared = load_sweep(str(spec))
+    study = {e.name: e for e in load_sweep("scale-small")[0]}
+    assert shared["seed"] == 1
+    for e in entries:
+        twin = study[e.name.removesuffix("-seed1")]
+        assert e.preset == twin.preset and {**shared, **e.train, "seed": 0} == {**twin.train, "seed": 0}
+    rows = run_sweep(entries, tmp_path / "data", tmp_path / "out", steps=500, train=shared, report_only=True,
+                     log=lambda m: None)
+    assert [r.status for r in rows] == ["not run", "not run"]
