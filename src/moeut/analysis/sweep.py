@@ -125,15 +125,14 @@ def builtin_sweep(name: str, preset: str = "moeut-tiny") -> list[SweepEntry]:
 # MoEUT rate and include tiny Muon's best, 8e-3; moeut-small with Muon came out best at 4e-3 (119.42; 8e-3
 # 120.69), the bottom of that grid, so 2e-3 was added; dense-small with Muon at the top (8e-3 121.12, 4e-3
 # 121.16), so 1.6e-2 was added; moeut-small and sigma-moe-small with AdamW at the bottom (2e-3 118.83 and 121.29,
-# 4e-3 121.00 and 124.11), so 1e-3 was added to both. Loss-free moeut-tiny was best at the top of 4e-3, 8e-3
-# (129.59, 128.64), so 1.6e-2 was added.
+# 4e-3 121.00 and 124.11), so 1e-3 was added to both.
 SCALE_STUDY: dict[str, dict[str, Any]] = {
     "scale-tiny": {
         "warmup_steps": 50, "eval_every": 100,
         "adamw": [("moeut-tiny", ("4e-3", "8e-3", "1.6e-2")), ("sigma-moe-tiny", ("2e-3", "4e-3", "8e-3")),
                   ("dense-tiny", ("2e-3", "4e-3", "8e-3"))],
         "muon": [("moeut-tiny", ("4e-3", "8e-3", "1.6e-2")), ("dense-tiny", ("4e-3", "8e-3", "1.6e-2"))],
-        "loss_free": [("moeut-tiny", ("4e-3", "8e-3", "1.6e-2"))],
+        "loss_free": [("moeut-tiny", ("4e-3", "8e-3"))],
     },
     "scale-small": {
         "warmup_steps": 50, "eval_every": 100,
