@@ -79,7 +79,7 @@ def test_report_only_trains_nothing_and_lists_unfinished_runs(tmp_path):
 
     entries, _ = load_sweep("cpu-study")
     rows = run_sweep(entries[:2], tmp_path / "data", tmp_path / "out", steps=500, report_only=True, log=lambda m: None)
-    assert [r.status for r in rows] == ["not run", "not run"]
+    assert entries and [r.status for r in rows] == ["not run"] * len(entries)
     assert all(r.val_ppl is None and r.tokens == 0 and r.params > 4_000_000 for r in rows)
     assert not (tmp_path / "out").exists()
 
@@ -150,9 +150,9 @@ def test_only_selects_runs_by_pattern_and_names_the_runs_when_nothing_matches(tm
         select(entries, ["nope-*"])
 
 
-def test_the_seed_repeat_sweep_file_repeats_both_small_muon_bests_with_another_seed(tmp_path):
-    """benchmarks/sweeps/scale-small-seeds.json: the two-scale study's best Muon runs at small, seed 1 — valid
-    configurations that differ from the study's runs of the same name in the seed only."""
+def test_the_seed_repeat_sweep_file_repeats_a_study_run_with_another_seed(tmp_path):
+    """benchmarks/sweeps/scale-small-seeds.json: moeut-small's best Muon run of the two-scale study, seed 1 — a
+    valid configuration that differs from the study's run of the same name in the seed only."""
     from pathlib import Path
 
     from moeut.analysis.sweep import run_sweep
@@ -166,4 +166,4 @@ def test_the_seed_repeat_sweep_file_repeats_both_small_muon_bests_with_another_s
         assert e.preset == twin.preset and {**shared, **e.train, "seed": 0} == {**twin.train, "seed": 0}
     rows = run_sweep(entries, tmp_path / "data", tmp_path / "out", steps=500, train=shared, report_only=True,
                      log=lambda m: None)
-    assert [r.status for r in rows] == ["not run", "not run"]
+    assert entries and [r.status for r in rows] == ["not run"] * len(entries)
