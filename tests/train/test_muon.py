@@ -151,10 +151,15 @@ def test_two_gloo_ranks_with_muon_match_one_process(tiny_data, tmp_path, mode):
     for x, y in zip(_losses(one), _losses(two), strict=True):
         assert abs(x - y) <= 1e-5 * abs(x)
     # Newton–Schulz runs in bf16: a gradient summed over ranks in another order can round to another bf16 value,
-    # and AdamW's normalised step enlarges such differences on rarely-used rows (seen: 2.5e-5 on 2 of 12,800)
+    # and AdamW's normalised step enlarges such differences on rarely-used rows (seen: 2.5e-5 on 2 of 12,800 on
+    # a Zen 4; 2.8e-4 on 3 of 4,096 elements of an expert tensor on an AMX Xeon, whose bf16 GEMMs round otherwise).
+    # So: a few elements may differ by a few steps' worth, the tensor as a whole may not.
     wa, wb = latest_checkpoint(one)[1], latest_checkpoint(two)[1]
     for k in wa["model"]:
-        torch.testing.assert_close(wa["model"][k], wb["model"][k], rtol=1e-3, atol=1e-4)
+        a, b = wa["model"][k].double(), wb["model"][k].double()
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+        assert (a - b).norm() <= 1e-3 * a.norm(), (k, float((a - b).norm() / a.norm()))
+        assert ((a - b).abs() > 1e-4).double().mean() <= 0.01, k  # ≥ 99 % of the elements agree to 1e-4
     res = subprocess.run(torchrun_cmd(2, "-m", "moeut.cli", "train", "--resume", "--out", str(two), "--steps", "6",
                                       "--allow-schedule-change", "--no-progress"),
                          env=env, capture_output=True, text=True, timeout=300)
