@@ -24,6 +24,7 @@ if the glue rows are slow in bf16, the glue is.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -59,7 +60,7 @@ def _unseen_counts(rows: int, spread: int, n: int) -> list[int]:
     above = [rows + spread // 2 + j for j in range(n - n // 2)]
     if below and below[-1] < 1:
         raise ValueError(f"{n} unseen row counts below {rows - spread // 2} would reach 0: use fewer calls or rounds")
-    return [m for pair in zip(above, below + [None]) for m in pair if m is not None]
+    return [m for pair in itertools.zip_longest(above, below) for m in pair if m is not None]
 
 
 def gemm_rows(dtype: torch.dtype, rows: int, k: int, n: int, wgrad: bool, calls: int, rounds: int,

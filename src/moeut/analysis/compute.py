@@ -133,7 +133,8 @@ def plot(rows: Sequence[ComputeRow], path: str | Path) -> Path:
         if xs and max(xs) / max(min(xs), 1) > 20:  # a scaling plot: log axis; else a plain one
             ax.set_xscale("log")
         else:
-            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0), useOffset=False)  # "4.5001 1e6", not "1.00 1e2+4.5e6"
+            # useOffset=False: close sizes read "4.5001 1e6", not "1.00 1e2+4.5e6"
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0), useOffset=False)
         ax.set_ylabel("validation perplexity")
         ax.grid(alpha=0.3, which="both")
         if archs:

@@ -136,7 +136,8 @@ SCALE_STUDY: dict[str, dict[str, Any]] = {
     },
     "scale-small": {
         "warmup_steps": 50, "eval_every": 100,
-        "adamw": [("moeut-small", ("1e-3", "2e-3", "4e-3", "8e-3")), ("sigma-moe-small", ("1e-3", "2e-3", "4e-3", "8e-3")),
+        "adamw": [("moeut-small", ("1e-3", "2e-3", "4e-3", "8e-3")),
+                  ("sigma-moe-small", ("1e-3", "2e-3", "4e-3", "8e-3")),
                   ("dense-small", ("5e-4", "1e-3", "2e-3", "4e-3"))],
         "muon": [("moeut-small", ("2e-3", "4e-3", "8e-3")), ("dense-small", ("4e-3", "8e-3", "1.6e-2"))],
         "loss_free": [],
